@@ -1,0 +1,191 @@
+//! One stage call on a reused instance against the same logic compiled
+//! natively, for 1 and 100 readings. Prints a Markdown table with ratios.
+//!
+//! `cargo bench -p ganglion --bench stage_call`
+//!
+//! Each figure is the median over 31 samples of the mean time per call in a
+//! sample (each sample runs for about 20 ms). Native and wasm run alternately
+//! in the same process, so machine noise hits both alike.
+
+use ganglion::config::{Limits, PluginConfig};
+use ganglion::llm::NoModel;
+use ganglion::plugin::PluginHost;
+use ganglion::state::StateStore;
+use ganglion::types::{Context, Message, ReadingBatch, Value};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SAMPLES: usize = 31;
+const SAMPLE_TIME: Duration = Duration::from_millis(20);
+
+/// Median time per call of `f`.
+fn measure(mut f: impl FnMut()) -> Duration {
+    let start = Instant::now();
+    let mut n = 0u32;
+    while start.elapsed() < SAMPLE_TIME {
+        f();
+        n += 1;
+    }
+    let per_sample = n.max(1);
+    let mut samples: Vec<Duration> = (0..SAMPLES)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..per_sample {
+                f();
+            }
+            t.elapsed() / per_sample
+        })
+        .collect();
+    samples.sort();
+    samples[SAMPLES / 2]
+}
+
+fn payload(n: usize) -> String {
+    let readings: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"metric":"temperature","value":{:.2},"unit":"F","ts":{}}}"#,
+                70.0 + i as f64 * 0.1,
+                1_700_000_000_000i64 + i as i64
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"device":"machine-1","readings":[{}]}}"#,
+        readings.join(",")
+    )
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 10.0 {
+        format!("{us:.2} µs")
+    } else {
+        format!("{us:.1} µs")
+    }
+}
+
+fn main() {
+    xtask::build_plugins().expect("building plugins");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = PluginConfig {
+        cache_dir: None,
+        limits: Limits::default(),
+        total_instances: 16,
+        ..Default::default()
+    };
+    let host = PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap();
+    let load = |name: &str| {
+        rt.block_on(host.load_file(&xtask::plugins_dir().join(format!("{name}.wasm"))))
+            .unwrap()
+    };
+
+    let clean_json = serde_json::json!({ "units": { "temperature": "C" }, "ranges": { "temperature": [-40.0, 150.0] } });
+    let clean_pool = host.pool(
+        &load("clean-readings"),
+        "bench",
+        clean_json.as_object().cloned().unwrap(),
+    );
+    let clean_native: clean_readings::Config = serde_json::from_value(clean_json).unwrap();
+
+    let alert_json =
+        serde_json::json!({ "thresholds": [{ "metric": "temperature", "above": 90.0 }] });
+    let alert_pool = host.pool(
+        &load("threshold-alert"),
+        "bench",
+        alert_json.as_object().cloned().unwrap(),
+    );
+    let alert_native =
+        threshold_alert::Config::validate(serde_json::from_value(alert_json).unwrap()).unwrap();
+
+    println!("| stage call | readings | native | wasm (reused instance) | ratio wasm ÷ native |");
+    println!("|---|---:|---:|---:|---:|");
+    for n in [1usize, 100] {
+        let p = payload(n);
+        let msg = Message {
+            topic: "factory/machine-1/telemetry".into(),
+            payload: p.clone().into_bytes(),
+            timestamp: 0,
+        };
+        let sdk_msg = ganglion_sdk::Message {
+            topic: msg.topic.clone(),
+            payload: msg.payload.clone(),
+            timestamp: 0,
+        };
+
+        let out = rt
+            .block_on(clean_pool.preprocess(&msg, ReadingBatch::default()))
+            .unwrap();
+        assert_eq!(out.len(), n);
+        let native = measure(|| {
+            let r = clean_readings::clean(
+                black_box(&sdk_msg),
+                ganglion_sdk::ReadingBatch::default(),
+                &clean_native,
+                |_| true,
+            );
+            black_box(r.unwrap());
+        });
+        let wasm = measure(|| {
+            black_box(
+                rt.block_on(clean_pool.preprocess(black_box(&msg), ReadingBatch::default()))
+                    .unwrap(),
+            );
+        });
+        println!(
+            "| clean-readings (preprocess) | {n} | {} | {} | {:.2}× |",
+            fmt(native),
+            fmt(wasm),
+            wasm.as_secs_f64() / native.as_secs_f64()
+        );
+
+        // A window of n readings, a tenth of them over the bound.
+        let mut window = ReadingBatch::default();
+        let mut sdk_window = ganglion_sdk::batch::BatchBuilder::new();
+        for i in 0..n {
+            let v = if i % 10 == 9 {
+                95.0
+            } else {
+                20.0 + i as f64 * 0.1
+            };
+            window.push("machine-1", "temperature", Value::Number(v), "C", i as i64);
+            sdk_window.push(
+                "machine-1",
+                "temperature",
+                ganglion_sdk::Value::Number(v),
+                "C",
+                i as i64,
+            );
+        }
+        let sdk_window = sdk_window.finish();
+        let ctx = Context {
+            rule: "bench".into(),
+            device: "machine-1".into(),
+            window_start: 0,
+            window_end: n as i64,
+        };
+        let native = measure(|| {
+            // Cloned on both sides: the host hands windows over by value.
+            black_box(threshold_alert::check(
+                &alert_native,
+                &black_box(sdk_window.clone()),
+            ));
+        });
+        let wasm = measure(|| {
+            black_box(
+                rt.block_on(alert_pool.postprocess(black_box(&ctx), window.clone(), None))
+                    .unwrap(),
+            );
+        });
+        println!(
+            "| threshold-alert (postprocess) | {n} | {} | {} | {:.2}× |",
+            fmt(native),
+            fmt(wasm),
+            wasm.as_secs_f64() / native.as_secs_f64()
+        );
+    }
+}

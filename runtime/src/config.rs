@@ -1,0 +1,167 @@
+//! Typed configuration of the plugin host. In `ganglion.toml`:
+//!
+//! ```toml
+//! [plugins]
+//! dir = "target/plugins"          # every *.wasm component here is loaded
+//! cache_dir = ".ganglion/compiled" # compiled artefacts, keyed by content and engine
+//!
+//! [plugins.limits]
+//! call_timeout_ms = 100        # guest time per stage call (host waits excluded)
+//! max_memory_mib = 64          # linear memory per instance
+//! max_output_bytes = 1048576   # data a call may return
+//! fuel = 0                     # instructions per call; 0 = unmetered
+//! max_instances = 8            # concurrent instances per plugin and rule
+//! max_log_lines_per_call = 100
+//! llm_timeout_ms = 30000       # how long a plugin may wait on one llm call
+//! ```
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub call_timeout_ms: u64,
+    pub max_memory_mib: u64,
+    pub max_output_bytes: usize,
+    pub fuel: u64,
+    pub max_instances: u32,
+    pub max_log_lines_per_call: u32,
+    pub llm_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            call_timeout_ms: 100,
+            max_memory_mib: 64,
+            max_output_bytes: 1 << 20,
+            fuel: 0,
+            max_instances: 8,
+            max_log_lines_per_call: 100,
+            llm_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+
+    pub fn max_memory_bytes(&self) -> usize {
+        (self.max_memory_mib as usize).saturating_mul(1 << 20)
+    }
+
+    pub fn llm_timeout(&self) -> Duration {
+        Duration::from_millis(self.llm_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    pub dir: PathBuf,
+    /// Where compiled artefacts are kept; none disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    pub limits: Limits,
+    /// Instance slots the engine reserves across all plugins.
+    pub total_instances: u32,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        PluginConfig {
+            dir: PathBuf::from("plugins"),
+            cache_dir: Some(PathBuf::from(".ganglion/compiled")),
+            limits: Limits::default(),
+            total_instances: 256,
+        }
+    }
+}
+
+/// Where plugin state is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub path: PathBuf,
+    pub flush_interval_ms: u64,
+    pub max_keys_per_scope: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            path: PathBuf::from(".ganglion/state.redb"),
+            flush_interval_ms: 100,
+            max_keys_per_scope: 10_000,
+        }
+    }
+}
+
+impl StateConfig {
+    pub fn limits(&self) -> crate::state::StateLimits {
+        crate::state::StateLimits {
+            flush_interval: Duration::from_millis(self.flush_interval_ms),
+            max_keys_per_scope: self.max_keys_per_scope,
+            ..Default::default()
+        }
+    }
+}
+
+/// The whole `ganglion.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GanglionConfig {
+    pub plugins: PluginConfig,
+    pub state: StateConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl GanglionConfig {
+    /// Reads a config file; errors name the file, and the line and field.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_place() {
+        let err =
+            GanglionConfig::parse("[plugins.limits]\ncall_timeout_ms = 5\nmax_memroy_mib = 3\n")
+                .unwrap_err();
+        assert!(
+            err.contains("max_memroy_mib") && err.contains("line 3"),
+            "{err}"
+        );
+        let ok = GanglionConfig::parse("[plugins.limits]\ncall_timeout_ms = 5\n").unwrap();
+        assert_eq!(ok.plugins.limits.call_timeout_ms, 5);
+        assert_eq!(ok.plugins.limits.max_memory_mib, 64);
+    }
+}

@@ -1,0 +1,301 @@
+//! One instantiated component and typed calls into its stage exports.
+
+use super::convert;
+use super::{BindingCtx, HostState};
+use crate::bindings::exports::ganglion::plugin::{handler, postprocess, preprocess, template};
+use crate::plugin::{CallError, TICK};
+use crate::types::{Action, Completion, Context, Message, Prompt, ReadingBatch, Stage};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::InstancePre;
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+/// The export lookups of a component, done once per plugin version.
+pub struct Exports {
+    pre: InstancePre<HostState>,
+    preprocess: Option<preprocess::GuestIndices>,
+    template: Option<template::GuestIndices>,
+    postprocess: Option<postprocess::GuestIndices>,
+    handler: Option<handler::GuestIndices>,
+}
+
+impl Exports {
+    pub fn new(pre: InstancePre<HostState>) -> Self {
+        Exports {
+            preprocess: preprocess::GuestIndices::new(&pre).ok(),
+            template: template::GuestIndices::new(&pre).ok(),
+            postprocess: postprocess::GuestIndices::new(&pre).ok(),
+            handler: handler::GuestIndices::new(&pre).ok(),
+            pre,
+        }
+    }
+
+    /// The stages whose interface the component exports (types are checked
+    /// when an instance is made).
+    pub fn stages(&self) -> Vec<Stage> {
+        let mut s = Vec::new();
+        if self.preprocess.is_some() {
+            s.push(Stage::Preprocessor);
+        }
+        if self.template.is_some() {
+            s.push(Stage::PromptTemplate);
+        }
+        if self.postprocess.is_some() {
+            s.push(Stage::Postprocessor);
+        }
+        if self.handler.is_some() {
+            s.push(Stage::Rule);
+        }
+        s
+    }
+}
+
+/// The guest's deadline passed.
+#[derive(Debug)]
+struct DeadlineHit;
+
+impl std::fmt::Display for DeadlineHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("plugin call deadline exceeded")
+    }
+}
+
+impl std::error::Error for DeadlineHit {}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() / TICK.as_micros()) as u64 + 1
+}
+
+pub struct Instance {
+    store: Store<HostState>,
+    preprocess: Option<preprocess::Guest>,
+    template: Option<template::Guest>,
+    postprocess: Option<postprocess::Guest>,
+    handler: Option<handler::Guest>,
+    fuel: u64,
+    poisoned: bool,
+}
+
+impl Instance {
+    /// Instantiates the component for `binding`, under the same limits as a
+    /// call (a start function that loops or allocates is stopped too).
+    pub async fn new(
+        engine: &Engine,
+        exports: &Exports,
+        binding: Arc<BindingCtx>,
+    ) -> Result<Self, CallError> {
+        let fuel = binding.limits.fuel;
+        let mut store = Store::new(engine, HostState::new(binding));
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(|ctx| {
+            let c = ctx.data().clock;
+            let used = c.started.elapsed().saturating_sub(c.host_wait);
+            if used >= c.budget {
+                return Err(wasmtime::Error::new(DeadlineHit));
+            }
+            Ok(UpdateDeadline::Continue(ticks(c.budget - used)))
+        });
+        let mut instance = Instance {
+            store,
+            preprocess: None,
+            template: None,
+            postprocess: None,
+            handler: None,
+            fuel,
+            poisoned: false,
+        };
+        instance.begin();
+        let inst = match exports.pre.instantiate_async(&mut instance.store).await {
+            Ok(i) => i,
+            Err(e) => return Err(instance.fault(e)),
+        };
+        let store = &mut instance.store;
+        let incompatible = |stage: Stage| {
+            move |e: wasmtime::Error| CallError::Incompatible {
+                stage,
+                reason: format!("{e:#}"),
+            }
+        };
+        instance.preprocess = exports
+            .preprocess
+            .as_ref()
+            .map(|i| i.load(&mut *store, &inst))
+            .transpose()
+            .map_err(incompatible(Stage::Preprocessor))?;
+        instance.template = exports
+            .template
+            .as_ref()
+            .map(|i| i.load(&mut *store, &inst))
+            .transpose()
+            .map_err(incompatible(Stage::PromptTemplate))?;
+        instance.postprocess = exports
+            .postprocess
+            .as_ref()
+            .map(|i| i.load(&mut *store, &inst))
+            .transpose()
+            .map_err(incompatible(Stage::Postprocessor))?;
+        instance.handler = exports
+            .handler
+            .as_ref()
+            .map(|i| i.load(&mut *store, &inst))
+            .transpose()
+            .map_err(incompatible(Stage::Rule))?;
+        Ok(instance)
+    }
+
+    /// True once the instance trapped or was stopped: it must not be reused.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    fn begin(&mut self) {
+        let data = self.store.data_mut();
+        data.clock.started = Instant::now();
+        data.clock.host_wait = Duration::ZERO;
+        data.clock.logs = 0;
+        data.limiter.denied = None;
+        let budget = data.clock.budget;
+        self.store.set_epoch_deadline(ticks(budget));
+        if self.fuel > 0 {
+            // Fails only when the engine was built without fuel metering.
+            let _ = self.store.set_fuel(self.fuel);
+        }
+    }
+
+    /// Classifies a fault (trap, deadline, memory cap) and poisons the instance.
+    fn fault(&mut self, e: wasmtime::Error) -> CallError {
+        self.poisoned = true;
+        let data = self.store.data();
+        if e.downcast_ref::<DeadlineHit>().is_some() {
+            return CallError::Deadline {
+                limit: data.clock.budget,
+            };
+        }
+        if let Some(bytes) = data.limiter.denied {
+            return CallError::MemoryLimit {
+                limit: data.limiter.max_bytes,
+                requested: bytes,
+            };
+        }
+        if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
+            return CallError::FuelExhausted { fuel: self.fuel };
+        }
+        let trap = e.downcast_ref::<Trap>().map(|t| t.to_string());
+        CallError::Trap(trap.unwrap_or_else(|| format!("{e:#}")))
+    }
+
+    fn cap(&self, size: usize) -> Result<(), CallError> {
+        let cap = self.store.data().binding.limits.max_output_bytes;
+        if size > cap {
+            return Err(CallError::OutputTooLarge { size, cap });
+        }
+        Ok(())
+    }
+
+    fn finish<T>(
+        &mut self,
+        r: wasmtime::Result<Result<T, crate::bindings::ganglion::plugin::types::PluginError>>,
+    ) -> Result<T, CallError> {
+        match r {
+            Err(e) => Err(self.fault(e)),
+            Ok(Err(e)) => Err(CallError::Plugin(convert::plugin_error_out(e))),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    pub async fn preprocess(
+        &mut self,
+        message: &Message,
+        readings: ReadingBatch,
+    ) -> Result<ReadingBatch, CallError> {
+        let guest = self
+            .preprocess
+            .clone()
+            .ok_or(CallError::NotExported(Stage::Preprocessor))?;
+        self.begin();
+        let r = guest
+            .call_preprocess(
+                &mut self.store,
+                &convert::message_in(message),
+                &convert::batch_in(readings),
+            )
+            .await;
+        let batch = convert::batch_out(self.finish(r)?);
+        self.cap(batch.data_size())?;
+        batch.validate().map_err(CallError::InvalidOutput)?;
+        Ok(batch)
+    }
+
+    pub async fn render(
+        &mut self,
+        context: &Context,
+        window: ReadingBatch,
+    ) -> Result<Prompt, CallError> {
+        let guest = self
+            .template
+            .clone()
+            .ok_or(CallError::NotExported(Stage::PromptTemplate))?;
+        self.begin();
+        let r = guest
+            .call_render(
+                &mut self.store,
+                &convert::context_in(context),
+                &convert::batch_in(window),
+            )
+            .await;
+        let prompt = convert::prompt_out(self.finish(r)?);
+        self.cap(prompt.system.len() + prompt.user.len())?;
+        Ok(prompt)
+    }
+
+    pub async fn postprocess(
+        &mut self,
+        context: &Context,
+        window: ReadingBatch,
+        completion: Option<&Completion>,
+    ) -> Result<Vec<Action>, CallError> {
+        let guest = self
+            .postprocess
+            .clone()
+            .ok_or(CallError::NotExported(Stage::Postprocessor))?;
+        self.begin();
+        let completion = completion.map(convert::completion_in);
+        let r = guest
+            .call_postprocess(
+                &mut self.store,
+                &convert::context_in(context),
+                &convert::batch_in(window),
+                completion.as_ref(),
+            )
+            .await;
+        let actions: Vec<Action> = self
+            .finish(r)?
+            .into_iter()
+            .map(convert::action_out)
+            .collect();
+        self.cap(actions.iter().map(Action::data_size).sum())?;
+        Ok(actions)
+    }
+
+    pub async fn handle(
+        &mut self,
+        rule: &str,
+        message: &Message,
+    ) -> Result<Vec<Action>, CallError> {
+        let guest = self
+            .handler
+            .clone()
+            .ok_or(CallError::NotExported(Stage::Rule))?;
+        self.begin();
+        let r = guest
+            .call_handle(&mut self.store, rule, &convert::message_in(message))
+            .await;
+        let actions: Vec<Action> = self
+            .finish(r)?
+            .into_iter()
+            .map(convert::action_out)
+            .collect();
+        self.cap(actions.iter().map(Action::data_size).sum())?;
+        Ok(actions)
+    }
+}

@@ -1,0 +1,191 @@
+//! The language-model backend that plugins reach through the WIT `llm`
+//! interface. The host holds an `Arc<dyn LlmEngine>`; the native engine
+//! implements it, [`NoModel`] stands in when no model is configured, and
+//! [`FakeLlm`] scripts answers for tests.
+//!
+//! Implementations must not block the caller's executor: run the model on
+//! threads of its own and return futures that wait for it.
+
+use crate::types::{ChatMessage, Completion, FinishReason, GenerationParams, LlmError, Usage};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+pub type LlmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LlmError>> + Send + 'a>>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LlmInput {
+    /// Rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Passed to the model as it is.
+    Raw(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub input: LlmInput,
+    pub params: GenerationParams,
+    /// The rule on whose behalf the call is made (for fair scheduling).
+    pub rule: String,
+}
+
+pub trait LlmEngine: Send + Sync + 'static {
+    /// The model's identity, as reported in completions.
+    fn model_id(&self) -> String;
+    fn generate(&self, request: GenerateRequest) -> LlmFuture<'_, Completion>;
+    /// One probability per label.
+    fn classify(&self, text: String, labels: Vec<String>) -> LlmFuture<'_, Vec<f32>>;
+    /// L2-normalised vectors, one per text.
+    fn embed(&self, texts: Vec<String>) -> LlmFuture<'_, Vec<Vec<f32>>>;
+    fn count_tokens(&self, text: String) -> LlmFuture<'_, u32>;
+}
+
+/// The engine when no model is configured: every call is `model-not-loaded`.
+pub struct NoModel;
+
+impl LlmEngine for NoModel {
+    fn model_id(&self) -> String {
+        String::new()
+    }
+    fn generate(&self, _: GenerateRequest) -> LlmFuture<'_, Completion> {
+        Box::pin(async { Err(LlmError::ModelNotLoaded) })
+    }
+    fn classify(&self, _: String, _: Vec<String>) -> LlmFuture<'_, Vec<f32>> {
+        Box::pin(async { Err(LlmError::ModelNotLoaded) })
+    }
+    fn embed(&self, _: Vec<String>) -> LlmFuture<'_, Vec<Vec<f32>>> {
+        Box::pin(async { Err(LlmError::ModelNotLoaded) })
+    }
+    fn count_tokens(&self, _: String) -> LlmFuture<'_, u32> {
+        Box::pin(async { Err(LlmError::ModelNotLoaded) })
+    }
+}
+
+type Script = dyn Fn(&GenerateRequest) -> Result<String, LlmError> + Send + Sync;
+
+/// A scripted engine for tests: `generate` answers with what the script
+/// returns for the request, and every request is recorded. `classify` scores
+/// a label by how many of its words occur in the text; `embed` hashes words
+/// into a 64-dimensional bag of words; `count_tokens` counts words.
+pub struct FakeLlm {
+    script: Box<Script>,
+    delay: std::time::Duration,
+    requests: Mutex<Vec<GenerateRequest>>,
+}
+
+impl FakeLlm {
+    pub fn new(
+        script: impl Fn(&GenerateRequest) -> Result<String, LlmError> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(FakeLlm {
+            script: Box::new(script),
+            delay: std::time::Duration::ZERO,
+            requests: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Always answers `text`.
+    pub fn fixed(text: &str) -> Arc<Self> {
+        let text = text.to_owned();
+        Self::new(move |_| Ok(text.clone()))
+    }
+
+    /// Answers after `delay`, as a slow model would.
+    pub fn with_delay(
+        delay: std::time::Duration,
+        script: impl Fn(&GenerateRequest) -> Result<String, LlmError> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(FakeLlm {
+            script: Box::new(script),
+            delay,
+            requests: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn requests(&self) -> Vec<GenerateRequest> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+}
+
+impl LlmEngine for FakeLlm {
+    fn model_id(&self) -> String {
+        "fake".into()
+    }
+
+    fn generate(&self, request: GenerateRequest) -> LlmFuture<'_, Completion> {
+        Box::pin(async move {
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            self.requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(request.clone());
+            let text = (self.script)(&request)?;
+            let prompt_tokens = match &request.input {
+                LlmInput::Chat(m) => m.iter().map(|m| words(&m.content).count()).sum(),
+                LlmInput::Raw(t) => words(t).count(),
+            } as u32;
+            Ok(Completion {
+                usage: Usage {
+                    prompt_tokens,
+                    completion_tokens: words(&text).count() as u32,
+                    cached_tokens: 0,
+                },
+                text,
+                finish_reason: FinishReason::Stop,
+                model: self.model_id(),
+            })
+        })
+    }
+
+    fn classify(&self, text: String, labels: Vec<String>) -> LlmFuture<'_, Vec<f32>> {
+        Box::pin(async move {
+            if labels.is_empty() {
+                return Err(LlmError::InvalidInput("no labels".into()));
+            }
+            let text: Vec<String> = words(&text).collect();
+            let scores: Vec<f32> = labels
+                .iter()
+                .map(|l| 1.0 + words(l).filter(|w| text.contains(w)).count() as f32)
+                .collect();
+            let sum: f32 = scores.iter().sum();
+            Ok(scores.into_iter().map(|s| s / sum).collect())
+        })
+    }
+
+    fn embed(&self, texts: Vec<String>) -> LlmFuture<'_, Vec<Vec<f32>>> {
+        Box::pin(async move {
+            Ok(texts
+                .iter()
+                .map(|t| {
+                    let mut v = vec![0f32; 64];
+                    for w in words(t) {
+                        let h = blake3::hash(w.as_bytes());
+                        v[h.as_bytes()[0] as usize % 64] += 1.0;
+                    }
+                    let norm = v
+                        .iter()
+                        .map(|x| x * x)
+                        .sum::<f32>()
+                        .sqrt()
+                        .max(f32::MIN_POSITIVE);
+                    v.iter().map(|x| x / norm).collect()
+                })
+                .collect())
+        })
+    }
+
+    fn count_tokens(&self, text: String) -> LlmFuture<'_, u32> {
+        Box::pin(async move { Ok(words(&text).count() as u32) })
+    }
+}

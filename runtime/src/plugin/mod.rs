@@ -1,0 +1,556 @@
+//! Loading plugins and calling them under limits.
+//!
+//! - [`PluginHost`] owns the wasmtime engine (pooling allocator, epoch
+//!   interruption, async), the linker and the compiled-artefact cache, and
+//!   loads components: compile on a blocking thread, check imports, detect
+//!   stages, instantiate once to check export types.
+//! - [`Plugin`] is one loaded version of a component, named by its file stem
+//!   and identified by its content hash.
+//! - [`InstancePool`] serves one plugin in one rule: it reuses instances
+//!   across calls, discards any that trapped, and bounds concurrency.
+
+mod cache;
+
+pub use cache::{ArtifactCache, CompileSource};
+
+use crate::config::{Limits, PluginConfig};
+use crate::host::{self, BindingCtx, Exports, HostState, Instance};
+use crate::llm::LlmEngine;
+use crate::state::StateStore;
+use crate::types::{
+    Action, Completion, Context, Message, PluginError, Prompt, ReadingBatch, Stage,
+};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Semaphore;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// Epoch tick: the granularity of call deadlines.
+pub(crate) const TICK: Duration = Duration::from_millis(2);
+
+/// A fault or error of one stage call. Every variant leaves the host serving.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    #[error("plugin error: {0}")]
+    Plugin(PluginError),
+    #[error("deadline of {limit:?} exceeded")]
+    Deadline { limit: Duration },
+    #[error("memory cap of {limit} bytes hit (asked for {requested})")]
+    MemoryLimit { limit: usize, requested: usize },
+    #[error("fuel of {fuel} instructions used up")]
+    FuelExhausted { fuel: u64 },
+    #[error("trap: {0}")]
+    Trap(String),
+    #[error("output of {size} bytes over the cap of {cap}")]
+    OutputTooLarge { size: usize, cap: usize },
+    #[error("invalid output: {0}")]
+    InvalidOutput(String),
+    #[error("the plugin does not implement the {0} stage")]
+    NotExported(Stage),
+    #[error("the {stage} export does not match ganglion:plugin@0.1.0: {reason}")]
+    Incompatible { stage: Stage, reason: String },
+}
+
+impl CallError {
+    /// A short machine-readable kind, for dead letters and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Plugin(_) => "plugin-error",
+            CallError::Deadline { .. } => "deadline",
+            CallError::MemoryLimit { .. } => "memory-limit",
+            CallError::FuelExhausted { .. } => "fuel",
+            CallError::Trap(_) => "trap",
+            CallError::OutputTooLarge { .. } => "output-too-large",
+            CallError::InvalidOutput(_) => "invalid-output",
+            CallError::NotExported(_) => "not-exported",
+            CallError::Incompatible { .. } => "incompatible",
+        }
+    }
+}
+
+/// Why a component could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: plugin name `{name}` must be lower-case letters, digits, `-` or `_`")]
+    BadName { path: PathBuf, name: String },
+    #[error("{path}: not a valid WebAssembly component: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: imports what the host does not provide: {reason}")]
+    Imports { path: PathBuf, reason: String },
+    #[error(
+        "{path}: exports none of the stage interfaces (ganglion:plugin/preprocess, template, postprocess or handler @0.1.0); it exports: {exports}"
+    )]
+    NoStage { path: PathBuf, exports: String },
+    #[error("{path}: {reason}")]
+    Instantiate { path: PathBuf, reason: CallError },
+}
+
+impl LoadError {
+    pub fn path(&self) -> &Path {
+        match self {
+            LoadError::Io { path, .. }
+            | LoadError::BadName { path, .. }
+            | LoadError::Invalid { path, .. }
+            | LoadError::Imports { path, .. }
+            | LoadError::NoStage { path, .. }
+            | LoadError::Instantiate { path, .. } => path,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot configure the WebAssembly engine: {0}")]
+    Engine(String),
+    #[error("compiled-artefact cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The identity of one loaded version of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginVersion {
+    /// blake3 of the component bytes, hex.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+}
+
+impl fmt::Display for PluginVersion {
+    /// The first 12 hex digits of the content hash.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hash[..12])
+    }
+}
+
+/// One loaded version of a component.
+pub struct Plugin {
+    pub name: String,
+    pub version: PluginVersion,
+    pub stages: Vec<Stage>,
+    /// Where it was loaded from, if from a file.
+    pub source: Option<PathBuf>,
+    /// Size of the component in bytes.
+    pub size: usize,
+    /// Interfaces the component imports.
+    pub imports: Vec<String>,
+    pub compiled: CompileSource,
+    /// Time to compile or to load the compiled artefact.
+    pub load_time: Duration,
+    exports: Exports,
+}
+
+impl Plugin {
+    pub fn implements(&self, stage: Stage) -> bool {
+        self.stages.contains(&stage)
+    }
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("stages", &self.stages)
+            .finish()
+    }
+}
+
+struct HostInner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: PluginConfig,
+    state: StateStore,
+    llm: Arc<dyn LlmEngine>,
+    cache: Option<ArtifactCache>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for HostInner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Loads plugins and makes instance pools; cheap to clone.
+#[derive(Clone)]
+pub struct PluginHost {
+    inner: Arc<HostInner>,
+}
+
+/// Result of loading a folder: what loaded, and what did not and why.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub plugins: Vec<Arc<Plugin>>,
+    pub errors: Vec<LoadError>,
+}
+
+fn engine_config(config: &PluginConfig) -> Config {
+    let limits = &config.limits;
+    let mut pool = PoolingAllocationConfig::default();
+    let total = config.total_instances.max(1);
+    pool.total_component_instances(total)
+        // Python and JavaScript components hold dozens of core instances.
+        .max_core_instances_per_component(64)
+        .max_memories_per_component(16)
+        .max_tables_per_component(64)
+        .total_core_instances(total * 8)
+        .total_memories(total * 2)
+        .total_tables(total * 8)
+        .total_stacks(total)
+        .max_memory_size(limits.max_memory_bytes());
+    let mut cfg = Config::new();
+    cfg.epoch_interruption(true)
+        .consume_fuel(limits.fuel > 0)
+        .wasm_component_model(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    cfg
+}
+
+impl PluginHost {
+    /// Builds the engine and starts its epoch ticker thread.
+    pub fn new(
+        config: PluginConfig,
+        state: StateStore,
+        llm: Arc<dyn LlmEngine>,
+    ) -> Result<Self, HostError> {
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker(&mut linker).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let cache = match &config.cache_dir {
+            Some(dir) => {
+                Some(
+                    ArtifactCache::new(dir, &engine).map_err(|source| HostError::Cache {
+                        path: dir.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, ticker_stop) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("ganglion-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| HostError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(PluginHost {
+            inner: Arc::new(HostInner {
+                engine,
+                linker,
+                config,
+                state,
+                llm,
+                cache,
+                stop_ticker: stop,
+            }),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    /// Loads every `*.wasm` file in `dir` (sorted by name). A file that fails
+    /// is reported in the result and does not stop the others.
+    pub async fn load_dir(&self, dir: &Path) -> Result<LoadReport, LoadError> {
+        let io = |source| LoadError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        let mut entries = tokio::fs::read_dir(dir).await.map_err(io)?;
+        let mut paths = Vec::new();
+        while let Some(e) = entries.next_entry().await.map_err(io)? {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "wasm")
+                && e.file_type().await.map(|t| !t.is_dir()).unwrap_or(false)
+            {
+                paths.push(p);
+            }
+        }
+        paths.sort();
+        let mut report = LoadReport::default();
+        for p in paths {
+            match self.load_file(&p).await {
+                Ok(plugin) => report.plugins.push(plugin),
+                Err(e) => report.errors.push(e),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Loads one component file; the plugin is named by the file stem.
+    pub async fn load_file(&self, path: &Path) -> Result<Arc<Plugin>, LoadError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| LoadError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.load_bytes(&name, bytes, path).await
+    }
+
+    /// Loads a component from memory; `path` names it in errors.
+    pub async fn load_bytes(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        path: &Path,
+    ) -> Result<Arc<Plugin>, LoadError> {
+        let path = path.to_owned();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return Err(LoadError::BadName {
+                path,
+                name: name.to_owned(),
+            });
+        }
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let size = bytes.len();
+        let inner = self.inner.clone();
+        let hash2 = hash.clone();
+        let started = Instant::now();
+        let compiled = tokio::task::spawn_blocking(move || match &inner.cache {
+            Some(cache) => cache.load_or_compile(&inner.engine, &hash2, &bytes),
+            None => Component::new(&inner.engine, &bytes).map(|c| (c, CompileSource::Compiled)),
+        })
+        .await
+        .map_err(|e| LoadError::Invalid {
+            path: path.clone(),
+            reason: format!("compiler thread failed: {e}"),
+        })?;
+        let (component, source) = compiled.map_err(|e| LoadError::Invalid {
+            path: path.clone(),
+            reason: invalid_reason(&e),
+        })?;
+        let load_time = started.elapsed();
+        let engine = &self.inner.engine;
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_owned()).collect();
+        let pre =
+            self.inner
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Imports {
+                    path: path.clone(),
+                    reason: format!("{e:#}"),
+                })?;
+        let exports = Exports::new(pre);
+        let stages = exports.stages();
+        if stages.is_empty() {
+            let names: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_owned()).collect();
+            let exports = if names.is_empty() {
+                "nothing".to_owned()
+            } else {
+                names.join(", ")
+            };
+            return Err(LoadError::NoStage { path, exports });
+        }
+        let plugin = Arc::new(Plugin {
+            name: name.to_owned(),
+            version: PluginVersion {
+                hash,
+                loaded_at: SystemTime::now(),
+            },
+            stages,
+            source: Some(path.clone()),
+            size,
+            imports,
+            compiled: source,
+            load_time,
+            exports,
+        });
+        // Instantiate once: checks export types and that instantiation
+        // itself succeeds within the limits.
+        let probe = self.binding(&plugin, "(load check)", serde_json::Map::new());
+        Instance::new(engine, &plugin.exports, probe)
+            .await
+            .map_err(|reason| LoadError::Instantiate { path, reason })?;
+        tracing::debug!(plugin = %plugin.name, version = %plugin.version, stages = ?plugin.stages, ?source, ?load_time, "plugin loaded");
+        Ok(plugin)
+    }
+
+    fn binding(
+        &self,
+        plugin: &Plugin,
+        rule: &str,
+        config: serde_json::Map<String, serde_json::Value>,
+    ) -> Arc<BindingCtx> {
+        Arc::new(BindingCtx {
+            plugin: plugin.name.clone(),
+            version: plugin.version.to_string(),
+            rule: rule.to_owned(),
+            config_json: serde_json::Value::Object(config.clone()).to_string(),
+            config,
+            state: self.inner.state.scope(&plugin.name, rule),
+            limits: self.inner.config.limits.clone(),
+            llm: self.inner.llm.clone(),
+            suppressed_logs: AtomicU64::new(0),
+        })
+    }
+
+    /// An instance pool serving `plugin` in `rule` with the rule's settings for it.
+    pub fn pool(
+        &self,
+        plugin: &Arc<Plugin>,
+        rule: &str,
+        config: serde_json::Map<String, serde_json::Value>,
+    ) -> InstancePool {
+        let binding = self.binding(plugin, rule, config);
+        let max = binding.limits.max_instances.max(1) as usize;
+        InstancePool {
+            plugin: plugin.clone(),
+            binding,
+            host: self.inner.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(max),
+            created: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
+        }
+    }
+}
+
+fn invalid_reason(e: &wasmtime::Error) -> String {
+    let text = format!("{e:#}");
+    if text.contains("parse a wasm module with a component parser")
+        || text.contains("expected a WebAssembly component")
+    {
+        "it is a core WebAssembly module, not a component (build for wasm32-wasip2, or wrap it with `wasm-tools component new`)".into()
+    } else {
+        text
+    }
+}
+
+/// Serves one plugin in one rule. Calls run on pooled instances: at most
+/// `max_instances` at once (later calls wait), an instance that faulted is
+/// dropped and replaced by a fresh one on the next call.
+pub struct InstancePool {
+    plugin: Arc<Plugin>,
+    binding: Arc<BindingCtx>,
+    /// Keeps the engine and its epoch ticker alive while the pool is.
+    host: Arc<HostInner>,
+    idle: Mutex<Vec<Instance>>,
+    permits: Semaphore,
+    created: AtomicU64,
+    discarded: AtomicU64,
+}
+
+/// Counters of a pool, for tests and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub created: u64,
+    pub discarded: u64,
+    pub idle: usize,
+    pub suppressed_logs: u64,
+}
+
+impl InstancePool {
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            created: self.created.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
+            idle: self.idle.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            suppressed_logs: self.binding.suppressed_logs(),
+        }
+    }
+
+    async fn run<R>(
+        &self,
+        call: impl AsyncFnOnce(&mut Instance) -> Result<R, CallError>,
+    ) -> Result<R, CallError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("pool semaphore is never closed");
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut instance = match idle {
+            Some(i) => i,
+            None => {
+                self.created.fetch_add(1, Ordering::Relaxed);
+                Instance::new(
+                    &self.host.engine,
+                    &self.plugin.exports,
+                    self.binding.clone(),
+                )
+                .await?
+            }
+        };
+        let result = call(&mut instance).await;
+        if instance.is_poisoned() {
+            self.discarded.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(plugin = %self.plugin.name, version = %self.plugin.version, rule = %self.binding.rule,
+                error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "instance discarded after a fault");
+        } else {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(instance);
+        }
+        result
+    }
+
+    pub async fn preprocess(
+        &self,
+        message: &Message,
+        readings: ReadingBatch,
+    ) -> Result<ReadingBatch, CallError> {
+        self.run(async |i: &mut Instance| i.preprocess(message, readings).await)
+            .await
+    }
+
+    pub async fn render(
+        &self,
+        context: &Context,
+        window: ReadingBatch,
+    ) -> Result<Prompt, CallError> {
+        self.run(async |i: &mut Instance| i.render(context, window).await)
+            .await
+    }
+
+    pub async fn postprocess(
+        &self,
+        context: &Context,
+        window: ReadingBatch,
+        completion: Option<&Completion>,
+    ) -> Result<Vec<Action>, CallError> {
+        self.run(async |i: &mut Instance| i.postprocess(context, window, completion).await)
+            .await
+    }
+
+    pub async fn handle(&self, rule: &str, message: &Message) -> Result<Vec<Action>, CallError> {
+        self.run(async |i: &mut Instance| i.handle(rule, message).await)
+            .await
+    }
+}

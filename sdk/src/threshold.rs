@@ -1,0 +1,76 @@
+//! Threshold checks shared by alerting plugins.
+
+use crate::AlertLevel;
+use crate::batch::ReadingRef;
+use serde::{Deserialize, Serialize};
+
+/// A bound on one metric, as written in a rule file:
+/// `{ metric = "temperature", above = 90.0, level = "critical" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Threshold {
+    pub metric: String,
+    /// Alert when the value is strictly above this.
+    pub above: Option<f64>,
+    /// Alert when the value is strictly below this.
+    pub below: Option<f64>,
+    /// Alert when a boolean reading has this value.
+    pub equals: Option<bool>,
+    #[serde(default)]
+    pub level: Level,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Info,
+    #[default]
+    Warning,
+    Critical,
+}
+
+impl From<Level> for AlertLevel {
+    fn from(l: Level) -> Self {
+        match l {
+            Level::Info => AlertLevel::Info,
+            Level::Warning => AlertLevel::Warning,
+            Level::Critical => AlertLevel::Critical,
+        }
+    }
+}
+
+impl Threshold {
+    /// Checks that at least one bound is set; call once after parsing config.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.above.is_none() && self.below.is_none() && self.equals.is_none() {
+            return Err(format!(
+                "threshold on `{}` sets none of above, below, equals",
+                self.metric
+            ));
+        }
+        Ok(())
+    }
+
+    /// A description of the violation when `reading` breaks this threshold.
+    pub fn violated_by(&self, reading: &ReadingRef<'_>) -> Option<String> {
+        if reading.metric != self.metric {
+            return None;
+        }
+        if let (Some(expected), crate::Value::Boolean(b)) = (self.equals, reading.value) {
+            return (*b == expected).then(|| format!("{} is {b}", self.metric));
+        }
+        let v = reading.value.as_f64().filter(|v| v.is_finite())?;
+        let unit = if reading.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", reading.unit)
+        };
+        if let Some(max) = self.above.filter(|max| v > *max) {
+            return Some(format!("{} {v}{unit} above {max}{unit}", self.metric));
+        }
+        if let Some(min) = self.below.filter(|min| v < *min) {
+            return Some(format!("{} {v}{unit} below {min}{unit}", self.metric));
+        }
+        None
+    }
+}

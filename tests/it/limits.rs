@@ -1,0 +1,241 @@
+//! Misbehaving plugins are stopped by the host's limits, each with its own
+//! error, while a healthy plugin keeps serving in the same test.
+
+use ganglion::config::Limits;
+use ganglion::llm::NoModel;
+use ganglion::plugin::{CallError, InstancePool};
+use ganglion::types::*;
+use ganglion_tests::*;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn msg(payload: &str) -> Message {
+    Message {
+        topic: "t".into(),
+        payload: payload.as_bytes().to_vec(),
+        timestamp: 1,
+    }
+}
+
+/// Runs `bad` while the healthy clean-readings pool serves 20 calls; returns
+/// the bad call's result after checking every healthy call succeeded.
+async fn beside_healthy(
+    healthy: &InstancePool,
+    bad: impl std::future::Future<Output = Result<ReadingBatch, CallError>>,
+) -> Result<ReadingBatch, CallError> {
+    let serve = async {
+        for i in 0..20 {
+            let m = msg(&format!(r#"{{"device":"ok","metric":"m","value":{i}}}"#));
+            let out = healthy
+                .preprocess(&m, ReadingBatch::default())
+                .await
+                .expect("healthy plugin keeps serving");
+            assert_eq!(out.len(), 1);
+            tokio::task::yield_now().await;
+        }
+    };
+    let (bad, ()) = tokio::join!(bad, serve);
+    let after = healthy
+        .preprocess(
+            &msg(r#"{"device":"ok","metric":"m","value":1}"#),
+            ReadingBatch::default(),
+        )
+        .await;
+    assert!(after.is_ok(), "healthy plugin after the fault: {after:?}");
+    bad
+}
+
+async fn setup(limits: Limits) -> (InstancePool, InstancePool) {
+    let host = host_with(limits, Arc::new(NoModel));
+    let bad = pool(&host, &fixture("misbehave"), "r", json!({})).await;
+    let healthy = pool(&host, &example("clean-readings"), "r", json!({})).await;
+    (bad, healthy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_loop_is_stopped_by_its_deadline() {
+    let (bad, healthy) = setup(Limits {
+        call_timeout_ms: 100,
+        ..Limits::default()
+    })
+    .await;
+    let started = Instant::now();
+    let r = beside_healthy(
+        &healthy,
+        bad.preprocess(&msg("mode=loop"), ReadingBatch::default()),
+    )
+    .await;
+    assert_eq!(
+        r,
+        Err(CallError::Deadline {
+            limit: Duration::from_millis(100)
+        })
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped, not left running"
+    );
+    assert_eq!(bad.stats().discarded, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_hog_is_stopped_by_its_cap() {
+    let (bad, healthy) = setup(Limits {
+        max_memory_mib: 16,
+        ..Limits::default()
+    })
+    .await;
+    let r = beside_healthy(
+        &healthy,
+        bad.preprocess(&msg("mode=oom"), ReadingBatch::default()),
+    )
+    .await;
+    match r {
+        Err(CallError::MemoryLimit { limit, requested }) => {
+            assert_eq!(limit, 16 << 20);
+            assert!(requested > limit);
+        }
+        other => panic!("expected the memory cap, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trapping_instance_is_replaced() {
+    let (bad, healthy) = setup(Limits::default()).await;
+    let r = beside_healthy(
+        &healthy,
+        bad.preprocess(&msg("mode=trap"), ReadingBatch::default()),
+    )
+    .await;
+    assert!(
+        matches!(&r, Err(CallError::Trap(m)) if m.contains("unreachable")),
+        "{r:?}"
+    );
+    assert_eq!(bad.stats().discarded, 1);
+    // The same pool serves again, on a fresh instance.
+    let ok = bad
+        .preprocess(&msg("hello"), ReadingBatch::default())
+        .await
+        .unwrap();
+    assert_eq!(ok.iter().next().unwrap().value, &Value::Number(5.0));
+    let s = bad.stats();
+    assert_eq!((s.created, s.discarded, s.idle), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn oversized_output_is_refused() {
+    let (bad, healthy) = setup(Limits {
+        max_output_bytes: 1 << 20,
+        ..Limits::default()
+    })
+    .await;
+    let r = beside_healthy(
+        &healthy,
+        bad.preprocess(&msg("mode=oversize"), ReadingBatch::default()),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(CallError::OutputTooLarge { cap: 1048576, size }) if size > 4 << 20),
+        "{r:?}"
+    );
+    assert_eq!(bad.stats().discarded, 0, "the instance itself is healthy");
+}
+
+#[tokio::test]
+async fn out_of_range_name_index_is_invalid_output() {
+    let (bad, healthy) = setup(Limits::default()).await;
+    let r = beside_healthy(
+        &healthy,
+        bad.preprocess(&msg("mode=bad-index"), ReadingBatch::default()),
+    )
+    .await;
+    assert_eq!(
+        r,
+        Err(CallError::InvalidOutput(
+            "reading 0: metric index 7 out of range of 1 names".into()
+        ))
+    );
+}
+
+#[tokio::test]
+async fn fuel_limit_stops_long_computations() {
+    let (bad, healthy) = setup(Limits {
+        fuel: 5_000_000,
+        call_timeout_ms: 60_000,
+        ..Limits::default()
+    })
+    .await;
+    let r = beside_healthy(
+        &healthy,
+        bad.preprocess(&msg("mode=loop"), ReadingBatch::default()),
+    )
+    .await;
+    assert_eq!(r, Err(CallError::FuelExhausted { fuel: 5_000_000 }));
+}
+
+#[tokio::test]
+async fn log_floods_are_capped_per_call() {
+    let (bad, _healthy) = setup(Limits {
+        max_log_lines_per_call: 100,
+        ..Limits::default()
+    })
+    .await;
+    bad.preprocess(&msg("mode=log-flood"), ReadingBatch::default())
+        .await
+        .unwrap();
+    assert_eq!(bad.stats().suppressed_logs, 9_900);
+}
+
+#[tokio::test]
+async fn plugins_get_no_files_env_or_sockets() {
+    let (bad, _healthy) = setup(Limits::default()).await;
+    let out = bad
+        .preprocess(&msg("mode=capabilities"), ReadingBatch::default())
+        .await
+        .unwrap();
+    let get = |metric: &str| {
+        out.iter()
+            .find(|r| r.metric == metric)
+            .map(|r| r.value.clone())
+            .unwrap()
+    };
+    assert!(
+        matches!(get("file"), Value::Text(t) if t.starts_with("denied")),
+        "{:?}",
+        get("file")
+    );
+    assert_eq!(get("env"), Value::Number(0.0));
+    assert!(
+        matches!(get("socket"), Value::Text(t) if t.starts_with("denied")),
+        "{:?}",
+        get("socket")
+    );
+}
+
+#[tokio::test]
+async fn calls_beyond_pool_size_wait_for_an_instance() {
+    let host = host_with(
+        Limits {
+            max_instances: 2,
+            ..Limits::default()
+        },
+        Arc::new(NoModel),
+    );
+    let healthy = Arc::new(pool(&host, &example("clean-readings"), "r", json!({})).await);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let p = healthy.clone();
+        tasks.push(tokio::spawn(async move {
+            p.preprocess(
+                &msg(&format!(r#"{{"device":"d","metric":"m","value":{i}}}"#)),
+                ReadingBatch::default(),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().len(), 1);
+    }
+    assert!(healthy.stats().created <= 2, "{:?}", healthy.stats());
+}

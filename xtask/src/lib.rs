@@ -1,0 +1,121 @@
+//! Build helpers shared by the `xtask` binary, the integration tests and the
+//! benchmarks: building the example plugins and test fixtures as components.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repository root")
+        .to_owned()
+}
+
+/// Where built example plugins are placed (`<name>.wasm`, names with dashes).
+pub fn plugins_dir() -> PathBuf {
+    root().join("target/plugins")
+}
+
+/// Where built fixture plugins are placed.
+pub fn fixtures_dir() -> PathBuf {
+    root().join("target/fixtures")
+}
+
+/// Example plugins, by crate directory under `plugins/`.
+pub const EXAMPLES: [&str; 5] = [
+    "clean-readings",
+    "prompt-template",
+    "json-actions",
+    "threshold-alert",
+    "debounce-alarm",
+];
+/// Test fixtures, by crate directory under `plugins/fixtures/`.
+pub const FIXTURES: [&str; 1] = ["misbehave"];
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Installs the wasm32-wasip2 standard library with rustup when it is missing.
+pub fn ensure_wasm_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    match out {
+        Ok(o)
+            if String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "wasm32-wasip2") =>
+        {
+            Ok(())
+        }
+        Ok(_) => {
+            let status = Command::new("rustup")
+                .args(["target", "add", "wasm32-wasip2"])
+                .status()
+                .context("running rustup")?;
+            if !status.success() {
+                bail!("`rustup target add wasm32-wasip2` failed");
+            }
+            Ok(())
+        }
+        // No rustup: assume the toolchain was installed with the target.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Builds every plugin and fixture for wasm32-wasip2 (release) and copies the
+/// components into [`plugins_dir`] and [`fixtures_dir`]. Uses its own target
+/// directory so it can run while an outer cargo holds the main one.
+pub fn build_plugins() -> Result<()> {
+    ensure_wasm_target()?;
+    let root = root();
+    let target_dir = root.join("target/plugins-build");
+    let status = Command::new(cargo())
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(root.join("plugins/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .context("running cargo for the plugins")?;
+    if !status.success() {
+        bail!("building the plugins failed");
+    }
+    let built = target_dir.join("wasm32-wasip2/release");
+    for (names, dest) in [
+        (&EXAMPLES[..], plugins_dir()),
+        (&FIXTURES[..], fixtures_dir()),
+    ] {
+        std::fs::create_dir_all(&dest)?;
+        for name in names {
+            let from = built.join(format!("{}.wasm", name.replace('-', "_")));
+            let to = dest.join(format!("{name}.wasm"));
+            copy_if_changed(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies only when the content differs, so watchers and caches see no
+/// change when nothing changed.
+fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {
+    let new = std::fs::read(from)?;
+    if std::fs::read(to).ok().as_deref() == Some(&new[..]) {
+        return Ok(());
+    }
+    let tmp = to.with_extension("wasm.tmp");
+    std::fs::write(&tmp, &new)?;
+    std::fs::rename(&tmp, to)?;
+    Ok(())
+}
