@@ -22,6 +22,8 @@ pub struct BatchBuilder {
     index: Option<std::collections::HashMap<String, u32>>,
 }
 
+// Generated types can only take derives that fit every WIT type (enums have no Default).
+#[allow(clippy::derivable_impls)]
 impl Default for ReadingBatch {
     fn default() -> Self {
         ReadingBatch {

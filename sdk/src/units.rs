@@ -78,7 +78,7 @@ const UNITS: &[Unit] = &[
         names: &["psi"],
         canonical: "psi",
         quantity: Quantity::Pressure,
-        scale: 6894.757_293_168,
+        scale: 6_894.757_293_168,
         offset: 0.0,
     },
     Unit {

@@ -17,76 +17,94 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+/// Target directories of the plugin workspace and the SDK, beside the main one.
+const WASM: &str = "target/plugins-build";
+const NATIVE: &str = "target/plugins-native";
+
+fn cargo<S: AsRef<std::ffi::OsStr>>(args: &[&str], rest: &[S]) -> Result<()> {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(xtask::root());
-    c
+    c.current_dir(xtask::root()).args(args).args(rest);
+    run(&mut c)
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = args.first().map(String::as_str).unwrap_or("help");
-    let rest = &args[args.len().min(1)..];
+    let rest: &[String] = &args[args.len().min(1)..];
     match task {
         "plugins" => xtask::build_plugins(),
         "test" => {
             xtask::build_plugins()?;
-            run(cargo().args(["test", "--workspace"]).args(rest))?;
-            run(cargo().args(["test", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/plugins-native"]))?;
-            run(cargo().args([
-                "test",
-                "--manifest-path",
-                "plugins/Cargo.toml",
-                "--target-dir",
-                "target/plugins-native",
-            ]))
+            cargo(&["test", "--workspace"], rest)?;
+            cargo(
+                &[
+                    "test",
+                    "--manifest-path",
+                    "sdk/Cargo.toml",
+                    "--target-dir",
+                    NATIVE,
+                ],
+                &[] as &[&str],
+            )?;
+            cargo(
+                &[
+                    "test",
+                    "--manifest-path",
+                    "plugins/Cargo.toml",
+                    "--target-dir",
+                    NATIVE,
+                ],
+                &[] as &[&str],
+            )
         }
         "lint" => {
             xtask::ensure_wasm_target()?;
-            run(cargo().args(["fmt", "--all", "--check"]))?;
-            run(cargo().args([
-                "fmt",
-                "--all",
-                "--check",
-                "--manifest-path",
-                "plugins/Cargo.toml",
-            ]))?;
-            run(cargo().args(["fmt", "--check", "--manifest-path", "sdk/Cargo.toml"]))?;
-            run(cargo().args([
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
-            run(cargo().args([
-                "clippy",
-                "--manifest-path",
-                "plugins/Cargo.toml",
-                "--target",
-                "wasm32-wasip2",
-                "--target-dir",
-                "target/plugins-build",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
-            run(cargo().args([
-                "clippy",
-                "--manifest-path",
-                "sdk/Cargo.toml",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))
+            for manifest in ["Cargo.toml", "plugins/Cargo.toml", "sdk/Cargo.toml"] {
+                cargo(
+                    &["fmt", "--all", "--check", "--manifest-path", manifest],
+                    &[] as &[&str],
+                )?;
+            }
+            let deny = ["--", "-D", "warnings"];
+            cargo(&["clippy", "--workspace", "--all-targets"], &deny)?;
+            cargo(
+                &[
+                    "clippy",
+                    "--manifest-path",
+                    "plugins/Cargo.toml",
+                    "--target",
+                    "wasm32-wasip2",
+                    "--target-dir",
+                    WASM,
+                ],
+                &deny,
+            )?;
+            cargo(
+                &[
+                    "clippy",
+                    "--manifest-path",
+                    "plugins/Cargo.toml",
+                    "--all-targets",
+                    "--target-dir",
+                    NATIVE,
+                ],
+                &deny,
+            )?;
+            cargo(
+                &[
+                    "clippy",
+                    "--manifest-path",
+                    "sdk/Cargo.toml",
+                    "--all-targets",
+                    "--target-dir",
+                    NATIVE,
+                ],
+                &deny,
+            )
         }
         "demo" => {
             xtask::build_plugins()?;
-            run(cargo()
-                .args(["run", "--release", "-p", "ganglion", "--", "demo"])
-                .args(rest))
+            cargo(&["run", "--release", "-p", "ganglion", "--", "demo"], rest)
         }
         _ => {
             eprintln!("usage: cargo run -p xtask -- plugins | test | lint | demo");

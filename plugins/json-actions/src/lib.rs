@@ -237,7 +237,7 @@ mod tests {
         }
         let many = format!(
             "[{}]",
-            vec!["{\"type\":\"alert\",\"text\":\"x\"}"; 3].join(",")
+            ["{\"type\":\"alert\",\"text\":\"x\"}"; 3].join(",")
         );
         assert!(parse_actions(&many, "d", &Config { max_actions: 2 }).is_err());
     }
