@@ -110,12 +110,61 @@ impl StateConfig {
     }
 }
 
+/// Where rule files are, and how many workers each rule gets.
+///
+/// ```toml
+/// [rules]
+/// dir = "examples/rules"
+/// lanes = 4            # concurrent messages per rule (ordered per topic)
+/// lane_capacity = 64   # queued messages per lane before intake waits
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    pub dir: PathBuf,
+    pub lanes: usize,
+    pub lane_capacity: usize,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            dir: PathBuf::from("rules"),
+            lanes: 4,
+            lane_capacity: 64,
+        }
+    }
+}
+
+/// The embedded broker, used when `[mqtt] broker` is not set.
+///
+/// ```toml
+/// [broker]
+/// listen = "127.0.0.1:1883"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
+        }
+    }
+}
+
 /// The whole `ganglion.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GanglionConfig {
     pub plugins: PluginConfig,
     pub state: StateConfig,
+    pub rules: RulesConfig,
+    pub mqtt: crate::mqtt::MqttSettings,
+    pub broker: BrokerConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

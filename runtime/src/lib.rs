@@ -12,11 +12,23 @@
 //!   [`llm::NoModel`] and the scripted [`llm::FakeLlm`].
 //! - [`state`]: the persistent per-plugin, per-rule key–value store (redb).
 //! - [`config`]: typed configuration.
+//! - [`rules`]: rule files, topic filters, the allow-list.
+//! - [`pipeline`]: one rule at work, message to outcome (publishes, dead letters).
+//! - [`gateway`]: routing deliveries to rules, lanes, publishing, acknowledging.
+//! - [`mqtt`]: the broker connection (rumqttc) behind the [`mqtt::Publisher`] trait.
+//! - [`broker`]: the embedded broker (rumqttd).
+//! - [`simulate`]: simulated sensors (synthetic or CSV replay) over MQTT.
 
 pub mod bindings;
+pub mod broker;
 pub mod config;
+pub mod gateway;
 pub mod host;
 pub mod llm;
+pub mod mqtt;
+pub mod pipeline;
 pub mod plugin;
+pub mod rules;
+pub mod simulate;
 pub mod state;
 pub mod types;

@@ -3,13 +3,16 @@
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use ganglion::config::GanglionConfig;
-use ganglion::llm::NoModel;
-use ganglion::plugin::{InstancePool, PluginHost};
+use ganglion::gateway::{self, Gateway, GatewayConfig, GatewayEvent, RuleStats};
+use ganglion::llm::{LlmEngine, NoModel};
+use ganglion::plugin::PluginHost;
+use ganglion::simulate::{self, SimConfig, Source};
 use ganglion::state::StateStore;
-use ganglion::types::{Action, Context, Message, ReadingBatch, Stage};
+use ganglion::{broker, mqtt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -27,24 +30,67 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the rules over MQTT: load plugins and rules, connect (or start the
+    /// embedded broker), process until Ctrl-C, then drain and exit.
+    Run {
+        /// Broker to use instead of the configured one (mqtt://host:port or mqtts://).
+        #[arg(long)]
+        broker: Option<String>,
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
+        /// CA certificate (PEM) for mqtts://.
+        #[arg(long)]
+        ca_file: Option<String>,
+        /// Also run simulated sensors against the broker.
+        #[arg(long)]
+        simulate: bool,
+        /// Simulated messages per second.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Print only the per-rule summary lines, not every event.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Publish simulated sensor telemetry to a broker.
+    Simulate {
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        /// Synthetic devices (machines and rooms).
+        #[arg(long, default_value_t = 8)]
+        devices: usize,
+        /// Every n-th reading of a device is an anomaly (0: none).
+        #[arg(long, default_value_t = 50)]
+        anomaly_every: u64,
+        /// Replay this CSV (timestamp,value) instead of synthetic data.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Topic, device, metric and unit of the replayed series.
+        #[arg(long, default_value = "factory/machine-1/telemetry")]
+        topic: String,
+        #[arg(long, default_value = "machine-1")]
+        device: String,
+        #[arg(long, default_value = "temperature")]
+        metric: String,
+        #[arg(long, default_value = "F")]
+        unit: String,
+        /// Messages per second (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long)]
+        duration: Option<u64>,
+    },
     /// Report what components implement and whether they load under the configured limits.
     Check {
         /// Component files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-    },
-    /// Replay the bundled machine-temperature series through the example plugins
-    /// (clean-readings → hourly window → threshold-alert) and print the actions.
-    Demo {
-        /// CSV of timestamp,value (default: the bundled NAB machine temperature series).
-        #[arg(long)]
-        csv: Option<PathBuf>,
-        /// Alert above this temperature, °C.
-        #[arg(long, default_value_t = 38.0)]
-        above: f64,
-        /// Readings per window.
-        #[arg(long, default_value_t = 12)]
-        window: usize,
     },
 }
 
@@ -60,7 +106,8 @@ fn load_config(path: &Path) -> Result<GanglionConfig> {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -68,7 +115,221 @@ async fn main() -> Result<()> {
     let config = load_config(&cli.config)?;
     match cli.command {
         Command::Check { files } => check(config, files).await,
-        Command::Demo { csv, above, window } => demo(config, csv, above, window).await,
+        Command::Run {
+            broker,
+            username,
+            password,
+            ca_file,
+            simulate,
+            rate,
+            duration,
+            quiet,
+        } => {
+            let mut config = config;
+            if broker.is_some() {
+                config.mqtt.broker = broker;
+            }
+            config.mqtt.username = username.or(config.mqtt.username);
+            config.mqtt.password = password.or(config.mqtt.password);
+            config.mqtt.ca_file = ca_file.or(config.mqtt.ca_file);
+            let sim = simulate.then(|| SimConfig {
+                source: Source::Synthetic {
+                    devices: 8,
+                    anomaly_every: 50,
+                    seed: 1,
+                },
+                rate,
+                count: None,
+                duration: None,
+            });
+            run(config, sim, duration.map(Duration::from_secs), quiet).await
+        }
+        Command::Simulate {
+            broker,
+            devices,
+            anomaly_every,
+            csv,
+            topic,
+            device,
+            metric,
+            unit,
+            rate,
+            count,
+            duration,
+        } => {
+            let source = match csv {
+                Some(path) => Source::Csv {
+                    path,
+                    topic,
+                    device,
+                    metric,
+                    unit,
+                },
+                None => Source::Synthetic {
+                    devices,
+                    anomaly_every,
+                    seed: 1,
+                },
+            };
+            let (host, port) = simulate::host_port(&broker)
+                .with_context(|| format!("broker address `{broker}`: expected mqtt://host:port"))?;
+            let config = SimConfig {
+                source,
+                rate,
+                count,
+                duration: duration.map(Duration::from_secs),
+            };
+            let acked = simulate::run(&config, &host, port, "ganglion-simulator").await?;
+            println!("{acked} messages published and acknowledged");
+            Ok(())
+        }
+    }
+}
+
+async fn run(
+    config: GanglionConfig,
+    sim: Option<SimConfig>,
+    duration: Option<Duration>,
+    quiet: bool,
+) -> Result<()> {
+    let state = StateStore::open(&config.state.path, config.state.limits())?;
+    let llm: Arc<dyn LlmEngine> = Arc::new(NoModel);
+    let host = PluginHost::new(config.plugins.clone(), state.clone(), llm.clone())?;
+    let (pipelines, problems) =
+        gateway::load(&host, &config.plugins.dir, &config.rules.dir, llm).await;
+    for p in &problems {
+        tracing::error!("{p}");
+    }
+    if pipelines.is_empty() {
+        bail!(
+            "no rule is ready to run (rules in {}, plugins in {})",
+            config.rules.dir.display(),
+            config.plugins.dir.display()
+        );
+    }
+    for p in &pipelines {
+        tracing::info!(rule = %p.rule.name, topics = ?p.rule.topics, plugins = ?p.rule.plugins(), "rule ready");
+    }
+    let broker = match &config.mqtt.broker {
+        Some(b) => b.clone(),
+        None => {
+            broker::start_embedded(config.broker.listen)?;
+            tracing::info!(listen = %config.broker.listen, "embedded broker started");
+            format!("mqtt://{}", config.broker.listen)
+        }
+    };
+    let mut filters: Vec<String> = pipelines
+        .iter()
+        .flat_map(|p| p.rule.topics.clone())
+        .collect();
+    filters.sort();
+    filters.dedup();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let (mqtt, mqtt_task) = mqtt::connect(&config.mqtt, &broker, filters, tx)?;
+    if !mqtt.wait_connected(Duration::from_secs(10)).await {
+        tracing::warn!(%broker, "not connected yet; messages flow once the broker answers");
+    }
+    let gateway = Gateway::start(
+        pipelines,
+        Arc::new(mqtt.clone()),
+        GatewayConfig {
+            lanes: config.rules.lanes,
+            lane_capacity: config.rules.lane_capacity,
+        },
+    );
+    let view = tokio::spawn(live_view(
+        gateway.subscribe_events(),
+        gateway.stats(),
+        quiet,
+    ));
+    let simulator = match (sim, simulate::host_port(&broker)) {
+        (Some(sim), Some((h, p))) => Some(tokio::spawn(async move {
+            if let Err(e) = simulate::run(&sim, &h, p, "ganglion-simulator").await {
+                tracing::error!(error = %e, "simulator stopped");
+            }
+        })),
+        _ => None,
+    };
+    let stats = gateway.stats();
+    let stop = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("stopping: draining in-flight messages");
+        if let Some(s) = &simulator {
+            s.abort();
+        }
+    };
+    gateway::serve(gateway, rx, stop).await;
+    view.abort();
+    print_summary(&stats);
+    mqtt.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), mqtt_task).await;
+    state.flush()?;
+    Ok(())
+}
+
+fn print_summary(stats: &[(String, Arc<RuleStats>)]) {
+    for (rule, s) in stats {
+        println!(
+            "{rule}: {} messages, {} readings, {} published, {} dead letters",
+            s.messages.load(Ordering::Relaxed),
+            s.readings.load(Ordering::Relaxed),
+            s.published.load(Ordering::Relaxed),
+            s.dead_letters.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Prints what the gateway does as it happens, and per-rule rates every 5 s.
+async fn live_view(
+    mut events: tokio::sync::broadcast::Receiver<GatewayEvent>,
+    stats: Vec<(String, Arc<RuleStats>)>,
+    quiet: bool,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut last: Vec<u64> = vec![0; stats.len()];
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            e = events.recv() => match e {
+                Ok(e) if !quiet => match e {
+                    GatewayEvent::Prompt { rule, text } => println!("[{rule}] prompt      {}", one_line(&text)),
+                    GatewayEvent::Completion { rule, text } => println!("[{rule}] completion  {}", one_line(&text)),
+                    GatewayEvent::Published { rule, topic, payload } => println!("[{rule}] publish     {topic}  {}", one_line(&payload)),
+                    GatewayEvent::DeadLetter { rule, stage, kind, reason } => println!("[{rule}] DEAD LETTER {stage}/{kind}: {}", one_line(&reason)),
+                },
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => println!("({n} events not shown)"),
+                Err(_) => return,
+            },
+            _ = tick.tick() => {
+                for (i, (rule, s)) in stats.iter().enumerate() {
+                    let m = s.messages.load(Ordering::Relaxed);
+                    println!(
+                        "-- {:>5.0}s {rule}: {:.1} msg/s, {m} messages, {} readings, {} published, {} dead letters",
+                        started.elapsed().as_secs_f64(),
+                        (m - last[i]) as f64 / 5.0,
+                        s.readings.load(Ordering::Relaxed),
+                        s.published.load(Ordering::Relaxed),
+                        s.dead_letters.load(Ordering::Relaxed)
+                    );
+                    last[i] = m;
+                }
+            }
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let flat: String = s.chars().map(|c| if c == '\n' { ' ' } else { c }).collect();
+    if flat.chars().count() > 160 {
+        format!("{}…", flat.chars().take(160).collect::<String>())
+    } else {
+        flat
     }
 }
 
@@ -102,130 +363,4 @@ async fn check(config: GanglionConfig, files: Vec<PathBuf>) -> Result<()> {
         bail!("{failed} file(s) refused");
     }
     Ok(())
-}
-
-async fn demo(
-    config: GanglionConfig,
-    csv: Option<PathBuf>,
-    above: f64,
-    window: usize,
-) -> Result<()> {
-    let csv = csv.unwrap_or_else(|| {
-        PathBuf::from("examples/data/nab/machine_temperature_system_failure.csv")
-    });
-    let text =
-        std::fs::read_to_string(&csv).with_context(|| format!("reading {}", csv.display()))?;
-    let dir = config.plugins.dir.clone();
-    let state = StateStore::open(&config.state.path, config.state.limits())?;
-    let host = PluginHost::new(config.plugins, state, Arc::new(NoModel))?;
-    let report = host
-        .load_dir(&dir)
-        .await
-        .with_context(|| format!("loading plugins from {}", dir.display()))?;
-    for e in &report.errors {
-        eprintln!("plugin refused: {e}");
-    }
-    let find = |name: &str| {
-        report.plugins.iter().find(|p| p.name == name).cloned().with_context(|| {
-            format!("plugin `{name}` not found in {} (build them with `cargo run -p xtask -- plugins`)", dir.display())
-        })
-    };
-    let rule = "demo-machine-temperature";
-    let clean_cfg = serde_json::json!({ "units": { "temperature": "C" }, "ranges": { "temperature": [-40.0, 150.0] } });
-    let clean = host.pool(
-        &find("clean-readings")?,
-        rule,
-        clean_cfg.as_object().cloned().unwrap_or_default(),
-    );
-    let alert_cfg = serde_json::json!({ "thresholds": [{ "metric": "temperature", "above": above, "level": "critical" }] });
-    let alert = host.pool(
-        &find("threshold-alert")?,
-        rule,
-        alert_cfg.as_object().cloned().unwrap_or_default(),
-    );
-    for p in [&clean, &alert] {
-        println!(
-            "{} {} ({})",
-            p.plugin().name,
-            p.plugin().version,
-            p.plugin()
-                .stages
-                .iter()
-                .map(|s| s.name())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-    }
-
-    let started = Instant::now();
-    let (mut messages, mut readings, mut alerts, mut errors) = (0u64, 0u64, 0u64, 0u64);
-    let mut current = ReadingBatch::default();
-    for line in text.lines().skip(1) {
-        let Some((ts, value)) = line.split_once(',') else {
-            continue;
-        };
-        let payload = format!(
-            r#"{{"device":"machine-1","metric":"temperature","value":"{value}","unit":"F","ts":"{ts}"}}"#
-        );
-        let message = Message {
-            topic: "factory/machine-1/telemetry".into(),
-            payload: payload.into_bytes(),
-            timestamp: 0,
-        };
-        messages += 1;
-        let batch = match clean.preprocess(&message, ReadingBatch::default()).await {
-            Ok(b) => b,
-            Err(e) => {
-                errors += 1;
-                eprintln!("{ts}: dead letter ({}): {e}", e.kind());
-                continue;
-            }
-        };
-        readings += batch.len() as u64;
-        for r in batch.iter() {
-            current.push(r.device, r.metric, r.value.clone(), r.unit, r.timestamp);
-        }
-        if current.len() < window {
-            continue;
-        }
-        let win = std::mem::take(&mut current);
-        let ctx = Context {
-            rule: rule.into(),
-            device: "machine-1".into(),
-            window_start: win.readings.first().map_or(0, |r| r.timestamp),
-            window_end: win.readings.last().map_or(0, |r| r.timestamp),
-        };
-        match alert.postprocess(&ctx, win, None).await {
-            Ok(actions) => {
-                for a in actions {
-                    if let Action::Alert { level, text, .. } = a {
-                        alerts += 1;
-                        println!("{ts}  {level:?}  {text}");
-                    }
-                }
-            }
-            Err(e) => {
-                errors += 1;
-                eprintln!("{ts}: dead letter ({}): {e}", e.kind());
-            }
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{messages} messages, {readings} readings kept, {alerts} alerts, {errors} errors in {secs:.2} s ({:.0} msg/s through {} and {} stages)",
-        messages as f64 / secs,
-        Stage::Preprocessor,
-        Stage::Postprocessor
-    );
-    print_pool("clean-readings", &clean);
-    print_pool("threshold-alert", &alert);
-    Ok(())
-}
-
-fn print_pool(name: &str, pool: &InstancePool) {
-    let s = pool.stats();
-    println!(
-        "{name}: {} instance(s) created, {} discarded",
-        s.created, s.discarded
-    );
 }

@@ -238,7 +238,7 @@ pub enum LlmError {
     Internal(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Qos {
     AtMostOnce,
     AtLeastOnce,

@@ -60,17 +60,32 @@ impl Threshold {
             return (*b == expected).then(|| format!("{} is {b}", self.metric));
         }
         let v = reading.value.as_f64().filter(|v| v.is_finite())?;
+        let v_text = num(v);
         let unit = if reading.unit.is_empty() {
             String::new()
         } else {
             format!(" {}", reading.unit)
         };
         if let Some(max) = self.above.filter(|max| v > *max) {
-            return Some(format!("{} {v}{unit} above {max}{unit}", self.metric));
+            return Some(format!(
+                "{} {v_text}{unit} above {}{unit}",
+                self.metric,
+                num(max)
+            ));
         }
         if let Some(min) = self.below.filter(|min| v < *min) {
-            return Some(format!("{} {v}{unit} below {min}{unit}", self.metric));
+            return Some(format!(
+                "{} {v_text}{unit} below {}{unit}",
+                self.metric,
+                num(min)
+            ));
         }
         None
     }
+}
+
+/// A number for people: at most two decimals, no trailing zeros.
+fn num(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }

@@ -5,3 +5,4 @@ mod examples;
 mod limits;
 mod llm_link;
 mod loading;
+mod mqtt;

@@ -77,3 +77,308 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16, up: bool) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() == up {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!(
+        "port {port} did not come {}",
+        if up { "up" } else { "down" }
+    );
+}
+
+/// A real mosquitto broker on a free loopback port, with persistence in a
+/// scratch folder so that a restart keeps sessions and queued messages.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Mosquitto {
+    pub fn start(name: &str) -> Mosquitto {
+        let dir = scratch(name);
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\nautosave_interval 1\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("mosquitto.conf"), conf).expect("mosquitto config");
+        // Run as root, mosquitto drops to its own user, which must be able to
+        // write the persistence file here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod scratch dir");
+        let mut m = Mosquitto {
+            port,
+            dir,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("mosquitto.log")).expect("log file"))
+            .spawn()
+            .expect("starting mosquitto (install it: apt-get install -y mosquitto)");
+        self.child = Some(child);
+        wait_for_port(self.port, true);
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker with SIGTERM (it saves its persistence file) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+            wait_for_port(self.port, false);
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An MQTT client for tests: publishes, and records what arrives on its subscriptions.
+pub struct TestClient {
+    pub client: rumqttc::AsyncClient,
+    received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    acked: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestClient {
+    /// Connects with a persistent session (so nothing is lost across a broker
+    /// restart) and subscribes to `filters` at QoS 1.
+    pub async fn connect(url: &str, id: &str, filters: &[&str]) -> TestClient {
+        let (host, port) = ganglion::simulate::host_port(url).expect("broker url");
+        let mut o = rumqttc::MqttOptions::new(id, host, port);
+        o.set_clean_session(false)
+            .set_inflight(100)
+            .set_keep_alive(std::time::Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 1024);
+        let received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let acked: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let (r, a, c) = (received.clone(), acked.clone(), client.clone());
+        let filters_empty = filters.is_empty();
+        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        for f in &filters {
+                            let _ = c.subscribe(f.clone(), rumqttc::QoS::AtLeastOnce).await;
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        r.lock()
+                            .unwrap()
+                            .push((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
+        });
+        if !filters_empty {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ready_rx).await;
+        }
+        TestClient {
+            client,
+            received,
+            acked,
+            task,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish request");
+    }
+
+    /// Publishes the broker acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn received(&self) -> Vec<(String, Vec<u8>)> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Messages received on topics that match `filter`.
+    pub fn on(&self, filter: &str) -> Vec<serde_json::Value> {
+        self.received()
+            .into_iter()
+            .filter(|(t, _)| ganglion::rules::filter_matches(filter, t))
+            .map(|(_, p)| {
+                serde_json::from_slice(&p).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&p).into_owned())
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until `pred` holds for what was received, at most `secs`.
+    pub async fn wait_until(&self, secs: u64, pred: impl Fn(&TestClient) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if pred(self) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        pred(self)
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A gateway running in this process against a broker.
+pub struct RunningGateway {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    pub stats: Vec<(String, Arc<ganglion::gateway::RuleStats>)>,
+    pub problems: Vec<String>,
+}
+
+impl RunningGateway {
+    /// Loads the built example plugins and fixtures plus the rules in
+    /// `rules_dir`, connects to `url` as `client_id`, and serves.
+    pub async fn start(
+        url: &str,
+        client_id: &str,
+        rules_dir: &Path,
+        llm: Arc<dyn LlmEngine>,
+    ) -> RunningGateway {
+        // TEST_LOG=debug shows the runtime's log.
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+        let plugins = scratch("gateway-plugins");
+        for dir in [&built().0, &built().1] {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::copy(&p, plugins.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let host = host_with(Limits::default(), llm.clone());
+        let (pipelines, problems) = ganglion::gateway::load(&host, &plugins, rules_dir, llm).await;
+        let settings = ganglion::mqtt::MqttSettings {
+            client_id: client_id.into(),
+            ..Default::default()
+        };
+        let mut filters: Vec<String> = pipelines
+            .iter()
+            .flat_map(|p| p.rule.topics.clone())
+            .collect();
+        filters.dedup();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (mqtt, mqtt_task) =
+            ganglion::mqtt::connect(&settings, url, filters, tx).expect("mqtt settings");
+        assert!(
+            mqtt.wait_connected(std::time::Duration::from_secs(10))
+                .await,
+            "gateway connected to {url}"
+        );
+        let gateway = ganglion::gateway::Gateway::start(
+            pipelines,
+            Arc::new(mqtt.clone()),
+            ganglion::gateway::GatewayConfig::default(),
+        );
+        let stats = gateway.stats();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            ganglion::gateway::serve(gateway, rx, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+            mqtt.disconnect().await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), mqtt_task).await;
+        });
+        // Let the subscriptions reach the broker.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        RunningGateway {
+            stop: Some(stop),
+            task,
+            stats,
+            problems,
+        }
+    }
+
+    /// Drains and stops.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    pub fn count(
+        &self,
+        rule: &str,
+        f: impl Fn(&ganglion::gateway::RuleStats) -> &std::sync::atomic::AtomicU64,
+    ) -> u64 {
+        self.stats
+            .iter()
+            .find(|(r, _)| r == rule)
+            .map(|(_, s)| f(s).load(std::sync::atomic::Ordering::SeqCst))
+            .unwrap_or(0)
+    }
+}

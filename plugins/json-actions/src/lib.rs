@@ -235,10 +235,7 @@ mod tests {
                 "{text}"
             );
         }
-        let many = format!(
-            "[{}]",
-            ["{\"type\":\"alert\",\"text\":\"x\"}"; 3].join(",")
-        );
+        let many = format!("[{}]", ["{\"type\":\"alert\",\"text\":\"x\"}"; 3].join(","));
         assert!(parse_actions(&many, "d", &Config { max_actions: 2 }).is_err());
     }
 }

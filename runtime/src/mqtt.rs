@@ -1,0 +1,497 @@
+//! MQTT transport (rumqttc, MQTT 3.1.1): a persistent session, QoS 1 both
+//! ways, manual acknowledgements and publishes that complete on the broker's
+//! PUBACK.
+//!
+//! One task owns the rumqttc event loop ([`connect`]); everyone else holds an
+//! [`MqttHandle`]. Incoming publishes go to a channel as [`Delivery`]s; the
+//! gateway acknowledges each one with [`Publisher::ack`] only after its
+//! outcome is published. The broker stops sending once its in-flight window
+//! of unacknowledged messages is full, which is the runtime's backpressure:
+//! nothing is dropped on either side.
+
+use crate::rules::Outgoing;
+use crate::types::{Message, Qos};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing as Out, Packet, QoS, Transport,
+};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MqttError {
+    #[error("MQTT client stopped")]
+    Stopped,
+    #[error("invalid broker address `{0}`: {1}")]
+    BadUrl(String, String),
+    #[error("cannot read TLS file {0}: {1}")]
+    Tls(String, String),
+}
+
+pub type MqttFuture<'a> = Pin<Box<dyn Future<Output = Result<(), MqttError>> + Send + 'a>>;
+
+/// What acknowledging a delivery needs.
+#[derive(Debug, Clone)]
+pub enum AckToken {
+    /// The publish, the number of the connection it came on and its place in
+    /// that connection's arrivals. MQTT 3.1.1 (4.6) requires PUBACKs in the
+    /// order the PUBLISHes arrived, so acknowledgements wait for earlier
+    /// ones; after a reconnection the broker reuses packet ids, so an
+    /// acknowledgement from an older connection is not sent (the broker
+    /// delivers the message again).
+    Mqtt {
+        publish: rumqttc::Publish,
+        connection: u64,
+        seq: u64,
+    },
+    /// A delivery that needs no acknowledgement (QoS 0, or a test).
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Message,
+    pub token: AckToken,
+}
+
+/// Publishing and acknowledging, behind a trait so that pipelines can be
+/// tested without a broker ([`RecordingPublisher`]).
+pub trait Publisher: Send + Sync + 'static {
+    /// Completes when the broker acknowledged the publish (QoS ≥ 1) or it was
+    /// written (QoS 0). While disconnected it waits for the reconnection.
+    fn publish(&self, out: Outgoing) -> MqttFuture<'_>;
+    fn ack(&self, token: AckToken) -> MqttFuture<'_>;
+}
+
+/// Broker connection settings. In `ganglion.toml`:
+///
+/// ```toml
+/// [mqtt]
+/// broker = "mqtt://127.0.0.1:1883"   # or mqtts://...; none: the embedded broker
+/// client_id = "ganglion"
+/// username = "gw"                    # optional
+/// password = "secret"                # optional
+/// ca_file = "/etc/ganglion/ca.pem"   # for mqtts://
+/// keep_alive_secs = 30
+/// inflight = 100                     # our unacknowledged publishes at once
+/// status_topic = "ganglion/status/{client_id}"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    pub broker: Option<String>,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<String>,
+    pub keep_alive_secs: u64,
+    pub inflight: u16,
+    pub status_topic: String,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            broker: None,
+            client_id: "ganglion".into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            keep_alive_secs: 30,
+            inflight: 100,
+            status_topic: "ganglion/status/{client_id}".into(),
+        }
+    }
+}
+
+impl MqttSettings {
+    pub fn status_topic(&self) -> String {
+        self.status_topic.replace("{client_id}", &self.client_id)
+    }
+
+    fn options(&self, broker: &str) -> Result<MqttOptions, MqttError> {
+        let bad = |m: String| MqttError::BadUrl(broker.to_owned(), m);
+        let (scheme, rest) = broker
+            .split_once("://")
+            .ok_or_else(|| bad("expected mqtt://host:port or mqtts://host:port".into()))?;
+        let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_owned(),
+                p.parse::<u16>().map_err(|e| bad(format!("port: {e}")))?,
+            ),
+            None => (
+                rest.trim_end_matches('/').to_owned(),
+                if scheme == "mqtts" { 8883 } else { 1883 },
+            ),
+        };
+        if host.is_empty() {
+            return Err(bad("no host".into()));
+        }
+        let mut o = MqttOptions::new(self.client_id.clone(), host, port);
+        o.set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
+            .set_inflight(self.inflight.max(1))
+            .set_max_packet_size(16 << 20, 16 << 20)
+            .set_last_will(LastWill::new(
+                self.status_topic(),
+                "offline",
+                QoS::AtLeastOnce,
+                true,
+            ));
+        if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        match scheme {
+            "mqtt" | "tcp" => {}
+            "mqtts" | "ssl" => {
+                let ca = match &self.ca_file {
+                    Some(f) => {
+                        std::fs::read(f).map_err(|e| MqttError::Tls(f.clone(), e.to_string()))?
+                    }
+                    None => return Err(bad("mqtts needs `ca_file`".into())),
+                };
+                o.set_transport(Transport::tls(ca, None, None));
+            }
+            other => return Err(bad(format!("unknown scheme `{other}`"))),
+        }
+        Ok(o)
+    }
+}
+
+/// Publishes waiting for their packet id (in request order), and those
+/// waiting for their PUBACK (by packet id).
+#[derive(Default)]
+struct Pending {
+    unnumbered: VecDeque<oneshot::Sender<()>>,
+    by_pkid: HashMap<u16, oneshot::Sender<()>>,
+}
+
+/// The handle everyone but the event-loop task holds.
+#[derive(Clone)]
+pub struct MqttHandle {
+    client: AsyncClient,
+    pending: Arc<Mutex<Pending>>,
+    /// Keeps `unnumbered` in the order requests enter the client's channel.
+    order: Arc<tokio::sync::Mutex<()>>,
+    connected: watch::Receiver<bool>,
+    /// Counts connections (ConnAcks).
+    connection: Arc<std::sync::atomic::AtomicU64>,
+    acks: Arc<tokio::sync::Mutex<AckOrder>>,
+}
+
+/// Acknowledgements of the current connection, released in arrival order.
+#[derive(Default)]
+struct AckOrder {
+    connection: u64,
+    next: u64,
+    done: std::collections::BTreeMap<u64, Option<rumqttc::Publish>>,
+}
+
+fn qos(q: Qos) -> QoS {
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+impl MqttHandle {
+    /// True while connected to the broker.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Waits until connected, at most `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.connected.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Sends a DISCONNECT; the event loop then ends.
+    pub async fn disconnect(&self) {
+        let _ = self.client.disconnect().await;
+    }
+}
+
+impl Publisher for MqttHandle {
+    fn publish(&self, out: Outgoing) -> MqttFuture<'_> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            {
+                let _order = self.order.lock().await;
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unnumbered
+                    .push_back(tx);
+                self.client
+                    .publish(out.topic, qos(out.qos), out.retain, out.payload)
+                    .await
+                    .map_err(|_| MqttError::Stopped)?;
+            }
+            rx.await.map_err(|_| MqttError::Stopped)
+        })
+    }
+
+    fn ack(&self, token: AckToken) -> MqttFuture<'_> {
+        Box::pin(async move {
+            match token {
+                AckToken::Mqtt {
+                    publish,
+                    connection,
+                    seq,
+                } => {
+                    let mut order = self.acks.lock().await;
+                    if order.connection != connection {
+                        if connection < self.connection.load(std::sync::atomic::Ordering::Acquire) {
+                            return Ok(());
+                        }
+                        *order = AckOrder {
+                            connection,
+                            ..AckOrder::default()
+                        };
+                    }
+                    // QoS 0 publishes take a place in the order but need no PUBACK.
+                    order
+                        .done
+                        .insert(seq, (publish.qos != QoS::AtMostOnce).then_some(publish));
+                    loop {
+                        let next = order.next;
+                        let Some(p) = order.done.remove(&next) else {
+                            break;
+                        };
+                        order.next += 1;
+                        if let Some(p) = p {
+                            self.client.ack(&p).await.map_err(|_| MqttError::Stopped)?;
+                        }
+                    }
+                    Ok(())
+                }
+                AckToken::None => Ok(()),
+            }
+        })
+    }
+}
+
+/// Connects (in the background, retrying with backoff), subscribes to
+/// `filters` at QoS 1 after every connection, and sends incoming publishes to
+/// `deliveries`. Returns the handle and the event-loop task, which ends after
+/// [`MqttHandle::disconnect`] or when `deliveries` is closed.
+pub fn connect(
+    settings: &MqttSettings,
+    broker: &str,
+    filters: Vec<String>,
+    deliveries: mpsc::Sender<Delivery>,
+) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), MqttError> {
+    let options = settings.options(broker)?;
+    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let (connected_tx, connected) = watch::channel(false);
+    let handle = MqttHandle {
+        client,
+        pending: Arc::default(),
+        order: Arc::default(),
+        connected,
+        connection: Arc::default(),
+        acks: Arc::default(),
+    };
+    let task = tokio::spawn(run_loop(
+        eventloop,
+        handle.clone(),
+        filters,
+        deliveries,
+        connected_tx,
+        settings.status_topic(),
+    ));
+    Ok((handle, task))
+}
+
+async fn run_loop(
+    mut eventloop: EventLoop,
+    handle: MqttHandle,
+    filters: Vec<String>,
+    deliveries: mpsc::Sender<Delivery>,
+    connected: watch::Sender<bool>,
+    status_topic: String,
+) {
+    // The broker's in-flight window bounds this; it only grows when the
+    // gateway falls behind, and never drops a message.
+    let mut overflow: VecDeque<Delivery> = VecDeque::new();
+    let mut backoff = Duration::from_millis(100);
+    // What rumqttc would resend after a reconnection: publishes awaiting
+    // their PUBACK, then requests still in its channel. rumqttc drops them
+    // when the broker has no session for us (say, it restarted without
+    // persistence); they are put back so every publish still completes.
+    let mut unsent: VecDeque<rumqttc::Request> = VecDeque::new();
+    let mut seq = 0u64;
+    loop {
+        let event = tokio::select! {
+            permit = deliveries.reserve(), if !overflow.is_empty() => {
+                match permit {
+                    Ok(p) => { p.send(overflow.pop_front().expect("overflow is not empty")); continue; }
+                    Err(_) => return,
+                }
+            }
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                handle
+                    .connection
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                seq = 0;
+                if !ack.session_present && !unsent.is_empty() {
+                    tracing::warn!(
+                        publishes = unsent.len(),
+                        "the broker had no session for us: sending unacknowledged publishes again"
+                    );
+                    eventloop.pending = std::mem::take(&mut unsent);
+                }
+                unsent.clear();
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the MQTT broker"
+                );
+                let _ = connected.send(true);
+                let client = handle.client.clone();
+                let (filters, status) = (filters.clone(), status_topic.clone());
+                tokio::spawn(async move {
+                    for f in filters {
+                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                            tracing::error!(filter = %f, error = %e, "subscribe failed");
+                        }
+                    }
+                    let _ = client
+                        .publish(status, QoS::AtLeastOnce, true, "online")
+                        .await;
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let message = Message {
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                    timestamp: crate::pipeline::received_now(),
+                };
+                let connection = handle.connection.load(std::sync::atomic::Ordering::Acquire);
+                let d = Delivery {
+                    message,
+                    token: AckToken::Mqtt {
+                        publish: p,
+                        connection,
+                        seq,
+                    },
+                };
+                seq += 1;
+                if !overflow.is_empty() {
+                    overflow.push_back(d);
+                } else if let Err(mpsc::error::TrySendError::Full(d)) = deliveries.try_send(d) {
+                    overflow.push_back(d);
+                } else if deliveries.is_closed() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(Out::Publish(pkid))) => {
+                let mut pending = handle.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if pkid == 0 {
+                    if let Some(tx) = pending.unnumbered.pop_front() {
+                        let _ = tx.send(());
+                    }
+                } else if !pending.by_pkid.contains_key(&pkid) {
+                    // A new publish (a retransmission keeps its registered pkid).
+                    if let Some(tx) = pending.unnumbered.pop_front() {
+                        pending.by_pkid.insert(pkid, tx);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(tx) = handle
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .by_pkid
+                    .remove(&ack.pkid)
+                {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Event::Incoming(Packet::PubComp(c))) => {
+                if let Some(tx) = handle
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .by_pkid
+                    .remove(&c.pkid)
+                {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Event::Outgoing(Out::Disconnect)) => {
+                let _ = connected.send(false);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if unsent.is_empty() {
+                    unsent = eventloop
+                        .pending
+                        .iter()
+                        .filter(|r| matches!(r, rumqttc::Request::Publish(_)))
+                        .cloned()
+                        .collect();
+                }
+                if *connected.borrow() {
+                    tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
+                } else {
+                    tracing::debug!(error = %e, ?backoff, "MQTT connection failed; retrying");
+                }
+                let _ = connected.send(false);
+                if deliveries.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// A [`Publisher`] that records what would be published, for tests.
+#[derive(Default)]
+pub struct RecordingPublisher {
+    published: Mutex<Vec<Outgoing>>,
+    acks: std::sync::atomic::AtomicUsize,
+}
+
+impl RecordingPublisher {
+    pub fn published(&self) -> Vec<Outgoing> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn acks(&self) -> usize {
+        self.acks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Publisher for RecordingPublisher {
+    fn publish(&self, out: Outgoing) -> MqttFuture<'_> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(out);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn ack(&self, _token: AckToken) -> MqttFuture<'_> {
+        self.acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}

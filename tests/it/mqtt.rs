@@ -1,0 +1,293 @@
+//! Rules over MQTT, through the real gateway, against a real mosquitto broker
+//! and the embedded one: telemetry in, actions out, dead letters with their
+//! reasons, and no message lost across a broker restart.
+
+use ganglion::llm::{FakeLlm, LlmInput};
+use ganglion_tests::*;
+use serde_json::Value as Json;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const TELEMETRY_RULE: &str = r#"
+topics = ["t/+/telemetry"]
+max_payload_bytes = 2048
+[[preprocess]]
+plugin = "clean-readings"
+config = { device_from_topic = 1 }
+[postprocess]
+plugin = "threshold-alert"
+config = { thresholds = [{ metric = "temperature", above = 50.0, level = "critical" }] }
+"#;
+
+const LLM_RULE: &str = r#"
+topics = ["home/+/say"]
+format = "raw"
+[[preprocess]]
+plugin = "clean-readings"
+config = { device_from_topic = 1 }
+[prompt]
+plugin = "prompt-template"
+config = { system = "Turn requests into device commands.", user = "{% for r in readings %}{{ r.value }}{% endfor %}" }
+[postprocess]
+plugin = "json-actions"
+[allow]
+commands = [{ device = "{device}", name = "fan", values = ["on", "off"] }]
+"#;
+
+const TRAP_RULE: &str = r#"
+topics = ["fixture/trap"]
+format = "raw"
+[[preprocess]]
+plugin = "misbehave"
+config = { mode = "trap" }
+[postprocess]
+plugin = "threshold-alert"
+config = { thresholds = [{ metric = "bytes", above = 0.0 }] }
+"#;
+
+fn rules(rules: &[(&str, &str)]) -> PathBuf {
+    let dir = scratch("rules");
+    for (name, text) in rules {
+        std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
+    }
+    dir
+}
+
+/// The model answers a fan command, or a command outside the allow-list when
+/// asked about the door.
+fn fake_model() -> Arc<FakeLlm> {
+    FakeLlm::new(|req| {
+        let LlmInput::Chat(m) = &req.input else {
+            return Ok(String::new());
+        };
+        let user = &m.last().unwrap().content;
+        Ok(if user.contains("door") {
+            r#"{"type":"command","command":"unlock"}"#.into()
+        } else {
+            r#"{"type":"command","command":"fan","value":"on"}"#.into()
+        })
+    })
+}
+
+async fn telemetry_to_actions_and_dead_letters(url: &str) {
+    let dir = rules(&[
+        ("hot", TELEMETRY_RULE),
+        ("voice", LLM_RULE),
+        ("trap", TRAP_RULE),
+    ]);
+    let gw = RunningGateway::start(url, &format!("gw-{}", free_port()), &dir, fake_model()).await;
+    assert!(gw.problems.is_empty(), "{:?}", gw.problems);
+    let watcher =
+        TestClient::connect(url, &format!("watch-{}", free_port()), &["ganglion/#"]).await;
+    let sensor = TestClient::connect(url, &format!("sensor-{}", free_port()), &[]).await;
+
+    sensor
+        .publish("t/m1/telemetry", r#"{"metric":"temperature","value":20}"#)
+        .await;
+    sensor
+        .publish("t/m1/telemetry", r#"{"metric":"temperature","value":75.5}"#)
+        .await;
+    sensor
+        .publish(
+            "t/m2/telemetry",
+            "{\"metric\": \"temperature\", \"value\": 7",
+        )
+        .await;
+    sensor
+        .publish("t/m3/telemetry", vec![0xff, 0x00, 0x9c, 0x12])
+        .await;
+    sensor
+        .publish(
+            "t/m4/telemetry",
+            format!(
+                r#"{{"metric":"temperature","value":99,"pad":"{}"}}"#,
+                "x".repeat(4096)
+            ),
+        )
+        .await;
+    sensor.publish("fixture/trap", "boom").await;
+    sensor
+        .publish(
+            "home/kitchen/say",
+            r#"{"metric":"speech","value":"it is too warm"}"#,
+        )
+        .await;
+    sensor
+        .publish(
+            "home/hall/say",
+            r#"{"metric":"speech","value":"open the door"}"#,
+        )
+        .await;
+    sensor
+        .publish("t/m5/telemetry", r#"{"metric":"temperature","value":60}"#)
+        .await;
+
+    let done = watcher
+        .wait_until(20, |w| {
+            w.on("ganglion/alert/hot/+").len() >= 2
+                && w.on("ganglion/dead-letter/+").len() >= 5
+                && !w.on("ganglion/command/#").is_empty()
+        })
+        .await;
+    let alerts = watcher.on("ganglion/alert/hot/+");
+    let dead: Vec<Json> = [
+        watcher.on("ganglion/dead-letter/hot"),
+        watcher.on("ganglion/dead-letter/voice"),
+        watcher.on("ganglion/dead-letter/trap"),
+    ]
+    .concat();
+    assert!(
+        done,
+        "alerts {alerts:?}\ndead letters {dead:?}\nall {:?}",
+        watcher.received().len()
+    );
+
+    let mut devices: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["device"].as_str().unwrap())
+        .collect();
+    devices.sort();
+    let processed = gw.count("hot", |s| &s.messages);
+    let published = gw.count("hot", |s| &s.published);
+    assert_eq!(
+        devices,
+        vec!["m1", "m5"],
+        "good traffic flows around the bad (hot: {processed} messages, {published} published; {:?})",
+        watcher
+            .received()
+            .iter()
+            .map(|(t, _)| t.clone())
+            .collect::<Vec<_>>()
+    );
+    let commands = watcher.on("ganglion/command/#");
+    assert_eq!(commands.len(), 1);
+    assert_eq!(
+        (
+            commands[0]["device"].as_str(),
+            commands[0]["command"].as_str(),
+            commands[0]["value"].as_str()
+        ),
+        (Some("kitchen"), Some("fan"), Some("on"))
+    );
+
+    let find = |kind: &str| {
+        dead.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no `{kind}` dead letter in {dead:?}"))
+    };
+    let bad_json = find("bad-payload");
+    assert_eq!(bad_json["stage"], "intake");
+    assert!(
+        dead.iter().filter(|d| d["kind"] == "bad-payload").count() >= 2,
+        "malformed JSON and binary garbage: {dead:?}"
+    );
+    let oversized = find("oversized-payload");
+    assert_eq!(oversized["topic"], "t/m4/telemetry");
+    let trap = find("trap");
+    assert_eq!(
+        (trap["stage"].as_str(), trap["plugin"].as_str()),
+        (Some("preprocess"), Some("misbehave"))
+    );
+    assert_eq!(trap["version"].as_str().map(str::len), Some(12));
+    use base64::Engine as _;
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(trap["payload_base64"].as_str().unwrap())
+            .unwrap(),
+        b"boom"
+    );
+    let refused = find("refused-action");
+    assert_eq!(
+        (refused["stage"].as_str(), refused["rule"].as_str()),
+        (Some("allow-list"), Some("voice"))
+    );
+    assert!(
+        refused["reason"].as_str().unwrap().contains("unlock"),
+        "{refused}"
+    );
+
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mosquitto() {
+    let broker = Mosquitto::start("mosquitto-e2e");
+    telemetry_to_actions_and_dead_letters(&broker.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_embedded_broker() {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    ganglion::broker::start_embedded(addr).unwrap();
+    telemetry_to_actions_and_dead_letters(&format!("mqtt://{addr}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_loses_nothing() {
+    const N: u64 = 5_000;
+    let mut broker = Mosquitto::start("mosquitto-restart");
+    let url = broker.url();
+    let dir = rules(&[("hot", TELEMETRY_RULE)]);
+    let gw = RunningGateway::start(&url, "gw-restart", &dir, fake_model()).await;
+    let watcher = TestClient::connect(&url, "watch-restart", &["ganglion/alert/#"]).await;
+    let sensor = TestClient::connect(&url, "sensor-restart", &[]).await;
+
+    // Every reading is above the bound, so every message has exactly one
+    // alert; the value names the message.
+    let publisher = tokio::spawn({
+        let client = sensor.client.clone();
+        async move {
+            for i in 0..N {
+                let payload = format!(r#"{{"metric":"temperature","value":{}}}"#, 100 + i);
+                client
+                    .publish(
+                        format!("t/d{}/telemetry", i % 50),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    assert!(
+        watcher
+            .wait_until(60, |w| w.received().len() >= 1_000)
+            .await,
+        "stream under way"
+    );
+    broker.restart();
+    publisher.await.unwrap();
+
+    let seen = |w: &TestClient| {
+        let mut ids: Vec<u64> = w
+            .on("ganglion/alert/#")
+            .iter()
+            .filter_map(|a| {
+                a["text"]
+                    .as_str()?
+                    .split("temperature ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|v| v - 100)
+            .collect();
+        let total = ids.len();
+        ids.sort();
+        ids.dedup();
+        (ids.len() as u64, total as u64 - ids.len() as u64)
+    };
+    let complete = watcher.wait_until(120, |w| seen(w).0 >= N).await;
+    let (unique, duplicates) = seen(&watcher);
+    assert!(
+        complete,
+        "{unique} of {N} messages had their alert ({duplicates} duplicates)"
+    );
+    assert_eq!(unique, N, "0 lost");
+    eprintln!("broker restart: {N} messages, {duplicates} duplicate outcomes");
+    gw.stop().await;
+}
