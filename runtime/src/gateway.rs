@@ -122,16 +122,28 @@ impl Gateway {
                     events.clone(),
                 );
                 workers.push(tokio::spawn(async move {
+                    // Messages of this lane whose outputs are queued but not yet
+                    // acknowledged by the broker: processing goes on meanwhile
+                    // (outputs stay in order, they are queued in order).
+                    let unconfirmed = Arc::new(tokio::sync::Semaphore::new(UNCONFIRMED_PER_LANE));
                     while let Some(job) = rx.recv().await {
                         stats.messages.fetch_add(1, Ordering::Relaxed);
                         let outcome = pipeline.process(&job.message).await;
-                        deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
-                        if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-                            && let Err(e) = publisher.ack(job.pending.token.clone()).await
-                        {
-                            tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
-                        }
+                        let confirms = deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
+                        let permit = unconfirmed.clone().acquire_owned().await.expect("never closed");
+                        let (publisher, stats) = (publisher.clone(), stats.clone());
+                        tokio::spawn(async move {
+                            confirm(confirms, &stats).await;
+                            if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+                                && let Err(e) = publisher.ack(job.pending.token.clone()).await
+                            {
+                                tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
+                            }
+                            drop(permit);
+                        });
                     }
+                    // Wait for every confirmation of this lane before reporting done.
+                    let _all = unconfirmed.acquire_many(UNCONFIRMED_PER_LANE as u32).await;
                 }));
             }
             if let Some(secs) = pipeline.window_seconds() {
@@ -152,7 +164,9 @@ impl Gateway {
                             _ = stop.changed() => return,
                         }
                         let outcome = pipeline.flush_expired(false).await;
-                        deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
+                        let confirms =
+                            deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
+                        confirm(confirms, &stats).await;
                     }
                 }));
             }
@@ -291,19 +305,25 @@ impl RulePipeline {
     }
 }
 
-/// Publishes an outcome: outputs first, then dead letters, each waiting for
-/// the broker's acknowledgement.
+/// Messages per lane whose outputs may await the broker's acknowledgement at once.
+const UNCONFIRMED_PER_LANE: usize = 256;
+
+/// A queued publish: its confirmation, and whether it is a dead letter.
+type Queued = (crate::mqtt::Confirm, bool);
+
+/// Queues an outcome's publishes, outputs first, then dead letters.
 async fn deliver(
     pipeline: &RulePipeline,
     outcome: Outcome,
     publisher: &dyn Publisher,
     stats: &RuleStats,
     events: &broadcast::Sender<GatewayEvent>,
-) {
+) -> Vec<Queued> {
     let rule = &pipeline.rule;
     stats
         .readings
         .fetch_add(outcome.readings as u64, Ordering::Relaxed);
+    let mut queued = Vec::with_capacity(outcome.publish.len() + outcome.dead_letters.len() + 1);
     if events.receiver_count() > 0 {
         for text in &outcome.prompts {
             let _ = events.send(GatewayEvent::Prompt {
@@ -327,8 +347,9 @@ async fn deliver(
                 payload,
             });
         }
-        if publisher.publish(out).await.is_ok() {
-            stats.published.fetch_add(1, Ordering::Relaxed);
+        match publisher.publish(out).await {
+            Ok(c) => queued.push((c, false)),
+            Err(e) => tracing::error!(rule = %rule.name, error = %e, "publish not queued"),
         }
     }
     for dl in outcome.dead_letters {
@@ -347,9 +368,22 @@ async fn deliver(
             qos: Qos::AtLeastOnce,
             retain: false,
         };
-        if publisher.publish(out).await.is_ok() {
-            stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        match publisher.publish(out).await {
+            Ok(c) => queued.push((c, true)),
+            Err(e) => tracing::error!(rule = %rule.name, error = %e, "dead letter not queued"),
         }
+    }
+    queued
+}
+
+/// Waits for the broker to acknowledge queued publishes, counting them.
+async fn confirm(queued: Vec<Queued>, stats: &RuleStats) {
+    for (c, dead_letter) in queued {
+        match c.await {
+            Ok(()) if dead_letter => stats.dead_letters.fetch_add(1, Ordering::Relaxed),
+            Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
+            Err(_) => 0,
+        };
     }
 }
 

@@ -33,6 +33,12 @@ pub enum MqttError {
 
 pub type MqttFuture<'a> = Pin<Box<dyn Future<Output = Result<(), MqttError>> + Send + 'a>>;
 
+/// Completes when the broker acknowledged a queued publish.
+pub type Confirm = Pin<Box<dyn Future<Output = Result<(), MqttError>> + Send + 'static>>;
+
+/// Completes when a publish is queued, with its [`Confirm`].
+pub type QueueFuture<'a> = Pin<Box<dyn Future<Output = Result<Confirm, MqttError>> + Send + 'a>>;
+
 /// What acknowledging a delivery needs.
 #[derive(Debug, Clone)]
 pub enum AckToken {
@@ -60,9 +66,11 @@ pub struct Delivery {
 /// Publishing and acknowledging, behind a trait so that pipelines can be
 /// tested without a broker ([`RecordingPublisher`]).
 pub trait Publisher: Send + Sync + 'static {
-    /// Completes when the broker acknowledged the publish (QoS ≥ 1) or it was
-    /// written (QoS 0). While disconnected it waits for the reconnection.
-    fn publish(&self, out: Outgoing) -> MqttFuture<'_>;
+    /// Queues a publish behind every publish queued before it, and returns
+    /// what completes when the broker acknowledged it (QoS ≥ 1) or it was
+    /// written (QoS 0). While disconnected the confirmation waits for the
+    /// reconnection.
+    fn publish(&self, out: Outgoing) -> QueueFuture<'_>;
     fn ack(&self, token: AckToken) -> MqttFuture<'_>;
 }
 
@@ -162,6 +170,15 @@ impl MqttSettings {
     }
 }
 
+/// TCP without Nagle's algorithm: MQTT packets are small and each publish
+/// waits for its PUBACK, so Nagle plus delayed ACKs would add ~40 ms per
+/// round trip (measured: 84 msg/s instead of thousands).
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 /// Publishes waiting for their packet id (in request order), and those
 /// waiting for their PUBACK (by packet id).
 #[derive(Default)]
@@ -220,7 +237,7 @@ impl MqttHandle {
 }
 
 impl Publisher for MqttHandle {
-    fn publish(&self, out: Outgoing) -> MqttFuture<'_> {
+    fn publish(&self, out: Outgoing) -> QueueFuture<'_> {
         Box::pin(async move {
             let (tx, rx) = oneshot::channel();
             {
@@ -235,7 +252,9 @@ impl Publisher for MqttHandle {
                     .await
                     .map_err(|_| MqttError::Stopped)?;
             }
-            rx.await.map_err(|_| MqttError::Stopped)
+            let confirm: Confirm =
+                Box::pin(async move { rx.await.map_err(|_| MqttError::Stopped) });
+            Ok(confirm)
         })
     }
 
@@ -290,7 +309,8 @@ pub fn connect(
     deliveries: mpsc::Sender<Delivery>,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), MqttError> {
     let options = settings.options(broker)?;
-    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    eventloop.set_network_options(network_options());
     let (connected_tx, connected) = watch::channel(false);
     let handle = MqttHandle {
         client,
@@ -359,17 +379,29 @@ async fn run_loop(
                     "connected to the MQTT broker"
                 );
                 let _ = connected.send(true);
-                let client = handle.client.clone();
+                let publisher = handle.clone();
                 let (filters, status) = (filters.clone(), status_topic.clone());
                 tokio::spawn(async move {
                     for f in filters {
-                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                        if let Err(e) = publisher
+                            .client
+                            .subscribe(f.clone(), QoS::AtLeastOnce)
+                            .await
+                        {
                             tracing::error!(filter = %f, error = %e, "subscribe failed");
                         }
                     }
-                    let _ = client
-                        .publish(status, QoS::AtLeastOnce, true, "online")
-                        .await;
+                    // Through `publish`, like every QoS 1 publish, so that its
+                    // packet id is matched to its PUBACK in order.
+                    let online = Outgoing {
+                        topic: status,
+                        payload: b"online".to_vec(),
+                        qos: Qos::AtLeastOnce,
+                        retain: true,
+                    };
+                    if let Ok(confirm) = publisher.publish(online).await {
+                        let _ = confirm.await;
+                    }
                 });
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -482,12 +514,15 @@ impl RecordingPublisher {
 }
 
 impl Publisher for RecordingPublisher {
-    fn publish(&self, out: Outgoing) -> MqttFuture<'_> {
+    fn publish(&self, out: Outgoing) -> QueueFuture<'_> {
         self.published
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(out);
-        Box::pin(async { Ok(()) })
+        Box::pin(async {
+            let confirm: Confirm = Box::pin(async { Ok(()) });
+            Ok(confirm)
+        })
     }
 
     fn ack(&self, _token: AckToken) -> MqttFuture<'_> {

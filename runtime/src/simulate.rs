@@ -133,6 +133,7 @@ pub async fn run(
         .set_inflight(100)
         .set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 256);
+    eventloop.set_network_options(crate::mqtt::network_options());
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let acked2 = acked.clone();
     let poller = tokio::spawn(async move {

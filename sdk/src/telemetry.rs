@@ -12,7 +12,9 @@
 
 use crate::batch::BatchBuilder;
 use crate::{Message, PluginError, ReadingBatch, Value};
-use serde_json::{Map, Value as Json};
+use serde::de::{self, Deserialize, Deserializer, Visitor};
+use std::borrow::Cow;
+use std::fmt;
 
 /// Defaults for fields a payload leaves out.
 #[derive(Debug, Clone)]
@@ -38,53 +40,386 @@ impl<'a> ParseOptions<'a> {
     }
 }
 
-const DEVICE_KEYS: [&str; 2] = ["device", "id"];
-const METRIC_KEYS: [&str; 2] = ["metric", "name"];
-const TIME_KEYS: [&str; 3] = ["ts", "timestamp", "time"];
-const RESERVED: [&str; 10] = [
-    "device",
-    "id",
-    "metric",
-    "name",
-    "ts",
-    "timestamp",
-    "time",
-    "unit",
-    "units",
-    "readings",
-];
-
 /// Parses a JSON telemetry payload into readings.
+///
+/// Streams the document into the batch: strings without escapes are
+/// borrowed from the payload and no JSON tree is built, since parsing is most
+/// of a preprocessor's work per message.
 pub fn parse_json(payload: &[u8], options: &ParseOptions<'_>) -> Result<ReadingBatch, PluginError> {
-    let json: Json = serde_json::from_slice(payload)
-        .map_err(|e| PluginError::BadPayload(format!("invalid JSON: {e}")))?;
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let doc = Doc::deserialize(&mut de).and_then(|d| de.end().map(|()| d));
+    let doc = match doc {
+        Ok(d) => d,
+        Err(e) if e.is_data() => return Err(PluginError::BadPayload(e.to_string())),
+        Err(e) => return Err(PluginError::BadPayload(format!("invalid JSON: {e}"))),
+    };
     let mut out = BatchBuilder::with_capacity(8);
-    match &json {
-        Json::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                let obj = item.as_object().ok_or_else(|| {
-                    PluginError::BadPayload(format!("item {i} of the array is not an object"))
-                })?;
-                parse_object(obj, options, &mut out)?;
+    match doc {
+        Doc::One(obj) => emit(obj, options, &mut out)?,
+        Doc::Many(items) => {
+            for obj in items {
+                emit(obj, options, &mut out)?;
             }
-        }
-        Json::Object(obj) => parse_object(obj, options, &mut out)?,
-        other => {
-            return Err(PluginError::BadPayload(format!(
-                "expected a JSON object or array, found {}",
-                kind(other)
-            )));
         }
     }
     Ok(out.finish())
 }
 
-fn parse_object(
-    obj: &Map<String, Json>,
+/// Text borrowed from the payload when it has no escapes.
+#[derive(Debug, Clone)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("text")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Any JSON value, reduced to what a reading can hold.
+#[derive(Debug, Clone)]
+enum Scalar<'a> {
+    Null,
+    Number(f64),
+    Bool(bool),
+    Text(Cow<'a, str>),
+    /// An array or object: not a reading value.
+    Nested(&'static str),
+}
+
+impl Scalar<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Null => "null",
+            Scalar::Number(_) => "a number",
+            Scalar::Bool(_) => "a boolean",
+            Scalar::Text(_) => "text",
+            Scalar::Nested(k) => k,
+        }
+    }
+
+    fn value(self) -> Option<Value> {
+        match self {
+            Scalar::Number(n) => Some(Value::Number(n)),
+            Scalar::Bool(b) => Some(Value::Boolean(b)),
+            Scalar::Text(t) => Some(Value::Text(t.into_owned())),
+            Scalar::Null | Scalar::Nested(_) => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Number(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Number(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Number(v))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar<'de>, A::Error> {
+                while a.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Nested("an array"))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<Scalar<'de>, A::Error> {
+                while a.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Nested("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One telemetry object, fields kept until the object ends (the device and
+/// time may come after the values they apply to).
+#[derive(Debug, Default)]
+struct Object<'a> {
+    device: Option<Scalar<'a>>,
+    metric: Option<Scalar<'a>>,
+    time: Option<(&'static str, Scalar<'a>)>,
+    unit: Option<Scalar<'a>>,
+    value: Option<Scalar<'a>>,
+    has_value: bool,
+    units: Vec<(Text<'a>, Scalar<'a>)>,
+    readings: Option<Result<Vec<Object<'a>>, String>>,
+    fields: Vec<(Text<'a>, Scalar<'a>)>,
+}
+
+impl<'de> Deserialize<'de> for Object<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Object<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a telemetry object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<Object<'de>, A::Error> {
+                let mut o = Object::default();
+                while let Some(key) = a.next_key::<Text<'de>>()? {
+                    match key.0.as_ref() {
+                        "device" | "id" => set_first(&mut o.device, a.next_value()?),
+                        "metric" | "name" => set_first(&mut o.metric, a.next_value()?),
+                        k @ ("ts" | "timestamp" | "time") => {
+                            let v: Scalar = a.next_value()?;
+                            if o.time.is_none() && !matches!(v, Scalar::Null) {
+                                o.time = Some((time_key(k), v));
+                            }
+                        }
+                        "unit" => o.unit = Some(a.next_value()?),
+                        "value" => {
+                            o.has_value = true;
+                            o.value = Some(a.next_value()?);
+                        }
+                        "units" => o.units = a.next_value::<Units>()?.0,
+                        "readings" => o.readings = Some(a.next_value::<Readings>()?.0),
+                        _ => o.fields.push((key, a.next_value()?)),
+                    }
+                }
+                Ok(o)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn set_first<'a>(slot: &mut Option<Scalar<'a>>, v: Scalar<'a>) {
+    if slot.as_ref().is_none_or(|s| matches!(s, Scalar::Null)) {
+        *slot = Some(v);
+    }
+}
+
+fn time_key(k: &str) -> &'static str {
+    match k {
+        "ts" => "ts",
+        "timestamp" => "timestamp",
+        _ => "time",
+    }
+}
+
+struct Units<'a>(Vec<(Text<'a>, Scalar<'a>)>);
+
+impl<'de> Deserialize<'de> for Units<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Units<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of units")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<Units<'de>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(entry) = a.next_entry()? {
+                    v.push(entry);
+                }
+                Ok(Units(v))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Units<'de>, E> {
+                Ok(Units(Vec::new()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct Readings<'a>(Result<Vec<Object<'a>>, String>);
+
+impl<'de> Deserialize<'de> for Readings<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Readings<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of readings")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Readings<'de>, A::Error> {
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(8));
+                while let Some(item) = a.next_element::<Item>()? {
+                    match item {
+                        Item::Object(o) => v.push(o),
+                        Item::Other(kind) => {
+                            let i = v.len();
+                            while a.next_element::<de::IgnoredAny>()?.is_some() {}
+                            return Ok(Readings(Err(format!(
+                                "readings[{i}] is {kind}, not an object"
+                            ))));
+                        }
+                    }
+                }
+                Ok(Readings(Ok(v)))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<Readings<'de>, A::Error> {
+                while a.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+                Ok(Readings(Err("`readings` is not an array".into())))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An array element: a telemetry object, or anything else (an error).
+enum Item<'a> {
+    Object(Object<'a>),
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Item<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Item<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, a: A) -> Result<Item<'de>, A::Error> {
+                Object::deserialize(de::value::MapAccessDeserializer::new(a)).map(Item::Object)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Item<'de>, A::Error> {
+                while a.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Item::Other("an array"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Item<'de>, E> {
+                Ok(Item::Other("null"))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Item<'de>, E> {
+                Ok(Item::Other("a boolean"))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item<'de>, E> {
+                Ok(Item::Other("a number"))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item<'de>, E> {
+                Ok(Item::Other("a number"))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Item<'de>, E> {
+                Ok(Item::Other("a number"))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Item<'de>, E> {
+                Ok(Item::Other("text"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The whole payload: one object, or an array of them.
+enum Doc<'a> {
+    One(Object<'a>),
+    Many(Vec<Object<'a>>),
+}
+
+impl<'de> Deserialize<'de> for Doc<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Doc<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object or array")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, a: A) -> Result<Doc<'de>, A::Error> {
+                Object::deserialize(de::value::MapAccessDeserializer::new(a)).map(Doc::One)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Doc<'de>, A::Error> {
+                let mut v = Vec::new();
+                let mut i = 0;
+                while let Some(item) = a.next_element::<Item>()? {
+                    match item {
+                        Item::Object(o) => v.push(o),
+                        Item::Other(kind) => {
+                            return Err(de::Error::custom(format!(
+                                "item {i} of the array is {kind}, not an object"
+                            )));
+                        }
+                    }
+                    i += 1;
+                }
+                Ok(Doc::Many(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn text_field<'a, 'b>(
+    slot: &'b Option<Scalar<'a>>,
+    key: &str,
+) -> Result<Option<&'b str>, PluginError> {
+    match slot {
+        None | Some(Scalar::Null) => Ok(None),
+        Some(Scalar::Text(t)) => Ok(Some(t.as_ref())),
+        Some(other) => Err(PluginError::BadPayload(format!(
+            "`{key}` should be a string, found {}",
+            other.kind()
+        ))),
+    }
+}
+
+fn time_of(o: &Object<'_>) -> Result<Option<i64>, PluginError> {
+    let Some((key, v)) = &o.time else {
+        return Ok(None);
+    };
+    match v {
+        Scalar::Number(t) => {
+            if !t.is_finite() {
+                return Err(PluginError::BadPayload(format!(
+                    "`{key}` is not a finite number"
+                )));
+            }
+            Ok(Some(if t.abs() < 1e11 {
+                (t * 1000.0) as i64
+            } else {
+                *t as i64
+            }))
+        }
+        Scalar::Text(s) => parse_time(s)
+            .map(Some)
+            .ok_or_else(|| PluginError::BadPayload(format!("`{key}`: cannot read time {s:?}"))),
+        other => Err(PluginError::BadPayload(format!(
+            "`{key}` should be a number or text, found {}",
+            other.kind()
+        ))),
+    }
+}
+
+fn emit(
+    o: Object<'_>,
     options: &ParseOptions<'_>,
     out: &mut BatchBuilder,
 ) -> Result<(), PluginError> {
-    let device = match str_field(obj, &DEVICE_KEYS)? {
+    let device = match text_field(&o.device, "device")? {
         Some(d) => d,
         None => options.default_device.ok_or_else(|| {
             PluginError::BadPayload(
@@ -92,23 +427,13 @@ fn parse_object(
             )
         })?,
     };
-    let ts = match time_field(obj)? {
-        Some(t) => t,
-        None => options.default_timestamp,
-    };
-    if let Some(readings) = obj.get("readings") {
+    let ts = time_of(&o)?.unwrap_or(options.default_timestamp);
+    if let Some(readings) = &o.readings {
         let list = readings
-            .as_array()
-            .ok_or_else(|| PluginError::BadPayload("`readings` is not an array".into()))?;
+            .as_ref()
+            .map_err(|m| PluginError::BadPayload(m.clone()))?;
         for (i, r) in list.iter().enumerate() {
-            let r = r.as_object().ok_or_else(|| {
-                PluginError::BadPayload(format!("readings[{i}] is not an object"))
-            })?;
-            let nested = ParseOptions {
-                default_device: Some(device),
-                default_timestamp: ts,
-            };
-            single(r, &nested, out).map_err(|e| match e {
+            single(r, device, ts, out).map_err(|e| match e {
                 PluginError::BadPayload(m) => {
                     PluginError::BadPayload(format!("readings[{i}]: {m}"))
                 }
@@ -117,123 +442,50 @@ fn parse_object(
         }
         return Ok(());
     }
-    if obj.contains_key("value") || obj.contains_key("metric") {
-        let nested = ParseOptions {
-            default_device: Some(device),
-            default_timestamp: ts,
-        };
-        return single(obj, &nested, out);
+    if o.has_value || o.metric.is_some() {
+        return single(&o, device, ts, out);
     }
-    let units = obj.get("units").and_then(Json::as_object);
-    for (key, v) in obj {
-        if RESERVED.contains(&key.as_str()) {
-            continue;
-        }
-        let Some(value) = to_value(v) else { continue };
-        let unit = units
-            .and_then(|u| u.get(key))
-            .and_then(Json::as_str)
-            .unwrap_or("");
-        out.push(device, key, value, unit, ts);
+    for (key, v) in o.fields {
+        let Some(value) = v.value() else { continue };
+        let unit = o
+            .units
+            .iter()
+            .find(|(k, _)| k.0 == key.0)
+            .and_then(|(_, u)| {
+                if let Scalar::Text(t) = u {
+                    Some(t.as_ref())
+                } else {
+                    None
+                }
+            });
+        out.push(device, &key.0, value, unit.unwrap_or(""), ts);
     }
     Ok(())
 }
 
 fn single(
-    obj: &Map<String, Json>,
-    options: &ParseOptions<'_>,
+    o: &Object<'_>,
+    device: &str,
+    ts: i64,
     out: &mut BatchBuilder,
 ) -> Result<(), PluginError> {
-    let device = str_field(obj, &DEVICE_KEYS)?
-        .or(options.default_device)
-        .unwrap_or_default();
-    let metric = str_field(obj, &METRIC_KEYS)?
+    let device = text_field(&o.device, "device")?.unwrap_or(device);
+    let metric = text_field(&o.metric, "metric")?
         .ok_or_else(|| PluginError::BadPayload("reading has no `metric`".into()))?;
-    let ts = time_field(obj)?.unwrap_or(options.default_timestamp);
-    let unit = str_field(obj, &["unit"])?.unwrap_or("");
-    let raw = obj
-        .get("value")
+    let ts = time_of(o)?.unwrap_or(ts);
+    let unit = text_field(&o.unit, "unit")?.unwrap_or("");
+    let raw = o
+        .value
+        .as_ref()
         .ok_or_else(|| PluginError::BadPayload(format!("reading `{metric}` has no `value`")))?;
-    if raw.is_null() {
+    if matches!(raw, Scalar::Null) {
         return Ok(());
     }
-    let value = to_value(raw).ok_or_else(|| {
-        PluginError::BadPayload(format!("reading `{metric}`: value is {}", kind(raw)))
+    let value = raw.clone().value().ok_or_else(|| {
+        PluginError::BadPayload(format!("reading `{metric}`: value is {}", raw.kind()))
     })?;
     out.push(device, metric, value, unit, ts);
     Ok(())
-}
-
-fn to_value(v: &Json) -> Option<Value> {
-    match v {
-        Json::Number(n) => n.as_f64().map(Value::Number),
-        Json::Bool(b) => Some(Value::Boolean(*b)),
-        Json::String(s) => Some(Value::Text(s.clone())),
-        _ => None,
-    }
-}
-
-fn str_field<'a>(
-    obj: &'a Map<String, Json>,
-    keys: &[&str],
-) -> Result<Option<&'a str>, PluginError> {
-    for key in keys {
-        match obj.get(*key) {
-            None | Some(Json::Null) => continue,
-            Some(Json::String(s)) => return Ok(Some(s)),
-            Some(other) => {
-                return Err(PluginError::BadPayload(format!(
-                    "`{key}` should be a string, found {}",
-                    kind(other)
-                )));
-            }
-        }
-    }
-    Ok(None)
-}
-
-fn time_field(obj: &Map<String, Json>) -> Result<Option<i64>, PluginError> {
-    for key in TIME_KEYS {
-        match obj.get(key) {
-            None | Some(Json::Null) => continue,
-            Some(Json::Number(n)) => {
-                let t = n.as_f64().unwrap_or(f64::NAN);
-                if !t.is_finite() {
-                    return Err(PluginError::BadPayload(format!(
-                        "`{key}` is not a finite number"
-                    )));
-                }
-                return Ok(Some(if t.abs() < 1e11 {
-                    (t * 1000.0) as i64
-                } else {
-                    t as i64
-                }));
-            }
-            Some(Json::String(s)) => {
-                return parse_time(s).map(Some).ok_or_else(|| {
-                    PluginError::BadPayload(format!("`{key}`: cannot read time {s:?}"))
-                });
-            }
-            Some(other) => {
-                return Err(PluginError::BadPayload(format!(
-                    "`{key}` should be a number or text, found {}",
-                    kind(other)
-                )));
-            }
-        }
-    }
-    Ok(None)
-}
-
-fn kind(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "text",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
 }
 
 /// Milliseconds since the Unix epoch for `YYYY-MM-DD[T ]HH:MM[:SS[.fff]][Z|±HH:MM]`
@@ -353,6 +605,30 @@ mod tests {
         assert_eq!(flat.len(), 2);
         let t = flat.iter().find(|r| r.metric == "temperature").unwrap();
         assert_eq!((t.unit, t.timestamp), ("F", 7));
+    }
+
+    #[test]
+    fn fields_apply_in_any_order_and_escapes_are_kept() {
+        let b = parse_json(
+            br#"{"readings":[{"metric":"a","value":1}],"device":"late","ts":5000000000000}"#,
+            &opts(),
+        )
+        .unwrap();
+        let r = b.get(0).unwrap();
+        assert_eq!((r.device, r.timestamp), ("late", 5_000_000_000_000));
+        let b = parse_json(
+            br#"{"value":"a\nb","metric":"m\u00e9","device":"d\"1"}"#,
+            &opts(),
+        )
+        .unwrap();
+        let r = b.get(0).unwrap();
+        assert_eq!(
+            (r.device, r.metric, r.value),
+            ("d\"1", "m\u{e9}", &Value::Text("a\nb".into()))
+        );
+        let flat = parse_json(br#"{"temperature":20,"nested":{"x":1},"list":[1],"units":{"temperature":"C"},"device":"d"}"#, &opts()).unwrap();
+        assert_eq!(flat.len(), 1, "objects and arrays are not readings");
+        assert_eq!(flat.get(0).unwrap().unit, "C");
     }
 
     #[test]

@@ -291,3 +291,39 @@ async fn broker_restart_loses_nothing() {
     eprintln!("broker restart: {N} messages, {duplicates} duplicate outcomes");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stress; run by hand"]
+async fn stress_many_topics() {
+    const N: u64 = 20_000;
+    let broker = Mosquitto::start("mosquitto-stress");
+    let url = broker.url();
+    let dir = rules(&[("hot", TELEMETRY_RULE)]);
+    let gw = RunningGateway::start(&url, "gw-stress", &dir, fake_model()).await;
+    let watcher = TestClient::connect(&url, "watch-stress", &["ganglion/alert/#"]).await;
+    let sensor = TestClient::connect(&url, "sensor-stress", &[]).await;
+    for i in 0..N {
+        let payload = format!(r#"{{"metric":"temperature","value":{}}}"#, 100 + i);
+        sensor
+            .client
+            .publish(
+                format!("t/d{}/telemetry", i % 16),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+    let ok = watcher
+        .wait_until(60, |w| w.received().len() as u64 >= N)
+        .await;
+    assert!(
+        ok,
+        "{} of {N}; gateway processed {} published {}",
+        watcher.received().len(),
+        gw.count("hot", |s| &s.messages),
+        gw.count("hot", |s| &s.published)
+    );
+    gw.stop().await;
+}

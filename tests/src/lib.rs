@@ -195,6 +195,7 @@ impl TestClient {
             .set_inflight(100)
             .set_keep_alive(std::time::Duration::from_secs(30));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 1024);
+        eventloop.set_network_options(ganglion::mqtt::network_options());
         let received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
         let acked: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let (r, a, c) = (received.clone(), acked.clone(), client.clone());

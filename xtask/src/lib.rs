@@ -66,6 +66,39 @@ pub fn ensure_wasm_target() -> Result<()> {
     }
 }
 
+/// The MQTT tests run a real mosquitto: install Debian's package when it is
+/// missing and this runs as root with apt-get; otherwise say what to install.
+pub fn ensure_mosquitto() -> Result<()> {
+    if ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+    {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    if !root || !Path::new("/usr/bin/apt-get").exists() {
+        bail!("the MQTT tests need mosquitto: install it (Debian: apt-get install -y mosquitto)");
+    }
+    for args in [
+        &["update", "-qq"][..],
+        &["install", "-y", "-qq", "mosquitto"][..],
+    ] {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed", args.join(" "));
+        }
+    }
+    Ok(())
+}
+
 /// Builds every plugin and fixture for wasm32-wasip2 (release) and copies the
 /// components into [`plugins_dir`] and [`fixtures_dir`]. Uses its own target
 /// directory so it can run while an outer cargo holds the main one.

@@ -3,7 +3,8 @@
 //! - `plugins`: build the example plugins and fixtures into target/plugins and target/fixtures.
 //! - `test`: plugins, then every test suite (workspace, SDK, plugins' own unit tests).
 //! - `lint`: rustfmt check and clippy with warnings denied, host and wasm sides.
-//! - `demo`: plugins, then the demo run of the `ganglion` binary.
+//! - `demo`: plugins, then `ganglion run --simulate`: embedded broker, example rules, simulated sensors.
+//! - `bench-mqtt`: plugins, mosquitto and Node-RED, then the end-to-end MQTT benchmark.
 
 use anyhow::{Result, bail};
 use std::process::Command;
@@ -35,6 +36,7 @@ fn main() -> Result<()> {
         "plugins" => xtask::build_plugins(),
         "test" => {
             xtask::build_plugins()?;
+            xtask::ensure_mosquitto()?;
             cargo(&["test", "--workspace"], rest)?;
             cargo(
                 &[
@@ -102,12 +104,47 @@ fn main() -> Result<()> {
                 &deny,
             )
         }
+        "bench-mqtt" => {
+            xtask::build_plugins()?;
+            xtask::ensure_mosquitto()?;
+            let dir = xtask::root().join("target/node-red");
+            if !dir.join("node_modules/.bin/node-red").exists() {
+                std::fs::create_dir_all(&dir)?;
+                run(Command::new("npm").current_dir(&dir).args([
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "node-red@4",
+                ]))?;
+            }
+            cargo(
+                &[
+                    "bench",
+                    "-p",
+                    "ganglion-tests",
+                    "--bench",
+                    "mqtt_throughput",
+                ],
+                rest,
+            )
+        }
         "demo" => {
             xtask::build_plugins()?;
-            cargo(&["run", "--release", "-p", "ganglion", "--", "demo"], rest)
+            cargo(
+                &[
+                    "run",
+                    "--release",
+                    "-p",
+                    "ganglion",
+                    "--",
+                    "run",
+                    "--simulate",
+                ],
+                rest,
+            )
         }
         _ => {
-            eprintln!("usage: cargo run -p xtask -- plugins | test | lint | demo");
+            eprintln!("usage: cargo run -p xtask -- plugins | test | lint | demo | bench-mqtt");
             if task == "help" {
                 Ok(())
             } else {
