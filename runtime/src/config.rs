@@ -81,6 +81,54 @@ impl Default for PluginConfig {
     }
 }
 
+/// WASI capabilities a rule grants one plugin; none by default. In a rule:
+///
+/// ```toml
+/// [[preprocess]]
+/// plugin = "lookup"
+/// grants = { env = { SITE = "plant-3" }, dirs = [{ host = "/srv/ganglion/tables", guest = "/tables" }] }
+/// ```
+///
+/// Directories are read-only unless `write = true`. Sockets are never granted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub dirs: Vec<DirGrant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    pub host: PathBuf,
+    pub guest: String,
+    #[serde(default)]
+    pub write: bool,
+}
+
+impl Grants {
+    /// Checks that every granted directory exists.
+    pub fn validate(&self) -> Result<(), String> {
+        for d in &self.dirs {
+            if !d.host.is_dir() {
+                return Err(format!(
+                    "granted directory {} is not a directory",
+                    d.host.display()
+                ));
+            }
+            if !d.guest.starts_with('/') {
+                return Err(format!(
+                    "granted directory's guest path `{}` must be absolute",
+                    d.guest
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where plugin state is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -192,6 +240,11 @@ impl GanglionConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Parses a `grants` table on its own (as written inside a rule).
+    pub fn parse_grants(text: &str) -> Result<Grants, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 }

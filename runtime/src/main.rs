@@ -132,7 +132,7 @@ async fn main() -> Result<()> {
             config.mqtt.username = username.or(config.mqtt.username);
             config.mqtt.password = password.or(config.mqtt.password);
             config.mqtt.ca_file = ca_file.or(config.mqtt.ca_file);
-            let sim = simulate.then(|| SimConfig {
+            let sim = simulate.then_some(SimConfig {
                 source: Source::Synthetic {
                     devices: 8,
                     anomaly_every: 50,

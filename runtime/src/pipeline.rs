@@ -108,6 +108,12 @@ pub struct RulePipeline {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
+    #[error("rule `{rule}`: plugin `{plugin}`: {reason}")]
+    Grant {
+        rule: String,
+        plugin: String,
+        reason: String,
+    },
     #[error("rule `{rule}`: plugin `{plugin}` is not loaded")]
     Missing { rule: String, plugin: String },
     #[error(
@@ -154,9 +160,14 @@ impl RulePipeline {
                     has,
                 });
             }
-            Ok(Bound {
-                pool: host.pool(plugin, &rule.name, r.config_json()),
-            })
+            let pool = host
+                .pool_with_grants(plugin, &rule.name, r.config_json(), r.grants.clone())
+                .map_err(|reason| BindError::Grant {
+                    rule: rule.name.clone(),
+                    plugin: r.plugin.clone(),
+                    reason,
+                })?;
+            Ok(Bound { pool })
         };
         let bindings = match &rule.stages {
             Stages::Handler(h) => Bindings::Handler(bind(h, Stage::Rule)?),

@@ -69,6 +69,9 @@ pub struct PluginRef {
     pub plugin: String,
     #[serde(default)]
     pub config: toml::Table,
+    /// WASI capabilities for this plugin in this rule (none by default).
+    #[serde(default)]
+    pub grants: crate::config::Grants,
 }
 
 impl PluginRef {

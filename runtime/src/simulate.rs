@@ -58,10 +58,11 @@ impl Rng {
     }
 }
 
+/// A stream of (topic, payload).
+pub type Messages = Box<dyn Iterator<Item = (String, Vec<u8>)> + Send>;
+
 /// The messages of a source, in order, as (topic, payload).
-pub fn messages(
-    source: &Source,
-) -> Result<Box<dyn Iterator<Item = (String, Vec<u8>)> + Send>, SimError> {
+pub fn messages(source: &Source) -> Result<Messages, SimError> {
     match source.clone() {
         Source::Synthetic {
             devices,

@@ -292,6 +292,9 @@ impl<'de> Deserialize<'de> for Readings<'de> {
 }
 
 /// An array element: a telemetry object, or anything else (an error).
+/// Lives only until it is moved into its list, so boxing would only add an
+/// allocation per object.
+#[allow(clippy::large_enum_variant)]
 enum Item<'a> {
     Object(Object<'a>),
     Other(&'static str),

@@ -214,6 +214,53 @@ async fn plugins_get_no_files_env_or_sockets() {
 }
 
 #[tokio::test]
+async fn rules_can_grant_env_and_read_only_directories() {
+    let host = host_with(Limits::default(), Arc::new(NoModel));
+    let plugin = load(&host, &fixture("misbehave")).await;
+    let dir = scratch("grant");
+    std::fs::write(dir.join("probe.txt"), "table v1").unwrap();
+    let grants: ganglion::config::Grants = toml_grants(&format!(
+        "env = {{ SITE = \"plant-3\" }}\ndirs = [{{ host = \"{}\", guest = \"/data\" }}]",
+        dir.display()
+    ));
+    let pool = host
+        .pool_with_grants(&plugin, "r", config(json!({})), grants)
+        .unwrap();
+    let out = pool
+        .preprocess(&msg("mode=capabilities"), ReadingBatch::default())
+        .await
+        .unwrap();
+    let get = |metric: &str| {
+        out.iter()
+            .find(|r| r.metric == metric)
+            .map(|r| r.value.clone())
+            .unwrap()
+    };
+    assert_eq!(get("granted-file"), Value::Text("table v1".into()));
+    assert_eq!(get("env"), Value::Number(1.0));
+    assert!(
+        matches!(get("granted-write"), Value::Text(t) if t.starts_with("denied")),
+        "read-only by default"
+    );
+    assert!(
+        matches!(get("file"), Value::Text(t) if t.starts_with("denied")),
+        "nothing else"
+    );
+    assert!(!dir.join("written.txt").exists());
+
+    let missing = toml_grants("dirs = [{ host = \"/no/such/dir\", guest = \"/data\" }]");
+    let refused = host
+        .pool_with_grants(&plugin, "r", config(json!({})), missing)
+        .err()
+        .expect("a missing directory is refused");
+    assert!(refused.contains("/no/such/dir"), "{refused}");
+}
+
+fn toml_grants(text: &str) -> ganglion::config::Grants {
+    ganglion::config::GanglionConfig::parse_grants(text).unwrap()
+}
+
+#[tokio::test]
 async fn calls_beyond_pool_size_wait_for_an_instance() {
     let host = host_with(
         Limits {

@@ -292,10 +292,12 @@ async fn broker_restart_loses_nothing() {
     gw.stop().await;
 }
 
+/// A burst of 10,000 messages over 16 topics all get their outcome. Before
+/// TCP_NODELAY and pipelined confirmations this ran at ~84 msg/s and did not
+/// finish within the minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stress; run by hand"]
-async fn stress_many_topics() {
-    const N: u64 = 20_000;
+async fn burst_over_many_topics_completes() {
+    const N: u64 = 10_000;
     let broker = Mosquitto::start("mosquitto-stress");
     let url = broker.url();
     let dir = rules(&[("hot", TELEMETRY_RULE)]);

@@ -177,10 +177,13 @@ impl Drop for Mosquitto {
     }
 }
 
+/// (topic, payload) of every message a test client received.
+type Received = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// An MQTT client for tests: publishes, and records what arrives on its subscriptions.
 pub struct TestClient {
     pub client: rumqttc::AsyncClient,
-    received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Received,
     acked: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -196,7 +199,7 @@ impl TestClient {
             .set_keep_alive(std::time::Duration::from_secs(30));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 1024);
         eventloop.set_network_options(ganglion::mqtt::network_options());
-        let received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let received: Received = Arc::default();
         let acked: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let (r, a, c) = (received.clone(), acked.clone(), client.clone());
         let filters_empty = filters.is_empty();

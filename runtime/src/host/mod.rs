@@ -31,6 +31,7 @@ pub struct BindingCtx {
     pub config_json: String,
     pub state: StateScope,
     pub limits: Limits,
+    pub grants: crate::config::Grants,
     pub llm: Arc<dyn LlmEngine>,
     /// Log lines dropped by the per-call cap, over the binding's life.
     pub suppressed_logs: AtomicU64,
@@ -93,14 +94,29 @@ pub struct HostState {
 }
 
 impl HostState {
-    /// A state with no WASI capabilities: no files, environment, arguments,
-    /// sockets or stdio (clocks and random numbers only).
+    /// A state with no WASI capabilities — no files, environment, arguments,
+    /// sockets or stdio; clocks and random numbers only — beyond what the
+    /// binding's grants give (environment variables, directories).
     pub fn new(binding: Arc<BindingCtx>) -> Self {
-        let wasi = WasiCtx::builder()
-            .allow_tcp(false)
+        let mut wasi = WasiCtx::builder();
+        wasi.allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+            .allow_ip_name_lookup(false);
+        for (k, v) in &binding.grants.env {
+            wasi.env(k, v);
+        }
+        for d in &binding.grants.dirs {
+            let perms = if d.write {
+                wasmtime_wasi::FsPerms::ReadWrite
+            } else {
+                wasmtime_wasi::FsPerms::ReadOnly
+            };
+            // Checked when the pool was made; a directory removed since then is left out.
+            if let Err(e) = wasi.preopened_dir(&d.host, &d.guest, perms) {
+                tracing::warn!(plugin = %binding.plugin, dir = %d.host.display(), error = %e, "granted directory not available");
+            }
+        }
+        let wasi = wasi.build();
         let max_bytes = binding.limits.max_memory_bytes();
         HostState {
             wasi,

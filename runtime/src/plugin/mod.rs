@@ -389,7 +389,12 @@ impl PluginHost {
         });
         // Instantiate once: checks export types and that instantiation
         // itself succeeds within the limits.
-        let probe = self.binding(&plugin, "(load check)", serde_json::Map::new());
+        let probe = self.binding(
+            &plugin,
+            "(load check)",
+            serde_json::Map::new(),
+            Default::default(),
+        );
         Instance::new(engine, &plugin.exports, probe)
             .await
             .map_err(|reason| LoadError::Instantiate { path, reason })?;
@@ -402,6 +407,7 @@ impl PluginHost {
         plugin: &Plugin,
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
+        grants: crate::config::Grants,
     ) -> Arc<BindingCtx> {
         Arc::new(BindingCtx {
             plugin: plugin.name.clone(),
@@ -411,19 +417,43 @@ impl PluginHost {
             config,
             state: self.inner.state.scope(&plugin.name, rule),
             limits: self.inner.config.limits.clone(),
+            grants,
             llm: self.inner.llm.clone(),
             suppressed_logs: AtomicU64::new(0),
         })
     }
 
-    /// An instance pool serving `plugin` in `rule` with the rule's settings for it.
+    /// An instance pool serving `plugin` in `rule` with the rule's settings
+    /// for it and no WASI capabilities.
     pub fn pool(
         &self,
         plugin: &Arc<Plugin>,
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
     ) -> InstancePool {
-        let binding = self.binding(plugin, rule, config);
+        self.make_pool(plugin, rule, config, Default::default())
+    }
+
+    /// Like [`PluginHost::pool`], with the capabilities the rule grants the plugin.
+    pub fn pool_with_grants(
+        &self,
+        plugin: &Arc<Plugin>,
+        rule: &str,
+        config: serde_json::Map<String, serde_json::Value>,
+        grants: crate::config::Grants,
+    ) -> Result<InstancePool, String> {
+        grants.validate()?;
+        Ok(self.make_pool(plugin, rule, config, grants))
+    }
+
+    fn make_pool(
+        &self,
+        plugin: &Arc<Plugin>,
+        rule: &str,
+        config: serde_json::Map<String, serde_json::Value>,
+        grants: crate::config::Grants,
+    ) -> InstancePool {
+        let binding = self.binding(plugin, rule, config, grants);
         let max = binding.limits.max_instances.max(1) as usize;
         InstancePool {
             plugin: plugin.clone(),
