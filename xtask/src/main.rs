@@ -28,6 +28,46 @@ fn cargo<S: AsRef<std::ffi::OsStr>>(args: &[&str], rest: &[S]) -> Result<()> {
     run(&mut c)
 }
 
+/// Runs a `cargo test` command, passing its output through, and adds up the
+/// passed and failed counts of its `test result:` lines.
+fn cargo_test(args: &[&str], rest: &[String]) -> Result<(u64, u64)> {
+    use std::io::{BufRead, Write};
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(xtask::root())
+        .args(args)
+        .args(rest)
+        .stdout(std::process::Stdio::piped());
+    eprintln!("+ {c:?}");
+    let mut child = c.spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    let out = child.stdout.take().expect("piped stdout");
+    let mut stdout = std::io::stdout();
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        writeln!(stdout, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';').find_map(|part| {
+                    part.trim()
+                        .trim_start_matches("ok. ")
+                        .trim_start_matches("FAILED. ")
+                        .strip_suffix(word)?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            passed += count(" passed").unwrap_or(0);
+            failed += count(" failed").unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{c:?} failed with {status} ({passed} passed, {failed} failed)");
+    }
+    Ok((passed, failed))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = args.first().map(String::as_str).unwrap_or("help");
@@ -37,27 +77,37 @@ fn main() -> Result<()> {
         "test" => {
             xtask::build_plugins()?;
             xtask::ensure_mosquitto()?;
-            cargo(&["test", "--workspace"], rest)?;
-            cargo(
-                &[
-                    "test",
-                    "--manifest-path",
-                    "sdk/Cargo.toml",
-                    "--target-dir",
-                    NATIVE,
-                ],
-                &[] as &[&str],
-            )?;
-            cargo(
-                &[
-                    "test",
-                    "--manifest-path",
-                    "plugins/Cargo.toml",
-                    "--target-dir",
-                    NATIVE,
-                ],
-                &[] as &[&str],
-            )
+            let none: &[String] = &[];
+            let mut total = (0, 0);
+            for (args, extra) in [
+                (
+                    &[
+                        "test",
+                        "--manifest-path",
+                        "sdk/Cargo.toml",
+                        "--target-dir",
+                        NATIVE,
+                    ][..],
+                    none,
+                ),
+                (
+                    &[
+                        "test",
+                        "--manifest-path",
+                        "plugins/Cargo.toml",
+                        "--target-dir",
+                        NATIVE,
+                    ][..],
+                    none,
+                ),
+                (&["test", "--workspace"][..], rest),
+            ] {
+                let (p, f) = cargo_test(args, extra)?;
+                total = (total.0 + p, total.1 + f);
+            }
+            // One closing line over every suite.
+            println!("tests: {} passed, {} failed", total.0, total.1);
+            Ok(())
         }
         "lint" => {
             xtask::ensure_wasm_target()?;
