@@ -190,16 +190,7 @@ async fn log_floods_are_capped_per_call() {
 #[tokio::test]
 async fn plugins_get_no_files_env_or_sockets() {
     let (bad, _healthy) = setup(Limits::default()).await;
-    let out = bad
-        .preprocess(&msg("mode=capabilities"), ReadingBatch::default())
-        .await
-        .unwrap();
-    let get = |metric: &str| {
-        out.iter()
-            .find(|r| r.metric == metric)
-            .map(|r| r.value.clone())
-            .unwrap()
-    };
+    let get = probe_capabilities(&bad).await;
     assert!(
         matches!(get("file"), Value::Text(t) if t.starts_with("denied")),
         "{:?}",
@@ -226,16 +217,7 @@ async fn rules_can_grant_env_and_read_only_directories() {
     let pool = host
         .pool_with_grants(&plugin, "r", config(json!({})), grants)
         .unwrap();
-    let out = pool
-        .preprocess(&msg("mode=capabilities"), ReadingBatch::default())
-        .await
-        .unwrap();
-    let get = |metric: &str| {
-        out.iter()
-            .find(|r| r.metric == metric)
-            .map(|r| r.value.clone())
-            .unwrap()
-    };
+    let get = probe_capabilities(&pool).await;
     assert_eq!(get("granted-file"), Value::Text("table v1".into()));
     assert_eq!(get("env"), Value::Number(1.0));
     assert!(
@@ -254,6 +236,20 @@ async fn rules_can_grant_env_and_read_only_directories() {
         .err()
         .expect("a missing directory is refused");
     assert!(refused.contains("/no/such/dir"), "{refused}");
+}
+
+/// What the fixture could reach, by probe name.
+async fn probe_capabilities(pool: &InstancePool) -> impl Fn(&str) -> Value {
+    let out = pool
+        .preprocess(&msg("mode=capabilities"), ReadingBatch::default())
+        .await
+        .unwrap();
+    move |metric: &str| {
+        out.iter()
+            .find(|r| r.metric == metric)
+            .map(|r| r.value.clone())
+            .unwrap()
+    }
 }
 
 fn toml_grants(text: &str) -> ganglion::config::Grants {
