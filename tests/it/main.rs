@@ -6,3 +6,4 @@ mod limits;
 mod llm_link;
 mod loading;
 mod mqtt;
+mod pipeline;
