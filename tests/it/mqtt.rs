@@ -329,3 +329,51 @@ async fn burst_over_many_topics_completes() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_password_to_an_external_broker() {
+    let (broker, tls_port, ca) = Mosquitto::start_tls_auth("mosquitto-tls");
+    let dir = rules(&[("hot", TELEMETRY_RULE)]);
+    let url = format!("mqtts://localhost:{tls_port}");
+    let settings = |password: &str| ganglion::mqtt::MqttSettings {
+        client_id: format!("gw-tls-{}", free_port()),
+        username: Some("gw".into()),
+        password: Some(password.into()),
+        ca_file: Some(ca.display().to_string()),
+        ..Default::default()
+    };
+
+    // A wrong password never connects, and says so without taking anything down.
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let (refused, task) =
+        ganglion::mqtt::connect(&settings("wrong"), &url, vec!["t/#".into()], tx).unwrap();
+    assert!(
+        !refused
+            .wait_connected(std::time::Duration::from_secs(2))
+            .await
+    );
+    task.abort();
+    // mqtts without a CA file is a clear configuration error.
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let no_ca = ganglion::mqtt::MqttSettings {
+        ca_file: None,
+        ..settings("secret")
+    };
+    assert!(
+        matches!(ganglion::mqtt::connect(&no_ca, &url, vec![], tx), Err(ganglion::mqtt::MqttError::BadUrl(_, m)) if m.contains("ca_file"))
+    );
+
+    let gw = RunningGateway::start_with(&url, settings("secret"), &dir, fake_model()).await;
+    let watcher = TestClient::connect(&broker.url(), "watch-tls", &["ganglion/alert/#"]).await;
+    let sensor = TestClient::connect(&broker.url(), "sensor-tls", &[]).await;
+    sensor
+        .publish("t/m9/telemetry", r#"{"metric":"temperature","value":80}"#)
+        .await;
+    assert!(
+        watcher
+            .wait_until(10, |w| !w.on("ganglion/alert/hot/m9").is_empty())
+            .await,
+        "alert through the TLS gateway"
+    );
+    gw.stop().await;
+}

@@ -109,10 +109,59 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(name: &str) -> Mosquitto {
+        Self::start_with(name, |port, _dir| {
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n")
+        })
+    }
+
+    /// A broker whose `port` is plain and anonymous (for test clients) and
+    /// whose `tls_port` takes TLS with a test CA and the user `gw` /
+    /// `secret`. Returns the broker, the TLS port and the CA file.
+    pub fn start_tls_auth(name: &str) -> (Mosquitto, u16, PathBuf) {
+        let tls_port = free_port();
+        let mut ca = PathBuf::new();
+        let m = Self::start_with(name, |port, dir| {
+            let sh = |cmd: &str| {
+                let ok = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .current_dir(dir)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                assert!(ok, "test certificate step failed: {cmd}");
+            };
+            sh(
+                "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=ganglion-test-ca 2>/dev/null",
+            );
+            sh(
+                "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null",
+            );
+            std::fs::write(
+                dir.join("san.ext"),
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+            )
+            .unwrap();
+            sh(
+                "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null",
+            );
+            sh("mosquitto_passwd -b -c passwd gw secret && chmod 644 server.key passwd");
+            ca = dir.join("ca.pem");
+            let d = dir.display();
+            format!(
+                "per_listener_settings true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nallow_anonymous false\npassword_file {d}/passwd\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+            )
+        });
+        wait_for_port(tls_port, true);
+        (m, tls_port, ca)
+    }
+
+    fn start_with(name: &str, listeners: impl FnOnce(u16, &Path) -> String) -> Mosquitto {
         let dir = scratch(name);
         let port = free_port();
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\nautosave_interval 1\n",
+            "{}persistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\nautosave_interval 1\n",
+            listeners(port, &dir),
             dir.display()
         );
         std::fs::write(dir.join("mosquitto.conf"), conf).expect("mosquitto config");
@@ -308,6 +357,20 @@ impl RunningGateway {
         rules_dir: &Path,
         llm: Arc<dyn LlmEngine>,
     ) -> RunningGateway {
+        let settings = ganglion::mqtt::MqttSettings {
+            client_id: client_id.into(),
+            ..Default::default()
+        };
+        Self::start_with(url, settings, rules_dir, llm).await
+    }
+
+    /// Like [`RunningGateway::start`], with full connection settings.
+    pub async fn start_with(
+        url: &str,
+        settings: ganglion::mqtt::MqttSettings,
+        rules_dir: &Path,
+        llm: Arc<dyn LlmEngine>,
+    ) -> RunningGateway {
         // TEST_LOG=debug shows the runtime's log.
         if let Ok(filter) = std::env::var("TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -324,10 +387,6 @@ impl RunningGateway {
         }
         let host = host_with(Limits::default(), llm.clone());
         let (pipelines, problems) = ganglion::gateway::load(&host, &plugins, rules_dir, llm).await;
-        let settings = ganglion::mqtt::MqttSettings {
-            client_id: client_id.into(),
-            ..Default::default()
-        };
         let mut filters: Vec<String> = pipelines
             .iter()
             .flat_map(|p| p.rule.topics.clone())
