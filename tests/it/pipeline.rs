@@ -266,3 +266,65 @@ async fn gateway_acks_each_message_once_after_all_its_rules() {
     assert_eq!(values, sorted);
     assert_eq!(values.len(), 7);
 }
+
+#[tokio::test]
+async fn bad_rule_and_plugin_files_are_reported_and_the_rest_runs() {
+    let plugins = scratch("load-plugins");
+    for name in ["clean-readings", "threshold-alert"] {
+        std::fs::copy(example(name), plugins.join(format!("{name}.wasm"))).unwrap();
+    }
+    std::fs::copy(wat_fixture("corrupt.wasm"), plugins.join("broken.wasm")).unwrap();
+    let rules = scratch("load-rules");
+    std::fs::write(rules.join("good.toml"), WINDOWED).unwrap();
+    std::fs::write(
+        rules.join("typo.toml"),
+        WINDOWED.replace("[window]", "[windw]"),
+    )
+    .unwrap();
+    std::fs::write(
+        rules.join("missing.toml"),
+        WINDOWED.replace("threshold-alert", "no-such-plugin"),
+    )
+    .unwrap();
+    std::fs::write(
+        rules.join("wrong-stage.toml"),
+        WINDOWED.replace(
+            "plugin = \"threshold-alert\"",
+            "plugin = \"clean-readings\"",
+        ),
+    )
+    .unwrap();
+    std::fs::write(rules.join("notes.txt"), "not a rule").unwrap();
+    let host = host();
+    let (pipelines, problems) =
+        ganglion::gateway::load(&host, &plugins, &rules, Arc::new(NoModel)).await;
+    assert_eq!(
+        pipelines
+            .iter()
+            .map(|p| p.rule.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["good"]
+    );
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    let has = |file: &str, text: &str| {
+        problems
+            .iter()
+            .any(|p| p.contains(file) && p.contains(text))
+    };
+    assert!(
+        has("broken.wasm", "not a valid WebAssembly component"),
+        "{problems:#?}"
+    );
+    assert!(has("typo.toml", "windw"), "{problems:#?}");
+    assert!(
+        has("missing.toml", "`no-such-plugin` is not loaded"),
+        "{problems:#?}"
+    );
+    assert!(
+        has(
+            "wrong-stage.toml",
+            "does not implement the postprocessor stage"
+        ),
+        "{problems:#?}"
+    );
+}
