@@ -170,12 +170,10 @@ pub fn model_path() -> PathBuf {
 /// touches a model hub.
 pub fn fetch_model() -> Result<PathBuf> {
     let dest = model_path();
-    let check = format!(
-        "import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],'rb')\nfor b in iter(lambda: f.read(1<<20), b''): h.update(b)\nsys.exit(0 if h.hexdigest()==sys.argv[2] else 1)"
-    );
+    let check = "import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],'rb')\nfor b in iter(lambda: f.read(1<<20), b''): h.update(b)\nsys.exit(0 if h.hexdigest()==sys.argv[2] else 1)";
     let hash_ok = |p: &Path| {
         Command::new("python3")
-            .args(["-c", &check])
+            .args(["-c", check])
             .arg(p)
             .arg(MODEL_SHA256)
             .status()
