@@ -43,6 +43,9 @@ enum Command {
         /// CA certificate (PEM) for mqtts://.
         #[arg(long)]
         ca_file: Option<String>,
+        /// MQTT version to speak to the broker: 3.1.1 or 5.
+        #[arg(long, value_parser = ["3.1.1", "5"])]
+        mqtt_version: Option<String>,
         /// Also run simulated sensors against the broker.
         #[arg(long)]
         simulate: bool,
@@ -120,12 +123,18 @@ async fn main() -> Result<()> {
             username,
             password,
             ca_file,
+            mqtt_version,
             simulate,
             rate,
             duration,
             quiet,
         } => {
             let mut config = config;
+            match mqtt_version.as_deref() {
+                Some("5") => config.mqtt.protocol = mqtt::Protocol::V5,
+                Some(_) => config.mqtt.protocol = mqtt::Protocol::V311,
+                None => {}
+            }
             if broker.is_some() {
                 config.mqtt.broker = broker;
             }

@@ -1,6 +1,6 @@
-//! MQTT transport (rumqttc, MQTT 3.1.1): a persistent session, QoS 1 both
-//! ways, manual acknowledgements and publishes that complete on the broker's
-//! PUBACK.
+//! MQTT transport (rumqttc, MQTT 3.1.1 or 5): a persistent session, QoS 1
+//! both ways, manual acknowledgements and publishes that complete on the
+//! broker's PUBACK.
 //!
 //! One task owns the rumqttc event loop ([`connect`]); everyone else holds an
 //! [`MqttHandle`]. Incoming publishes go to a channel as [`Delivery`]s; the
@@ -11,9 +11,7 @@
 
 use crate::rules::Outgoing;
 use crate::types::{Message, Qos};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing as Out, Packet, QoS, Transport,
-};
+use rumqttc::{Outgoing as Out, QoS, Transport};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +37,32 @@ pub type Confirm = Pin<Box<dyn Future<Output = Result<(), MqttError>> + Send + '
 /// Completes when a publish is queued, with its [`Confirm`].
 pub type QueueFuture<'a> = Pin<Box<dyn Future<Output = Result<Confirm, MqttError>> + Send + 'a>>;
 
+/// An incoming publish as the protocol's client needs it for the PUBACK.
+#[derive(Debug, Clone)]
+pub enum Received {
+    V4(rumqttc::Publish),
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
+}
+
+impl Received {
+    fn needs_ack(&self) -> bool {
+        match self {
+            Received::V4(p) => p.qos != QoS::AtMostOnce,
+            Received::V5(p) => p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        }
+    }
+}
+
+/// MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
 /// What acknowledging a delivery needs.
 #[derive(Debug, Clone)]
 pub enum AckToken {
@@ -49,7 +73,7 @@ pub enum AckToken {
     /// acknowledgement from an older connection is not sent (the broker
     /// delivers the message again).
     Mqtt {
-        publish: rumqttc::Publish,
+        publish: Received,
         connection: u64,
         seq: u64,
     },
@@ -86,6 +110,7 @@ pub trait Publisher: Send + Sync + 'static {
 /// keep_alive_secs = 30
 /// inflight = 100                     # our unacknowledged publishes at once
 /// status_topic = "ganglion/status/{client_id}"
+/// protocol = "3.1.1"                 # or "5"
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -98,6 +123,8 @@ pub struct MqttSettings {
     pub keep_alive_secs: u64,
     pub inflight: u16,
     pub status_topic: String,
+    /// "3.1.1" (default) or "5".
+    pub protocol: Protocol,
 }
 
 impl Default for MqttSettings {
@@ -111,6 +138,7 @@ impl Default for MqttSettings {
             keep_alive_secs: 30,
             inflight: 100,
             status_topic: "ganglion/status/{client_id}".into(),
+            protocol: Protocol::V311,
         }
     }
 }
@@ -120,7 +148,8 @@ impl MqttSettings {
         self.status_topic.replace("{client_id}", &self.client_id)
     }
 
-    fn options(&self, broker: &str) -> Result<MqttOptions, MqttError> {
+    /// Host, port and, for mqtts://, the CA certificate.
+    fn endpoint(&self, broker: &str) -> Result<(String, u16, Option<Vec<u8>>), MqttError> {
         let bad = |m: String| MqttError::BadUrl(broker.to_owned(), m);
         let (scheme, rest) = broker
             .split_once("://")
@@ -138,13 +167,27 @@ impl MqttSettings {
         if host.is_empty() {
             return Err(bad("no host".into()));
         }
-        let mut o = MqttOptions::new(self.client_id.clone(), host, port);
+        let ca = match scheme {
+            "mqtt" | "tcp" => None,
+            "mqtts" | "ssl" => match &self.ca_file {
+                Some(f) => {
+                    Some(std::fs::read(f).map_err(|e| MqttError::Tls(f.clone(), e.to_string()))?)
+                }
+                None => return Err(bad("mqtts needs `ca_file`".into())),
+            },
+            other => return Err(bad(format!("unknown scheme `{other}`"))),
+        };
+        Ok((host, port, ca))
+    }
+
+    fn options_v4(&self, host: String, port: u16, ca: Option<Vec<u8>>) -> rumqttc::MqttOptions {
+        let mut o = rumqttc::MqttOptions::new(self.client_id.clone(), host, port);
         o.set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
             .set_inflight(self.inflight.max(1))
             .set_max_packet_size(16 << 20, 16 << 20)
-            .set_last_will(LastWill::new(
+            .set_last_will(rumqttc::LastWill::new(
                 self.status_topic(),
                 "offline",
                 QoS::AtLeastOnce,
@@ -153,20 +196,37 @@ impl MqttSettings {
         if let (Some(u), Some(p)) = (&self.username, &self.password) {
             o.set_credentials(u.clone(), p.clone());
         }
-        match scheme {
-            "mqtt" | "tcp" => {}
-            "mqtts" | "ssl" => {
-                let ca = match &self.ca_file {
-                    Some(f) => {
-                        std::fs::read(f).map_err(|e| MqttError::Tls(f.clone(), e.to_string()))?
-                    }
-                    None => return Err(bad("mqtts needs `ca_file`".into())),
-                };
-                o.set_transport(Transport::tls(ca, None, None));
-            }
-            other => return Err(bad(format!("unknown scheme `{other}`"))),
+        if let Some(ca) = ca {
+            o.set_transport(Transport::tls(ca, None, None));
         }
-        Ok(o)
+        o
+    }
+
+    fn options_v5(&self, host: String, port: u16, ca: Option<Vec<u8>>) -> rumqttc::v5::MqttOptions {
+        use rumqttc::v5::mqttbytes::{QoS as Q5, v5::LastWill};
+        let mut o = rumqttc::v5::MqttOptions::new(self.client_id.clone(), host, port);
+        o.set_clean_start(false)
+            // MQTT 5 ends a session when the connection closes unless it has an expiry.
+            .set_session_expiry_interval(Some(u32::MAX))
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
+            .set_outgoing_inflight_upper_limit(self.inflight.max(1))
+            .set_max_packet_size(Some(16 << 20))
+            .set_last_will(LastWill::new(
+                self.status_topic(),
+                "offline",
+                Q5::AtLeastOnce,
+                true,
+                None,
+            ))
+            .set_network_options(network_options());
+        if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        if let Some(ca) = ca {
+            o.set_transport(Transport::tls(ca, None, None));
+        }
+        o
     }
 }
 
@@ -187,10 +247,76 @@ struct Pending {
     by_pkid: HashMap<u16, oneshot::Sender<()>>,
 }
 
+/// The protocol's client.
+#[derive(Clone)]
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    async fn publish(
+        &self,
+        topic: String,
+        q: Qos,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), MqttError> {
+        let r = match self {
+            Client::V4(c) => c
+                .publish(topic, qos(q), retain, payload)
+                .await
+                .map_err(|_| ()),
+            Client::V5(c) => c
+                .publish(topic, qos5(q), retain, payload)
+                .await
+                .map_err(|_| ()),
+        };
+        r.map_err(|()| MqttError::Stopped)
+    }
+
+    async fn subscribe(&self, filter: String) -> Result<(), MqttError> {
+        let r = match self {
+            Client::V4(c) => c.subscribe(filter, QoS::AtLeastOnce).await.map_err(|_| ()),
+            Client::V5(c) => c
+                .subscribe(filter, qos5(Qos::AtLeastOnce))
+                .await
+                .map_err(|_| ()),
+        };
+        r.map_err(|()| MqttError::Stopped)
+    }
+
+    async fn ack(&self, p: &Received) -> Result<(), MqttError> {
+        let r = match (self, p) {
+            (Client::V4(c), Received::V4(p)) => c.ack(p).await.map_err(|_| ()),
+            (Client::V5(c), Received::V5(p)) => c.ack(p).await.map_err(|_| ()),
+            // A token from the other protocol cannot come from this client.
+            _ => Ok(()),
+        };
+        r.map_err(|()| MqttError::Stopped)
+    }
+
+    async fn disconnect(&self) {
+        match self {
+            Client::V4(c) => drop(c.disconnect().await),
+            Client::V5(c) => drop(c.disconnect().await),
+        }
+    }
+}
+
+fn qos5(q: Qos) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    match q {
+        Qos::AtMostOnce => Q5::AtMostOnce,
+        Qos::AtLeastOnce => Q5::AtLeastOnce,
+        Qos::ExactlyOnce => Q5::ExactlyOnce,
+    }
+}
+
 /// The handle everyone but the event-loop task holds.
 #[derive(Clone)]
 pub struct MqttHandle {
-    client: AsyncClient,
+    client: Client,
     pending: Arc<Mutex<Pending>>,
     /// Keeps `unnumbered` in the order requests enter the client's channel.
     order: Arc<tokio::sync::Mutex<()>>,
@@ -205,7 +331,7 @@ pub struct MqttHandle {
 struct AckOrder {
     connection: u64,
     next: u64,
-    done: std::collections::BTreeMap<u64, Option<rumqttc::Publish>>,
+    done: std::collections::BTreeMap<u64, Option<Received>>,
 }
 
 fn qos(q: Qos) -> QoS {
@@ -232,7 +358,7 @@ impl MqttHandle {
 
     /// Sends a DISCONNECT; the event loop then ends.
     pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
+        self.client.disconnect().await;
     }
 }
 
@@ -248,9 +374,8 @@ impl Publisher for MqttHandle {
                     .unnumbered
                     .push_back(tx);
                 self.client
-                    .publish(out.topic, qos(out.qos), out.retain, out.payload)
-                    .await
-                    .map_err(|_| MqttError::Stopped)?;
+                    .publish(out.topic, out.qos, out.retain, out.payload)
+                    .await?;
             }
             let confirm: Confirm =
                 Box::pin(async move { rx.await.map_err(|_| MqttError::Stopped) });
@@ -279,7 +404,7 @@ impl Publisher for MqttHandle {
                     // QoS 0 publishes take a place in the order but need no PUBACK.
                     order
                         .done
-                        .insert(seq, (publish.qos != QoS::AtMostOnce).then_some(publish));
+                        .insert(seq, publish.needs_ack().then_some(publish));
                     loop {
                         let next = order.next;
                         let Some(p) = order.done.remove(&next) else {
@@ -287,7 +412,7 @@ impl Publisher for MqttHandle {
                         };
                         order.next += 1;
                         if let Some(p) = p {
-                            self.client.ack(&p).await.map_err(|_| MqttError::Stopped)?;
+                            self.client.ack(&p).await?;
                         }
                     }
                     Ok(())
@@ -308,11 +433,10 @@ pub fn connect(
     filters: Vec<String>,
     deliveries: mpsc::Sender<Delivery>,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), MqttError> {
-    let options = settings.options(broker)?;
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    eventloop.set_network_options(network_options());
+    let (host, port, ca) = settings.endpoint(broker)?;
     let (connected_tx, connected) = watch::channel(false);
-    let handle = MqttHandle {
+    let status = settings.status_topic();
+    let handle = |client| MqttHandle {
         client,
         pending: Arc::default(),
         order: Arc::default(),
@@ -320,178 +444,241 @@ pub fn connect(
         connection: Arc::default(),
         acks: Arc::default(),
     };
-    let task = tokio::spawn(run_loop(
-        eventloop,
-        handle.clone(),
-        filters,
-        deliveries,
-        connected_tx,
-        settings.status_topic(),
-    ));
+    let (handle, task) = match settings.protocol {
+        Protocol::V311 => {
+            let (client, mut eventloop) =
+                rumqttc::AsyncClient::new(settings.options_v4(host, port, ca), 1024);
+            eventloop.set_network_options(network_options());
+            let handle = handle(Client::V4(client));
+            let task = tokio::spawn(v4::run_loop(
+                eventloop,
+                handle.clone(),
+                filters,
+                deliveries,
+                connected_tx,
+                status,
+            ));
+            (handle, task)
+        }
+        Protocol::V5 => {
+            let (client, eventloop) =
+                rumqttc::v5::AsyncClient::new(settings.options_v5(host, port, ca), 1024);
+            let handle = handle(Client::V5(client));
+            let task = tokio::spawn(v5::run_loop(
+                eventloop,
+                handle.clone(),
+                filters,
+                deliveries,
+                connected_tx,
+                status,
+            ));
+            (handle, task)
+        }
+    };
     Ok((handle, task))
 }
 
-async fn run_loop(
-    mut eventloop: EventLoop,
-    handle: MqttHandle,
-    filters: Vec<String>,
-    deliveries: mpsc::Sender<Delivery>,
-    connected: watch::Sender<bool>,
-    status_topic: String,
-) {
-    // The broker's in-flight window bounds this; it only grows when the
-    // gateway falls behind, and never drops a message.
-    let mut overflow: VecDeque<Delivery> = VecDeque::new();
-    let mut backoff = Duration::from_millis(100);
-    // What rumqttc would resend after a reconnection: publishes awaiting
-    // their PUBACK, then requests still in its channel. rumqttc drops them
-    // when the broker has no session for us (say, it restarted without
-    // persistence); they are put back so every publish still completes.
-    let mut unsent: VecDeque<rumqttc::Request> = VecDeque::new();
-    let mut seq = 0u64;
-    loop {
-        let event = tokio::select! {
-            permit = deliveries.reserve(), if !overflow.is_empty() => {
-                match permit {
-                    Ok(p) => { p.send(overflow.pop_front().expect("overflow is not empty")); continue; }
-                    Err(_) => return,
-                }
-            }
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = Duration::from_millis(100);
-                handle
-                    .connection
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                seq = 0;
-                if !ack.session_present && !unsent.is_empty() {
-                    tracing::warn!(
-                        publishes = unsent.len(),
-                        "the broker had no session for us: sending unacknowledged publishes again"
-                    );
-                    eventloop.pending = std::mem::take(&mut unsent);
-                }
-                unsent.clear();
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "connected to the MQTT broker"
-                );
-                let _ = connected.send(true);
-                let publisher = handle.clone();
-                let (filters, status) = (filters.clone(), status_topic.clone());
-                tokio::spawn(async move {
-                    for f in filters {
-                        if let Err(e) = publisher
-                            .client
-                            .subscribe(f.clone(), QoS::AtLeastOnce)
-                            .await
-                        {
-                            tracing::error!(filter = %f, error = %e, "subscribe failed");
+/// The event loop, the same for both protocols: instantiated per version
+/// with that version's types in scope.
+macro_rules! event_loop {
+    ($version:ident, { $($imports:item)* }, $topic_of:item, $received:item) => {
+        mod $version {
+            use super::*;
+            $($imports)*
+            $topic_of
+            $received
+
+            pub(super) async fn run_loop(
+                mut eventloop: EventLoop,
+                handle: MqttHandle,
+                filters: Vec<String>,
+                deliveries: mpsc::Sender<Delivery>,
+                connected: watch::Sender<bool>,
+                status_topic: String,
+            ) {
+                // The broker's in-flight window bounds this; it only grows when the
+                // gateway falls behind, and never drops a message.
+                let mut overflow: VecDeque<Delivery> = VecDeque::new();
+                let mut backoff = Duration::from_millis(100);
+                // What rumqttc would resend after a reconnection: publishes awaiting
+                // their PUBACK, then requests still in its channel. rumqttc drops them
+                // when the broker has no session for us (say, it restarted without
+                // persistence); they are put back so every publish still completes.
+                let mut unsent: VecDeque<Request> = VecDeque::new();
+                let mut seq = 0u64;
+                loop {
+                    let event = tokio::select! {
+                        permit = deliveries.reserve(), if !overflow.is_empty() => {
+                            match permit {
+                                Ok(p) => { p.send(overflow.pop_front().expect("overflow is not empty")); continue; }
+                                Err(_) => return,
+                            }
+                        }
+                        event = eventloop.poll() => event,
+                    };
+                    match event {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            backoff = Duration::from_millis(100);
+                            handle
+                                .connection
+                                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                            seq = 0;
+                            if !ack.session_present && !unsent.is_empty() {
+                                tracing::warn!(
+                                    publishes = unsent.len(),
+                                    "the broker had no session for us: sending unacknowledged publishes again"
+                                );
+                                eventloop.pending = std::mem::take(&mut unsent);
+                            }
+                            unsent.clear();
+                            tracing::info!(
+                                session_present = ack.session_present,
+                                "connected to the MQTT broker"
+                            );
+                            let _ = connected.send(true);
+                            let publisher = handle.clone();
+                            let (filters, status) = (filters.clone(), status_topic.clone());
+                            tokio::spawn(async move {
+                                for f in filters {
+                                    if let Err(e) = publisher
+                                        .client
+                                        .subscribe(f.clone())
+                                        .await
+                                    {
+                                        tracing::error!(filter = %f, error = %e, "subscribe failed");
+                                    }
+                                }
+                                // Through `publish`, like every QoS 1 publish, so that its
+                                // packet id is matched to its PUBACK in order.
+                                let online = Outgoing {
+                                    topic: status,
+                                    payload: b"online".to_vec(),
+                                    qos: Qos::AtLeastOnce,
+                                    retain: true,
+                                };
+                                if let Ok(confirm) = publisher.publish(online).await {
+                                    let _ = confirm.await;
+                                }
+                            });
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let message = Message {
+                                topic: topic_of(&p),
+                                payload: p.payload.to_vec(),
+                                timestamp: crate::pipeline::received_now(),
+                            };
+                            let connection = handle.connection.load(std::sync::atomic::Ordering::Acquire);
+                            let d = Delivery {
+                                message,
+                                token: AckToken::Mqtt {
+                                    publish: received(p),
+                                    connection,
+                                    seq,
+                                },
+                            };
+                            seq += 1;
+                            if !overflow.is_empty() {
+                                overflow.push_back(d);
+                            } else if let Err(mpsc::error::TrySendError::Full(d)) = deliveries.try_send(d) {
+                                overflow.push_back(d);
+                            } else if deliveries.is_closed() {
+                                return;
+                            }
+                        }
+                        Ok(Event::Outgoing(Out::Publish(pkid))) => {
+                            let mut pending = handle.pending.lock().unwrap_or_else(|e| e.into_inner());
+                            if pkid == 0 {
+                                if let Some(tx) = pending.unnumbered.pop_front() {
+                                    let _ = tx.send(());
+                                }
+                            } else if !pending.by_pkid.contains_key(&pkid) {
+                                // A new publish (a retransmission keeps its registered pkid).
+                                if let Some(tx) = pending.unnumbered.pop_front() {
+                                    pending.by_pkid.insert(pkid, tx);
+                                }
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            if let Some(tx) = handle
+                                .pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .by_pkid
+                                .remove(&ack.pkid)
+                            {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubComp(c))) => {
+                            if let Some(tx) = handle
+                                .pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .by_pkid
+                                .remove(&c.pkid)
+                            {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Ok(Event::Outgoing(Out::Disconnect)) => {
+                            let _ = connected.send(false);
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if unsent.is_empty() {
+                                unsent = eventloop
+                                    .pending
+                                    .iter()
+                                    .filter(|r| matches!(r, Request::Publish(_)))
+                                    .cloned()
+                                    .collect();
+                            }
+                            if *connected.borrow() {
+                                tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
+                            } else {
+                                tracing::debug!(error = %e, ?backoff, "MQTT connection failed; retrying");
+                            }
+                            let _ = connected.send(false);
+                            if deliveries.is_closed() {
+                                return;
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
                         }
                     }
-                    // Through `publish`, like every QoS 1 publish, so that its
-                    // packet id is matched to its PUBACK in order.
-                    let online = Outgoing {
-                        topic: status,
-                        payload: b"online".to_vec(),
-                        qos: Qos::AtLeastOnce,
-                        retain: true,
-                    };
-                    if let Ok(confirm) = publisher.publish(online).await {
-                        let _ = confirm.await;
-                    }
-                });
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let message = Message {
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                    timestamp: crate::pipeline::received_now(),
-                };
-                let connection = handle.connection.load(std::sync::atomic::Ordering::Acquire);
-                let d = Delivery {
-                    message,
-                    token: AckToken::Mqtt {
-                        publish: p,
-                        connection,
-                        seq,
-                    },
-                };
-                seq += 1;
-                if !overflow.is_empty() {
-                    overflow.push_back(d);
-                } else if let Err(mpsc::error::TrySendError::Full(d)) = deliveries.try_send(d) {
-                    overflow.push_back(d);
-                } else if deliveries.is_closed() {
-                    return;
                 }
-            }
-            Ok(Event::Outgoing(Out::Publish(pkid))) => {
-                let mut pending = handle.pending.lock().unwrap_or_else(|e| e.into_inner());
-                if pkid == 0 {
-                    if let Some(tx) = pending.unnumbered.pop_front() {
-                        let _ = tx.send(());
-                    }
-                } else if !pending.by_pkid.contains_key(&pkid) {
-                    // A new publish (a retransmission keeps its registered pkid).
-                    if let Some(tx) = pending.unnumbered.pop_front() {
-                        pending.by_pkid.insert(pkid, tx);
-                    }
-                }
-            }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(tx) = handle
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .by_pkid
-                    .remove(&ack.pkid)
-                {
-                    let _ = tx.send(());
-                }
-            }
-            Ok(Event::Incoming(Packet::PubComp(c))) => {
-                if let Some(tx) = handle
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .by_pkid
-                    .remove(&c.pkid)
-                {
-                    let _ = tx.send(());
-                }
-            }
-            Ok(Event::Outgoing(Out::Disconnect)) => {
-                let _ = connected.send(false);
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if unsent.is_empty() {
-                    unsent = eventloop
-                        .pending
-                        .iter()
-                        .filter(|r| matches!(r, rumqttc::Request::Publish(_)))
-                        .cloned()
-                        .collect();
-                }
-                if *connected.borrow() {
-                    tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
-                } else {
-                    tracing::debug!(error = %e, ?backoff, "MQTT connection failed; retrying");
-                }
-                let _ = connected.send(false);
-                if deliveries.is_closed() {
-                    return;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-    }
+    };
 }
+
+event_loop!(
+    v4,
+    {
+        use rumqttc::{Event, EventLoop, Packet, Publish, Request};
+    },
+    fn topic_of(p: &Publish) -> String {
+        p.topic.clone()
+    },
+    fn received(p: Publish) -> Received {
+        Received::V4(p)
+    }
+);
+
+event_loop!(
+    v5,
+    {
+        use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+        use rumqttc::v5::{Event, EventLoop, Request};
+    },
+    fn topic_of(p: &Publish) -> String {
+        String::from_utf8_lossy(&p.topic).into_owned()
+    },
+    fn received(p: Publish) -> Received {
+        Received::V5(p)
+    }
+);
 
 /// A [`Publisher`] that records what would be published, for tests.
 #[derive(Default)]

@@ -70,12 +70,21 @@ fn fake_model() -> Arc<FakeLlm> {
 }
 
 async fn telemetry_to_actions_and_dead_letters(url: &str) {
+    telemetry_to_actions_and_dead_letters_with(url, ganglion::mqtt::Protocol::V311).await
+}
+
+async fn telemetry_to_actions_and_dead_letters_with(url: &str, protocol: ganglion::mqtt::Protocol) {
     let dir = rules(&[
         ("hot", TELEMETRY_RULE),
         ("voice", LLM_RULE),
         ("trap", TRAP_RULE),
     ]);
-    let gw = RunningGateway::start(url, &format!("gw-{}", free_port()), &dir, fake_model()).await;
+    let settings = ganglion::mqtt::MqttSettings {
+        client_id: format!("gw-{}", free_port()),
+        protocol,
+        ..Default::default()
+    };
+    let gw = RunningGateway::start_with(url, settings, &dir, fake_model()).await;
     assert!(gw.problems.is_empty(), "{:?}", gw.problems);
     let watcher =
         TestClient::connect(url, &format!("watch-{}", free_port()), &["ganglion/#"]).await;
@@ -216,6 +225,12 @@ async fn over_mosquitto() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mosquitto_with_mqtt5() {
+    let broker = Mosquitto::start("mosquitto-e2e-v5");
+    telemetry_to_actions_and_dead_letters_with(&broker.url(), ganglion::mqtt::Protocol::V5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_embedded_broker() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     ganglion::broker::start_embedded(addr).unwrap();
@@ -224,11 +239,25 @@ async fn over_the_embedded_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_loses_nothing() {
+    restart_in_the_middle(ganglion::mqtt::Protocol::V311).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_loses_nothing_with_mqtt5() {
+    restart_in_the_middle(ganglion::mqtt::Protocol::V5).await
+}
+
+async fn restart_in_the_middle(protocol: ganglion::mqtt::Protocol) {
     const N: u64 = 5_000;
     let mut broker = Mosquitto::start("mosquitto-restart");
     let url = broker.url();
     let dir = rules(&[("hot", TELEMETRY_RULE)]);
-    let gw = RunningGateway::start(&url, "gw-restart", &dir, fake_model()).await;
+    let settings = ganglion::mqtt::MqttSettings {
+        client_id: "gw-restart".into(),
+        protocol,
+        ..Default::default()
+    };
+    let gw = RunningGateway::start_with(&url, settings, &dir, fake_model()).await;
     let watcher = TestClient::connect(&url, "watch-restart", &["ganglion/alert/#"]).await;
     let sensor = TestClient::connect(&url, "sensor-restart", &[]).await;
 
