@@ -5,9 +5,12 @@
 //! One task owns the rumqttc event loop ([`connect`]); everyone else holds an
 //! [`MqttHandle`]. Incoming publishes go to a channel as [`Delivery`]s; the
 //! gateway acknowledges each one with [`Publisher::ack`] only after its
-//! outcome is published. The broker stops sending once its in-flight window
-//! of unacknowledged messages is full, which is the runtime's backpressure:
-//! nothing is dropped on either side.
+//! outcome is published. The broker's in-flight window of unacknowledged
+//! messages is the runtime's backpressure: nothing is dropped on either side.
+//!
+//! The event loop is written once (`event_loop!`) and instantiated for each
+//! protocol's rumqttc types; docs/NOTES.md lists the rumqttc behaviours it
+//! works around.
 
 use crate::rules::Outgoing;
 use crate::types::{Message, Qos};
@@ -73,7 +76,7 @@ pub enum AckToken {
     /// acknowledgement from an older connection is not sent (the broker
     /// delivers the message again).
     Mqtt {
-        publish: Received,
+        publish: Box<Received>,
         connection: u64,
         seq: u64,
     },
@@ -331,7 +334,7 @@ pub struct MqttHandle {
 struct AckOrder {
     connection: u64,
     next: u64,
-    done: std::collections::BTreeMap<u64, Option<Received>>,
+    done: std::collections::BTreeMap<u64, Option<Box<Received>>>,
 }
 
 fn qos(q: Qos) -> QoS {
@@ -571,7 +574,7 @@ macro_rules! event_loop {
                             let d = Delivery {
                                 message,
                                 token: AckToken::Mqtt {
-                                    publish: received(p),
+                                    publish: Box::new(received(p)),
                                     connection,
                                     seq,
                                 },
