@@ -293,18 +293,6 @@ pub async fn serve(
     drop(deliveries);
 }
 
-impl RulePipeline {
-    /// The rule's window length in seconds, when it has a time window.
-    pub fn window_seconds(&self) -> Option<u64> {
-        match &self.rule.stages {
-            crate::rules::Stages::Chain {
-                window: Some(w), ..
-            } => w.seconds,
-            _ => None,
-        }
-    }
-}
-
 /// Messages per lane whose outputs may await the broker's acknowledgement at once.
 const UNCONFIRMED_PER_LANE: usize = 256;
 

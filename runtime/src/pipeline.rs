@@ -198,6 +198,11 @@ impl RulePipeline {
         })
     }
 
+    /// The rule's window length in seconds, when it has a time window.
+    pub fn window_seconds(&self) -> Option<u64> {
+        self.window_spec().and_then(|w| w.seconds)
+    }
+
     fn window_spec(&self) -> Option<WindowSpec> {
         match &self.rule.stages {
             Stages::Chain { window, .. } => *window,
