@@ -122,28 +122,33 @@ impl Gateway {
                     events.clone(),
                 );
                 workers.push(tokio::spawn(async move {
-                    // Messages of this lane whose outputs are queued but not yet
-                    // acknowledged by the broker: processing goes on meanwhile
-                    // (outputs stay in order, they are queued in order).
-                    let unconfirmed = Arc::new(tokio::sync::Semaphore::new(UNCONFIRMED_PER_LANE));
+                    // Messages whose outputs are queued but not yet acknowledged by
+                    // the broker wait here, in order, while processing goes on; a
+                    // full queue holds the lane.
+                    let (to_confirm, mut confirming) = mpsc::channel::<(Vec<Queued>, Job)>(UNCONFIRMED_PER_LANE);
+                    let confirmer = {
+                        let (publisher, stats) = (publisher.clone(), stats.clone());
+                        tokio::spawn(async move {
+                            while let Some((queued, job)) = confirming.recv().await {
+                                confirm(queued, &stats).await;
+                                if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+                                    && let Err(e) = publisher.ack(job.pending.token.clone()).await
+                                {
+                                    tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
+                                }
+                            }
+                        })
+                    };
                     while let Some(job) = rx.recv().await {
                         stats.messages.fetch_add(1, Ordering::Relaxed);
                         let outcome = pipeline.process(&job.message).await;
-                        let confirms = deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
-                        let permit = unconfirmed.clone().acquire_owned().await.expect("never closed");
-                        let (publisher, stats) = (publisher.clone(), stats.clone());
-                        tokio::spawn(async move {
-                            confirm(confirms, &stats).await;
-                            if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-                                && let Err(e) = publisher.ack(job.pending.token.clone()).await
-                            {
-                                tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
-                            }
-                            drop(permit);
-                        });
+                        let queued = deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
+                        if to_confirm.send((queued, job)).await.is_err() {
+                            break;
+                        }
                     }
-                    // Wait for every confirmation of this lane before reporting done.
-                    let _all = unconfirmed.acquire_many(UNCONFIRMED_PER_LANE as u32).await;
+                    drop(to_confirm);
+                    let _ = confirmer.await;
                 }));
             }
             if let Some(secs) = pipeline.window_seconds() {
