@@ -144,7 +144,7 @@ async fn main() -> Result<()> {
             let sim = simulate.then_some(SimConfig {
                 source: Source::Synthetic {
                     devices: 8,
-                    anomaly_every: 50,
+                    anomaly_every: 12,
                     seed: 1,
                 },
                 rate,
