@@ -190,18 +190,6 @@ impl Gateway {
         }
     }
 
-    /// The topic filters of every rule, for subscribing.
-    pub fn filters(&self) -> Vec<String> {
-        let mut f: Vec<String> = self
-            .rules
-            .iter()
-            .flat_map(|r| r.pipeline.rule.topics.clone())
-            .collect();
-        f.sort();
-        f.dedup();
-        f
-    }
-
     pub fn stats(&self) -> Vec<(String, Arc<RuleStats>)> {
         self.rules
             .iter()
@@ -378,6 +366,19 @@ async fn confirm(queued: Vec<Queued>, stats: &RuleStats) {
             Err(_) => 0,
         };
     }
+}
+
+/// The topic filters of every rule, each once, for subscribing (the MQTT
+/// connection is made before the gateway starts, since the gateway
+/// publishes through it).
+pub fn topic_filters(pipelines: &[RulePipeline]) -> Vec<String> {
+    let mut f: Vec<String> = pipelines
+        .iter()
+        .flat_map(|p| p.rule.topics.clone())
+        .collect();
+    f.sort();
+    f.dedup();
+    f
 }
 
 /// Loads plugins and rules from folders and binds them; returns the

@@ -227,12 +227,7 @@ async fn run(
             format!("mqtt://{}", config.broker.listen)
         }
     };
-    let mut filters: Vec<String> = pipelines
-        .iter()
-        .flat_map(|p| p.rule.topics.clone())
-        .collect();
-    filters.sort();
-    filters.dedup();
+    let filters = gateway::topic_filters(&pipelines);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (mqtt, mqtt_task) = mqtt::connect(&config.mqtt, &broker, filters, tx)?;
     if !mqtt.wait_connected(Duration::from_secs(10)).await {

@@ -447,39 +447,41 @@ pub fn connect(
         connection: Arc::default(),
         acks: Arc::default(),
     };
-    let (handle, task) = match settings.protocol {
-        Protocol::V311 => {
-            let (client, mut eventloop) =
-                rumqttc::AsyncClient::new(settings.options_v4(host, port, ca), 1024);
-            eventloop.set_network_options(network_options());
-            let handle = handle(Client::V4(client));
-            let task = tokio::spawn(v4::run_loop(
-                eventloop,
-                handle.clone(),
-                filters,
-                deliveries,
-                connected_tx,
-                status,
-            ));
-            (handle, task)
-        }
-        Protocol::V5 => {
-            let (client, eventloop) =
-                rumqttc::v5::AsyncClient::new(settings.options_v5(host, port, ca), 1024);
-            let handle = handle(Client::V5(client));
-            let task = tokio::spawn(v5::run_loop(
-                eventloop,
-                handle.clone(),
-                filters,
-                deliveries,
-                connected_tx,
-                status,
-            ));
-            (handle, task)
-        }
-    };
+    let args = (filters, deliveries, connected_tx, status);
+    let (handle, event_loop): (MqttHandle, Pin<Box<dyn Future<Output = ()> + Send>>) =
+        match settings.protocol {
+            Protocol::V311 => {
+                let (client, mut eventloop) =
+                    rumqttc::AsyncClient::new(settings.options_v4(host, port, ca), 1024);
+                eventloop.set_network_options(network_options());
+                let handle = handle(Client::V4(client));
+                (
+                    handle.clone(),
+                    Box::pin(v4::run_loop(eventloop, handle, args)),
+                )
+            }
+            Protocol::V5 => {
+                let (client, eventloop) =
+                    rumqttc::v5::AsyncClient::new(settings.options_v5(host, port, ca), 1024);
+                let handle = handle(Client::V5(client));
+                (
+                    handle.clone(),
+                    Box::pin(v5::run_loop(eventloop, handle, args)),
+                )
+            }
+        };
+    let task = tokio::spawn(event_loop);
     Ok((handle, task))
 }
+
+/// What an event loop works with: the filters to subscribe to, where
+/// deliveries go, the connection flag, and the status topic.
+type LoopArgs = (
+    Vec<String>,
+    mpsc::Sender<Delivery>,
+    watch::Sender<bool>,
+    String,
+);
 
 /// The event loop, the same for both protocols: instantiated per version
 /// with that version's types in scope.
@@ -491,16 +493,10 @@ macro_rules! event_loop {
             $topic_of
             $received
 
-            pub(super) async fn run_loop(
-                mut eventloop: EventLoop,
-                handle: MqttHandle,
-                filters: Vec<String>,
-                deliveries: mpsc::Sender<Delivery>,
-                connected: watch::Sender<bool>,
-                status_topic: String,
-            ) {
-                // The broker's in-flight window bounds this; it only grows when the
-                // gateway falls behind, and never drops a message.
+            pub(super) async fn run_loop(mut eventloop: EventLoop, handle: MqttHandle, args: LoopArgs) {
+                let (filters, deliveries, connected, status_topic) = args;
+                // Deliveries the gateway has not taken yet. Never dropped; as
+                // large as the broker lets it grow (see docs/NOTES.md).
                 let mut overflow: VecDeque<Delivery> = VecDeque::new();
                 let mut backoff = Duration::from_millis(100);
                 // What rumqttc would resend after a reconnection: publishes awaiting

@@ -387,11 +387,7 @@ impl RunningGateway {
         }
         let host = host_with(Limits::default(), llm.clone());
         let (pipelines, problems) = ganglion::gateway::load(&host, &plugins, rules_dir, llm).await;
-        let mut filters: Vec<String> = pipelines
-            .iter()
-            .flat_map(|p| p.rule.topics.clone())
-            .collect();
-        filters.dedup();
+        let filters = ganglion::gateway::topic_filters(&pipelines);
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let (mqtt, mqtt_task) =
             ganglion::mqtt::connect(&settings, url, filters, tx).expect("mqtt settings");
