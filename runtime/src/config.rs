@@ -205,7 +205,7 @@ impl Default for BrokerConfig {
 }
 
 /// The whole `ganglion.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GanglionConfig {
     pub plugins: PluginConfig,
@@ -213,6 +213,8 @@ pub struct GanglionConfig {
     pub rules: RulesConfig,
     pub mqtt: crate::mqtt::MqttSettings,
     pub broker: BrokerConfig,
+    /// The language model (see [`ganglion_llm::EngineConfig`]).
+    pub model: ganglion_llm::EngineConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,28 +6,14 @@
 //! Implementations must not block the caller's executor: run the model on
 //! threads of its own and return futures that wait for it.
 
-use crate::types::{ChatMessage, Completion, FinishReason, GenerationParams, LlmError, Usage};
+use crate::types::{Completion, FinishReason, LlmError, Usage};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 pub type LlmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LlmError>> + Send + 'a>>;
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum LlmInput {
-    /// Rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
-    /// Passed to the model as it is.
-    Raw(String),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateRequest {
-    pub input: LlmInput,
-    pub params: GenerationParams,
-    /// The rule on whose behalf the call is made (for fair scheduling).
-    pub rule: String,
-}
+pub use ganglion_llm::types::{GenerateRequest, LlmInput};
 
 pub trait LlmEngine: Send + Sync + 'static {
     /// The model's identity, as reported in completions.
@@ -187,5 +173,31 @@ impl LlmEngine for FakeLlm {
 
     fn count_tokens(&self, text: String) -> LlmFuture<'_, u32> {
         Box::pin(async move { Ok(words(&text).count() as u32) })
+    }
+}
+
+/// The native engine (`ganglion-llm`): generation, classification and
+/// embedding run on the engine's worker; token counting on a blocking
+/// thread.
+impl LlmEngine for ganglion_llm::Engine {
+    fn model_id(&self) -> String {
+        ganglion_llm::Engine::model_id(self).to_owned()
+    }
+    fn generate(&self, request: GenerateRequest) -> LlmFuture<'_, Completion> {
+        Box::pin(ganglion_llm::Engine::generate(self, request))
+    }
+    fn classify(&self, text: String, labels: Vec<String>) -> LlmFuture<'_, Vec<f32>> {
+        Box::pin(ganglion_llm::Engine::classify(self, text, labels))
+    }
+    fn embed(&self, texts: Vec<String>) -> LlmFuture<'_, Vec<Vec<f32>>> {
+        Box::pin(ganglion_llm::Engine::embed(self, texts))
+    }
+    fn count_tokens(&self, text: String) -> LlmFuture<'_, u32> {
+        let engine = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || engine.count_tokens(&text))
+                .await
+                .map_err(|e| LlmError::Internal(e.to_string()))?
+        })
     }
 }

@@ -105,8 +105,24 @@ fn load_config(path: &Path) -> Result<GanglionConfig> {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let config = load_config(&cli.config)?;
+    // The model's compute pool is process-wide and sized on first use; set
+    // it while this is the only thread.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        let threads = config.model.thread_count().to_string();
+        // SAFETY: no other thread exists yet, so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads) };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async_main(cli, config))
+}
+
+async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -114,8 +130,6 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let config = load_config(&cli.config)?;
     match cli.command {
         Command::Check { files } => check(config, files).await,
         Command::Run {
@@ -195,6 +209,36 @@ async fn main() -> Result<()> {
     }
 }
 
+/// The configured model, or [`NoModel`] when none is configured or it does
+/// not load: a broken model file is reported and the rules that need the
+/// model dead-letter their messages with `model-not-loaded`, while the
+/// others keep running.
+async fn load_model(config: &ganglion_llm::EngineConfig) -> Arc<dyn LlmEngine> {
+    if config.path.is_none() && config.embedding.is_none() {
+        tracing::info!("no model configured; rules that call the model will dead-letter");
+        return Arc::new(NoModel);
+    }
+    let cfg = config.clone();
+    match tokio::task::spawn_blocking(move || ganglion_llm::Engine::load(&cfg)).await {
+        Ok(Ok((engine, summary))) => {
+            if let Some(s) = summary {
+                tracing::info!(model = %s.id, arch = %s.architecture, layers = s.layers, width = s.width, context = s.context, threads = config.thread_count(), "model loaded");
+            }
+            Arc::new(engine)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(
+                "{e}; running without a model (fetch the default one with `cargo run -p xtask -- model`)"
+            );
+            Arc::new(NoModel)
+        }
+        Err(e) => {
+            tracing::error!("model loader failed: {e}; running without a model");
+            Arc::new(NoModel)
+        }
+    }
+}
+
 async fn run(
     config: GanglionConfig,
     sim: Option<SimConfig>,
@@ -202,7 +246,7 @@ async fn run(
     quiet: bool,
 ) -> Result<()> {
     let state = StateStore::open(&config.state.path, config.state.limits())?;
-    let llm: Arc<dyn LlmEngine> = Arc::new(NoModel);
+    let llm = load_model(&config.model).await;
     let host = PluginHost::new(config.plugins.clone(), state.clone(), llm.clone())?;
     let (pipelines, problems) =
         gateway::load(&host, &config.plugins.dir, &config.rules.dir, llm).await;

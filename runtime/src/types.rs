@@ -142,100 +142,15 @@ pub struct Context {
     pub window_end: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatMessage {
-    pub role: Role,
-    pub content: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Constraint {
-    None,
-    JsonSchema(String),
-    Choice(Vec<String>),
-    Regex(String),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationParams {
-    pub max_tokens: u32,
-    pub temperature: f32,
-    pub top_k: u32,
-    pub top_p: f32,
-    pub repeat_penalty: f32,
-    pub seed: Option<u64>,
-    pub stop: Vec<String>,
-    pub deadline_ms: Option<u32>,
-    pub constraint: Constraint,
-}
-
-impl Default for GenerationParams {
-    fn default() -> Self {
-        GenerationParams {
-            max_tokens: 128,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repeat_penalty: 1.0,
-            seed: None,
-            stop: Vec::new(),
-            deadline_ms: None,
-            constraint: Constraint::None,
-        }
-    }
-}
+pub use ganglion_llm::types::{
+    ChatMessage, Completion, Constraint, FinishReason, GenerationParams, LlmError, Role, Usage,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
     pub system: String,
     pub user: String,
     pub params: GenerationParams,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Stop,
-    Length,
-    Deadline,
-    ConstraintComplete,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub cached_tokens: u32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    pub text: String,
-    pub finish_reason: FinishReason,
-    pub usage: Usage,
-    pub model: String,
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum LlmError {
-    #[error("no model is loaded")]
-    ModelNotLoaded,
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
-    #[error("constraint cannot be satisfied: {0}")]
-    ConstraintUnsatisfiable(String),
-    #[error("deadline exceeded")]
-    DeadlineExceeded,
-    #[error("the model is overloaded")]
-    Overloaded,
-    #[error("engine error: {0}")]
-    Internal(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

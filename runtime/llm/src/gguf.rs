@@ -1,0 +1,258 @@
+//! Opening a GGUF file with errors that name the file and say what was
+//! expected: a missing file, a file that is not GGUF, a truncated file, an
+//! architecture or tensor type the engine does not run.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::{Content, Value};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+/// Architectures whose forward pass the engine implements.
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// Tensor types the engine accepts for weights.
+pub const WEIGHT_TYPES: &[GgmlDType] = &[
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::Q8K,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model file {}: not found", .0.display())]
+    Missing(PathBuf),
+    #[error("model file {}: {reason}", file.display())]
+    Io {
+        file: PathBuf,
+        reason: std::io::Error,
+    },
+    #[error("model file {}: not a GGUF file ({reason})", file.display())]
+    NotGguf { file: PathBuf, reason: String },
+    #[error(
+        "model file {}: truncated: tensor {tensor} ends at byte {needed} but the file has {actual} bytes",
+        file.display()
+    )]
+    Truncated {
+        file: PathBuf,
+        tensor: String,
+        needed: u64,
+        actual: u64,
+    },
+    #[error(
+        "model file {}: architecture '{found}' is not supported (expected one of: llama, qwen2, qwen3)",
+        file.display()
+    )]
+    Architecture { file: PathBuf, found: String },
+    #[error("model file {}: {reason}", file.display())]
+    Invalid { file: PathBuf, reason: String },
+    #[error("model device {0}")]
+    Device(String),
+    #[error("tokenizer for {}: {reason}", file.display())]
+    Tokenizer { file: PathBuf, reason: String },
+}
+
+/// A GGUF file whose header has been read and checked.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: Content,
+    pub reader: BufReader<File>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile, LoadError> {
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => LoadError::Missing(path.to_owned()),
+            _ => LoadError::Io {
+                file: path.to_owned(),
+                reason: e,
+            },
+        })?;
+        let actual = file
+            .metadata()
+            .map_err(|e| LoadError::Io {
+                file: path.to_owned(),
+                reason: e,
+            })?
+            .len();
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| LoadError::NotGguf {
+            file: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count() as u64;
+            let block = info.ggml_dtype.block_size() as u64;
+            if elems % block != 0 {
+                return Err(LoadError::Invalid {
+                    file: path.to_owned(),
+                    reason: format!(
+                        "tensor {name} has {elems} elements, not a multiple of its block size {block}"
+                    ),
+                });
+            }
+            let needed = content.tensor_data_offset
+                + info.offset
+                + elems / block * info.ggml_dtype.type_size() as u64;
+            if needed > actual {
+                return Err(LoadError::Truncated {
+                    file: path.to_owned(),
+                    tensor: name.clone(),
+                    needed,
+                    actual,
+                });
+            }
+        }
+        Ok(GgufFile {
+            path: path.to_owned(),
+            content,
+            reader,
+        })
+    }
+
+    pub fn architecture(&self) -> Result<String, LoadError> {
+        let arch = self.string("general.architecture")?;
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(LoadError::Architecture {
+                file: self.path.clone(),
+                found: arch,
+            });
+        }
+        Ok(arch)
+    }
+
+    pub fn invalid(&self, reason: impl Into<String>) -> LoadError {
+        LoadError::Invalid {
+            file: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn require(&self, key: &str) -> Result<&Value, LoadError> {
+        self.get(key)
+            .ok_or_else(|| self.invalid(format!("metadata key {key} is missing")))
+    }
+
+    pub fn string(&self, key: &str) -> Result<String, LoadError> {
+        self.require(key)?
+            .to_string()
+            .cloned()
+            .map_err(|_| self.invalid(format!("metadata key {key} is not a string")))
+    }
+
+    pub fn u32(&self, key: &str) -> Result<u32, LoadError> {
+        self.opt_u32(key)?
+            .ok_or_else(|| self.invalid(format!("metadata key {key} is missing")))
+    }
+
+    /// Integer metadata of any width; GGUF writers disagree on which they use.
+    pub fn opt_u32(&self, key: &str) -> Result<Option<u32>, LoadError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let n = match v {
+            Value::U8(n) => *n as u64,
+            Value::I8(n) => *n as u64,
+            Value::U16(n) => *n as u64,
+            Value::I16(n) => *n as u64,
+            Value::U32(n) => *n as u64,
+            Value::I32(n) => *n as u64,
+            Value::U64(n) => *n,
+            Value::I64(n) => *n as u64,
+            _ => return Err(self.invalid(format!("metadata key {key} is not an integer"))),
+        };
+        u32::try_from(n)
+            .map(Some)
+            .map_err(|_| self.invalid(format!("metadata key {key} is out of range")))
+    }
+
+    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>, LoadError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(*x)),
+            Some(Value::F64(x)) => Ok(Some(*x as f32)),
+            Some(_) => Err(self.invalid(format!("metadata key {key} is not a number"))),
+        }
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Option<bool> {
+        self.get(key).and_then(|v| v.to_bool().ok())
+    }
+
+    pub fn strings(&self, key: &str) -> Result<Vec<String>, LoadError> {
+        let list = self
+            .require(key)?
+            .to_vec()
+            .map_err(|_| self.invalid(format!("metadata key {key} is not an array")))?;
+        list.iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| self.invalid(format!("metadata key {key} holds a non-string")))
+            })
+            .collect()
+    }
+
+    pub fn ints(&self, key: &str) -> Result<Option<Vec<i32>>, LoadError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let list = v
+            .to_vec()
+            .map_err(|_| self.invalid(format!("metadata key {key} is not an array")))?;
+        list.iter()
+            .map(|v| {
+                v.to_i32()
+                    .or_else(|_| v.to_u32().map(|n| n as i32))
+                    .map_err(|_| self.invalid(format!("metadata key {key} holds a non-integer")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::quantized::QTensor, LoadError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| LoadError::Invalid {
+                file: self.path.clone(),
+                reason: format!("tensor {name} is missing"),
+            })?;
+        if !WEIGHT_TYPES.contains(&info.ggml_dtype) {
+            return Err(self.invalid(format!(
+                "tensor {name} has type {:?}, which the engine does not run",
+                info.ggml_dtype
+            )));
+        }
+        self.content
+            .tensor(&mut self.reader, name, device)
+            .map_err(|e| LoadError::Invalid {
+                file: self.path.clone(),
+                reason: format!("reading tensor {name}: {e}"),
+            })
+    }
+}

@@ -1,0 +1,32 @@
+//! Ganglion's native LLM engine. Plugins reach it only through the WIT `llm`
+//! interface; the runtime holds an [`Engine`] behind its `LlmEngine` trait.
+//!
+//! - [`engine`]: the [`Engine`] handle, its worker thread and bounded queue,
+//!   generation, classification and embedding jobs, [`EngineConfig`].
+//! - [`model`]: the llama-family forward pass (llama, qwen2, qwen3) over
+//!   quantized GGUF weights, batched over sequences with per-sequence KV
+//!   caches.
+//! - [`gguf`]: opening and checking GGUF files; [`LoadError`].
+//! - [`tokenizer`]: the tokenizer from GGUF metadata or `tokenizer.json`, and
+//!   the chat template.
+//! - [`sampling`]: temperature, top-k, top-p, repeat penalty, seeds.
+//! - [`constraint`]: JSON-schema, choice and regex constraints (llguidance).
+//! - [`embed`]: sentence embeddings with a BERT-family encoder.
+//! - [`testing`]: tiny random-weight GGUF models for tests.
+//! - [`types`]: requests and results.
+
+pub mod constraint;
+pub mod embed;
+pub mod engine;
+pub mod gguf;
+pub mod model;
+pub mod sampling;
+pub mod testing;
+pub mod tokenizer;
+pub mod types;
+
+pub use engine::{Engine, EngineConfig, ModelSummary};
+pub use gguf::LoadError;
+pub use types::*;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,263 @@
+//! Tiny random-weight models written as real GGUF files, so tests exercise
+//! the same loader, tokenizer and forward pass as a downloaded model.
+//!
+//! The vocabulary is byte-level BPE: three ChatML special tokens, the 256
+//! byte tokens and a few dozen English merges, with SmolLM2's pre-tokenizer
+//! name and chat template.
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+const MERGES: &[(&str, &str)] = &[
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    ("r", "e"),
+    ("Ġ", "s"),
+    ("a", "t"),
+    ("e", "n"),
+    ("Ġ", "c"),
+    ("o", "r"),
+    ("Ġ", "w"),
+    ("i", "s"),
+    ("Ġ", "in"),
+    ("e", "d"),
+    ("Ġ", "o"),
+    ("a", "l"),
+    ("Ġ", "d"),
+    ("Ġ", "f"),
+    ("a", "r"),
+    ("Ġ", "p"),
+    ("o", "u"),
+    ("l", "e"),
+    ("t", "e"),
+    ("Ġt", "e"),
+    ("Ġte", "m"),
+    ("Ġtem", "p"),
+    ("Ġa", "l"),
+    ("Ġal", "a"),
+    ("Ġala", "r"),
+    ("Ġalar", "m"),
+    ("{", "\""),
+    ("\"", ":"),
+    ("\"", "}"),
+];
+
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    /// `llama`, `qwen2` or `qwen3`.
+    pub arch: &'static str,
+    pub dtype: GgmlDType,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub feed_forward: usize,
+    pub context: usize,
+    /// Without an `output.weight`, the embedding is the output projection.
+    pub tied: bool,
+    pub seed: u64,
+    /// `tokenizer.ggml.pre`.
+    pub pre: &'static str,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            arch: "llama",
+            dtype: GgmlDType::Q8_0,
+            width: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            feed_forward: 128,
+            context: 512,
+            tied: true,
+            seed: 42,
+            pre: "smollm",
+        }
+    }
+}
+
+fn byte_tokens() -> Vec<String> {
+    let mut extra = 0u32;
+    (0..256u32)
+        .map(|b| {
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let c = if printable {
+                char::from_u32(b)
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra)
+            };
+            c.map(String::from).unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The vocabulary: ids 0–2 are `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`.
+pub fn vocabulary() -> Vec<String> {
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    tokens.extend(byte_tokens());
+    for (a, b) in MERGES {
+        tokens.push(format!("{a}{b}"));
+    }
+    tokens
+}
+
+fn random(rng: &mut StdRng, dims: &[usize], scale: f32) -> candle_core::Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(data, dims, &Device::Cpu)
+}
+
+/// Writes a model with random weights to `path`.
+pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let tokens = vocabulary();
+    let vocab = tokens.len();
+    let hd = spec.width / spec.heads;
+    let arch = spec.arch;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let quant = |t: Tensor| QTensor::quantize(&t, spec.dtype);
+    let dense = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32);
+    tensors.push((
+        "token_embd.weight".into(),
+        quant(random(&mut rng, &[vocab, spec.width], 1.0)?)?,
+    ));
+    let scale = 1.0 / (spec.width as f32).sqrt() * 1.7;
+    for i in 0..spec.layers {
+        let n = |s: &str| format!("blk.{i}.{s}");
+        let ones = |d: usize| Tensor::ones(d, candle_core::DType::F32, &Device::Cpu);
+        tensors.push((n("attn_norm.weight"), dense(ones(spec.width)?)?));
+        tensors.push((n("ffn_norm.weight"), dense(ones(spec.width)?)?));
+        tensors.push((
+            n("attn_q.weight"),
+            quant(random(&mut rng, &[spec.heads * hd, spec.width], scale)?)?,
+        ));
+        tensors.push((
+            n("attn_k.weight"),
+            quant(random(&mut rng, &[spec.kv_heads * hd, spec.width], scale)?)?,
+        ));
+        tensors.push((
+            n("attn_v.weight"),
+            quant(random(&mut rng, &[spec.kv_heads * hd, spec.width], scale)?)?,
+        ));
+        tensors.push((
+            n("attn_output.weight"),
+            quant(random(&mut rng, &[spec.width, spec.heads * hd], scale)?)?,
+        ));
+        tensors.push((
+            n("ffn_gate.weight"),
+            quant(random(&mut rng, &[spec.feed_forward, spec.width], scale)?)?,
+        ));
+        tensors.push((
+            n("ffn_up.weight"),
+            quant(random(&mut rng, &[spec.feed_forward, spec.width], scale)?)?,
+        ));
+        tensors.push((
+            n("ffn_down.weight"),
+            quant(random(&mut rng, &[spec.width, spec.feed_forward], scale)?)?,
+        ));
+        if arch == "qwen2" {
+            tensors.push((
+                n("attn_q.bias"),
+                dense(random(&mut rng, &[spec.heads * hd], 0.1)?)?,
+            ));
+            tensors.push((
+                n("attn_k.bias"),
+                dense(random(&mut rng, &[spec.kv_heads * hd], 0.1)?)?,
+            ));
+            tensors.push((
+                n("attn_v.bias"),
+                dense(random(&mut rng, &[spec.kv_heads * hd], 0.1)?)?,
+            ));
+        }
+        if arch == "qwen3" {
+            tensors.push((n("attn_q_norm.weight"), dense(ones(hd)?)?));
+            tensors.push((n("attn_k_norm.weight"), dense(ones(hd)?)?));
+        }
+    }
+    tensors.push((
+        "output_norm.weight".into(),
+        dense(Tensor::ones(
+            spec.width,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?)?,
+    ));
+    if !spec.tied {
+        tensors.push((
+            "output.weight".into(),
+            quant(random(&mut rng, &[vocab, spec.width], scale)?)?,
+        ));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let u32v = |n: usize| Value::U32(n as u32);
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String("tiny-random".into())),
+        (key("block_count"), u32v(spec.layers)),
+        (key("context_length"), u32v(spec.context)),
+        (key("embedding_length"), u32v(spec.width)),
+        (key("feed_forward_length"), u32v(spec.feed_forward)),
+        (key("attention.head_count"), u32v(spec.heads)),
+        (key("attention.head_count_kv"), u32v(spec.kv_heads)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (key("rope.freq_base"), Value::F32(10_000.0)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(spec.pre.into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().cloned().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(
+                (0..vocab)
+                    .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(
+                MERGES
+                    .iter()
+                    .map(|(a, b)| Value::String(format!("{a} {b}")))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), u32v(1)),
+        ("tokenizer.ggml.eos_token_id".into(), u32v(2)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML_TEMPLATE.into()),
+        ),
+    ];
+    if arch == "qwen3" {
+        metadata.push((key("attention.key_length"), u32v(hd)));
+    }
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    candle_core::quantized::gguf_file::write(&mut file, &meta, &refs)?;
+    use std::io::Write;
+    file.flush()?;
+    Ok(())
+}
