@@ -94,7 +94,7 @@ impl GgufFile {
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count() as u64;
             let block = info.ggml_dtype.block_size() as u64;
-            if elems % block != 0 {
+            if !elems.is_multiple_of(block) {
                 return Err(LoadError::Invalid {
                     file: path.to_owned(),
                     reason: format!(

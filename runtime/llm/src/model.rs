@@ -116,7 +116,7 @@ impl Model {
         let kv_heads = gguf
             .opt_u32(&key("attention.head_count_kv"))?
             .map_or(heads, |n| n as usize);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(gguf.invalid(format!(
                 "{heads} attention heads cannot be grouped over {kv_heads} key/value heads"
             )));
@@ -124,7 +124,7 @@ impl Model {
         let head_dim = gguf
             .opt_u32(&key("attention.key_length"))?
             .map_or(width / heads, |n| n as usize);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(gguf.invalid(format!("head size {head_dim} is not even")));
         }
         let layers_n = gguf.u32(&key("block_count"))? as usize;

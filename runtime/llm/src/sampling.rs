@@ -130,8 +130,8 @@ mod tests {
         let mut s = Sampler::new(0.0, 0, 1.0, 1.0, Some(1));
         let mut logits = vec![0.1, 3.0, 2.0, -1.0];
         assert_eq!(s.sample(&mut logits.clone(), &[], None), Some(1));
-        let odd = |t: u32| t % 2 == 0;
-        assert_eq!(s.sample(&mut logits, &[], Some(&odd)), Some(2));
+        let even = |t: u32| t.is_multiple_of(2);
+        assert_eq!(s.sample(&mut logits, &[], Some(&even)), Some(2));
         let none = |_: u32| false;
         assert_eq!(s.sample(&mut [1.0, 2.0], &[], Some(&none)), None);
     }
