@@ -6,6 +6,8 @@
 //! - `test`: plugins, then every test suite (workspace, SDK, plugins' own unit tests).
 //! - `lint`: rustfmt check and clippy with warnings denied, host and wasm sides.
 //! - `demo`: plugins and models, then `ganglion run --simulate`: embedded broker, example rules, simulated sensors.
+//! - `bench-llm`: llama.cpp (llama-cpp-python built from source in target/llamacpp), then the
+//!   engine's and llama.cpp's prefill and decode speed on the default model, 1 and 2 threads.
 //! - `bench-mqtt`: plugins, mosquitto and Node-RED, then the end-to-end MQTT benchmark.
 
 use anyhow::{Result, bail};
@@ -68,6 +70,86 @@ fn cargo_test(args: &[&str], rest: &[String]) -> Result<(u64, u64)> {
         bail!("{c:?} failed with {status} ({passed} passed, {failed} failed)");
     }
     Ok((passed, failed))
+}
+
+/// The engine beside llama.cpp on the same GGUF, in one run: each thread
+/// count alternates the two, three rounds, and the table shows the best of
+/// each and their ratio (engine ÷ llama.cpp).
+fn bench_llm(rest: &[String]) -> Result<()> {
+    let root = xtask::root();
+    let model = match rest.first() {
+        Some(p) => std::path::PathBuf::from(p),
+        None => xtask::fetch_model()?,
+    };
+    let venv = root.join("target/llamacpp");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let probe = Command::new(&python)
+        .args(["-c", "import llama_cpp"])
+        .status()?;
+    if !probe.success() {
+        // From source, for this CPU's AVX2/AVX-512 but not AMX: AMX tile
+        // instructions fault on hosts that advertise but do not enable it.
+        run(Command::new(venv.join("bin/pip"))
+            .env(
+                "CMAKE_ARGS",
+                "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF",
+            )
+            .args([
+                "install",
+                "--no-cache-dir",
+                "--no-binary",
+                "llama-cpp-python",
+                "llama-cpp-python==0.3.36",
+            ]))?;
+    }
+    cargo(
+        &["bench", "-p", "ganglion-llm", "--bench", "llm_speed", "--no-run"],
+        &[] as &[&str],
+    )?;
+    let json = |out: std::process::Output| -> Result<serde_json::Value> {
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+        Ok(serde_json::from_str(line)?)
+    };
+    let best = |a: f64, v: &serde_json::Value, k: &str| a.max(v[k].as_f64().unwrap_or(0.0));
+    println!("| threads | engine prefill tok/s | llama.cpp prefill tok/s | prefill ratio | engine decode tok/s | llama.cpp decode tok/s | decode ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for threads in [1, 2] {
+        let (mut ep, mut ed, mut lp, mut ld) = (0f64, 0f64, 0f64, 0f64);
+        for _ in 0..3 {
+            let ours = json(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .current_dir(&root)
+                    .env("CANDLE_NUM_THREADS", threads.to_string())
+                    .args(["bench", "-q", "-p", "ganglion-llm", "--bench", "llm_speed", "--"])
+                    .arg(&model)
+                    .output()?,
+            )?;
+            let theirs = json(
+                Command::new(&python)
+                    .arg(root.join("tests/benches/llama_cpp_speed.py"))
+                    .arg(&model)
+                    .arg(threads.to_string())
+                    .output()?,
+            )?;
+            ep = best(ep, &ours, "prefill_tps");
+            ed = best(ed, &ours, "decode_tps");
+            lp = best(lp, &theirs, "prefill_tps");
+            ld = best(ld, &theirs, "decode_tps");
+        }
+        println!(
+            "| {threads} | {ep:.0} | {lp:.0} | {:.2} | {ed:.1} | {ld:.1} | {:.2} |",
+            ep / lp,
+            ed / ld
+        );
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -187,6 +269,7 @@ fn main() -> Result<()> {
                 rest,
             )
         }
+        "bench-llm" => bench_llm(rest),
         "demo" => {
             xtask::build_plugins()?;
             xtask::fetch_model()?;
@@ -206,7 +289,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt"
+                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt | bench-llm"
             );
             if task == "help" {
                 Ok(())

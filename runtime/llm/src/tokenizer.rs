@@ -379,6 +379,8 @@ fn from_metadata(
         })
         .map(|(_, t)| AddedToken::from(t.clone(), true))
         .collect();
-    tokenizer.add_special_tokens(&specials);
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| err(format!("special tokens: {e}")))?;
     Ok(tokenizer)
 }
