@@ -21,6 +21,8 @@ fn main() -> anyhow::Result<()> {
     let (prompt_n, decode_n, reps) = (arg(1, 128), arg(2, 64), arg(3, 3));
     let mut gguf = GgufFile::open(std::path::Path::new(path))?;
     let model = Model::load(&mut gguf, &candle_core::Device::Cpu, |_, _| {})?;
+    let resident = resident_bytes();
+    let file = std::fs::metadata(path)?.len();
     let vocab = model.config.vocab as u32;
     // Deterministic, ordinary token ids (past the special tokens).
     let prompt: Vec<u32> = (0..prompt_n as u32)
@@ -49,8 +51,18 @@ fn main() -> anyhow::Result<()> {
         best_decode = best_decode.max(decode_n as f64 / t.elapsed().as_secs_f64());
     }
     println!(
-        "{{\"engine\":\"ganglion\",\"threads\":{},\"prompt_tokens\":{prompt_n},\"decode_tokens\":{decode_n},\"prefill_tps\":{best_prefill:.1},\"decode_tps\":{best_decode:.1}}}",
-        std::env::var("CANDLE_NUM_THREADS").unwrap_or_default()
+        "{{\"engine\":\"ganglion\",\"threads\":{},\"prompt_tokens\":{prompt_n},\"decode_tokens\":{decode_n},\"prefill_tps\":{best_prefill:.1},\"decode_tps\":{best_decode:.1},\"resident_mib\":{:.0},\"file_mib\":{:.0}}}",
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
+        resident as f64 / 1048576.0,
+        file as f64 / 1048576.0,
     );
     Ok(())
+}
+
+/// Resident memory of this process after loading (Linux; 0 elsewhere).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
