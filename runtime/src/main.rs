@@ -273,13 +273,18 @@ async fn run(
     };
     let filters = gateway::topic_filters(&pipelines);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let (mqtt, mqtt_task) = mqtt::connect(&config.mqtt, &broker, filters, tx)?;
+    let mqtt = Arc::new(mqtt::GatewayLink::connect(
+        &config.mqtt,
+        &broker,
+        filters,
+        tx,
+    )?);
     if !mqtt.wait_connected(Duration::from_secs(10)).await {
         tracing::warn!(%broker, "not connected yet; messages flow once the broker answers");
     }
     let gateway = Gateway::start(
         pipelines,
-        Arc::new(mqtt.clone()),
+        mqtt.clone(),
         GatewayConfig {
             lanes: config.rules.lanes,
             lane_capacity: config.rules.lane_capacity,
@@ -315,7 +320,6 @@ async fn run(
     view.abort();
     print_summary(&stats);
     mqtt.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), mqtt_task).await;
     state.flush()?;
     Ok(())
 }

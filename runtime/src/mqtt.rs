@@ -474,6 +474,77 @@ pub fn connect(
     Ok((handle, task))
 }
 
+/// The gateway's two broker connections: `intake` subscribes and receives
+/// (and acknowledges what it received, in order), `output` publishes.
+///
+/// Why two: a broker may hold back its PUBACKs and PINGRESPs to a client
+/// while that client's window of unacknowledged deliveries is full —
+/// rumqttd 0.20 does (a client paused as inflight-full is only woken by its
+/// own acknowledgements). The gateway acknowledges a message only after its
+/// outputs are acknowledged, so on one connection a slow stage (the model)
+/// holding the window full would wait forever for the PUBACKs of its
+/// outputs. On a connection of their own, outputs are acknowledged whatever
+/// the intake window holds.
+pub struct GatewayLink {
+    pub intake: MqttHandle,
+    pub output: MqttHandle,
+    tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    _output_deliveries: mpsc::Receiver<Delivery>,
+}
+
+impl GatewayLink {
+    /// Connects both (the output client's id is the configured one with
+    /// `-out` appended).
+    pub fn connect(
+        settings: &MqttSettings,
+        broker: &str,
+        filters: Vec<String>,
+        deliveries: mpsc::Sender<Delivery>,
+    ) -> Result<GatewayLink, MqttError> {
+        let (intake, intake_task) = connect(settings, broker, filters, deliveries)?;
+        let out_settings = MqttSettings {
+            client_id: format!("{}-out", settings.client_id),
+            ..settings.clone()
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let (output, output_task) = connect(&out_settings, broker, Vec::new(), tx)?;
+        Ok(GatewayLink {
+            intake,
+            output,
+            tasks: tokio::sync::Mutex::new(vec![intake_task, output_task]),
+            _output_deliveries: rx,
+        })
+    }
+
+    /// Whether both connections are up within `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let (a, b) = tokio::join!(
+            self.intake.wait_connected(timeout),
+            self.output.wait_connected(timeout)
+        );
+        a && b
+    }
+
+    /// Disconnects both and waits (bounded) for their event loops to end.
+    pub async fn disconnect(&self) {
+        self.intake.disconnect().await;
+        self.output.disconnect().await;
+        for t in self.tasks.lock().await.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+impl Publisher for GatewayLink {
+    fn publish(&self, out: Outgoing) -> QueueFuture<'_> {
+        self.output.publish(out)
+    }
+
+    fn ack(&self, token: AckToken) -> MqttFuture<'_> {
+        self.intake.ack(token)
+    }
+}
+
 /// What an event loop works with: the filters to subscribe to, where
 /// deliveries go, the connection flag, and the status topic.
 type LoopArgs = (

@@ -389,8 +389,10 @@ impl RunningGateway {
         let (pipelines, problems) = ganglion::gateway::load(&host, &plugins, rules_dir, llm).await;
         let filters = ganglion::gateway::topic_filters(&pipelines);
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let (mqtt, mqtt_task) =
-            ganglion::mqtt::connect(&settings, url, filters, tx).expect("mqtt settings");
+        let mqtt = Arc::new(
+            ganglion::mqtt::GatewayLink::connect(&settings, url, filters, tx)
+                .expect("mqtt settings"),
+        );
         assert!(
             mqtt.wait_connected(std::time::Duration::from_secs(10))
                 .await,
@@ -398,7 +400,7 @@ impl RunningGateway {
         );
         let gateway = ganglion::gateway::Gateway::start(
             pipelines,
-            Arc::new(mqtt.clone()),
+            mqtt.clone(),
             ganglion::gateway::GatewayConfig::default(),
         );
         let stats = gateway.stats();
@@ -409,7 +411,6 @@ impl RunningGateway {
             })
             .await;
             mqtt.disconnect().await;
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), mqtt_task).await;
         });
         // Let the subscriptions reach the broker.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -106,7 +106,14 @@ fn bench_llm(rest: &[String]) -> Result<()> {
             ]))?;
     }
     cargo(
-        &["bench", "-p", "ganglion-llm", "--bench", "llm_speed", "--no-run"],
+        &[
+            "bench",
+            "-p",
+            "ganglion-llm",
+            "--bench",
+            "llm_speed",
+            "--no-run",
+        ],
         &[] as &[&str],
     )?;
     let json = |out: std::process::Output| -> Result<serde_json::Value> {
@@ -114,11 +121,17 @@ fn bench_llm(rest: &[String]) -> Result<()> {
             bail!("{}", String::from_utf8_lossy(&out.stderr));
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or("");
         Ok(serde_json::from_str(line)?)
     };
     let best = |a: f64, v: &serde_json::Value, k: &str| a.max(v[k].as_f64().unwrap_or(0.0));
-    println!("| threads | engine prefill tok/s | llama.cpp prefill tok/s | prefill ratio | engine decode tok/s | llama.cpp decode tok/s | decode ratio |");
+    println!(
+        "| threads | engine prefill tok/s | llama.cpp prefill tok/s | prefill ratio | engine decode tok/s | llama.cpp decode tok/s | decode ratio |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for threads in [1, 2] {
         let (mut ep, mut ed, mut lp, mut ld) = (0f64, 0f64, 0f64, 0f64);
@@ -127,7 +140,15 @@ fn bench_llm(rest: &[String]) -> Result<()> {
                 Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
                     .current_dir(&root)
                     .env("CANDLE_NUM_THREADS", threads.to_string())
-                    .args(["bench", "-q", "-p", "ganglion-llm", "--bench", "llm_speed", "--"])
+                    .args([
+                        "bench",
+                        "-q",
+                        "-p",
+                        "ganglion-llm",
+                        "--bench",
+                        "llm_speed",
+                        "--",
+                    ])
                     .arg(&model)
                     .output()?,
             )?;
