@@ -7,6 +7,7 @@ use ganglion_tests::*;
 use serde_json::Value as Json;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 const TELEMETRY_RULE: &str = r#"
 topics = ["t/+/telemetry"]
@@ -403,6 +404,39 @@ async fn tls_and_password_to_an_external_broker() {
             .wait_until(10, |w| !w.on("ganglion/alert/hot/m9").is_empty())
             .await,
         "alert through the TLS gateway"
+    );
+    gw.stop().await;
+}
+
+/// A slow model keeps more messages unacknowledged than the embedded
+/// broker's window (100) while their outputs wait for PUBACKs. Outputs go out
+/// on a connection of their own, so every message still gets its output
+/// (on one connection rumqttd withheld the PUBACKs and everything stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_model_does_not_stall_the_embedded_broker() {
+    const N: usize = 300;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    ganglion::broker::start_embedded(addr).unwrap();
+    let url = format!("mqtt://{addr}");
+    let dir = rules(&[("voice", LLM_RULE)]);
+    let slow = FakeLlm::with_delay(Duration::from_millis(30), |_| {
+        Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into())
+    });
+    let gw = RunningGateway::start(&url, "gw-slow", &dir, slow).await;
+    let watcher = TestClient::connect(&url, "watch-slow", &["ganglion/command/#"]).await;
+    let sensor = TestClient::connect(&url, "sensor-slow", &[]).await;
+    for i in 0..N {
+        sensor
+            .publish(
+                &format!("home/room{}/say", i % 3),
+                r#"{"metric":"speech","value":"turn the fan on"}"#,
+            )
+            .await;
+    }
+    assert!(
+        watcher.wait_until(120, |w| w.received().len() >= N).await,
+        "{} of {N} commands arrived",
+        watcher.received().len()
     );
     gw.stop().await;
 }
