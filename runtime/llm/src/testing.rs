@@ -261,3 +261,33 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()>
     file.flush()?;
     Ok(())
 }
+
+/// Writes a `tokenizer.json` for the tiny vocabulary (GPT-2 byte-level
+/// pre-tokenizer, the same merges), as a model shipped with one would have.
+pub fn write_tokenizer_json(path: &Path) -> Result<(), String> {
+    use tokenizers::models::bpe::{BPE, Vocab};
+    let vocab: Vocab = vocabulary()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    let merges = MERGES
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut t = tokenizers::Tokenizer::new(bpe);
+    t.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true),
+    ));
+    t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    let specials: Vec<tokenizers::AddedToken> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|s| tokenizers::AddedToken::from(*s, true))
+        .collect();
+    t.add_special_tokens(specials).map_err(|e| e.to_string())?;
+    t.save(path, false).map_err(|e| e.to_string())
+}

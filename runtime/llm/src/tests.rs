@@ -506,3 +506,29 @@ fn device_choice_is_checked() {
         assert!(e.contains("--features cuda"), "{e}");
     }
 }
+
+/// A `tokenizer.json` beside the model is used instead of the metadata, so
+/// a model whose pre-tokenizer the engine does not know still loads.
+#[test]
+fn a_tokenizer_json_beside_the_model_is_used() {
+    let dir = tempdir::Dir::new();
+    let path = model_file(
+        dir.path(),
+        &TinySpec {
+            pre: "klingon",
+            ..Default::default()
+        },
+    );
+    crate::testing::write_tokenizer_json(&dir.path().join("tokenizer.json")).unwrap();
+    let config = EngineConfig {
+        path: Some(path),
+        ..Default::default()
+    };
+    let (engine, _) = Engine::load_with_progress(&config, false).unwrap();
+    let t = engine.tokenizer().unwrap();
+    assert_eq!(t.source, dir.path().join("tokenizer.json"));
+    let text = "the alarm in the kitchen: 42";
+    let ids = t.encode(text).unwrap();
+    assert_eq!(t.decode(&ids), text);
+    assert_eq!(t.encode("<|im_end|>").unwrap(), vec![2]);
+}
