@@ -19,6 +19,10 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// The input whose label scores `classify` subtracts, so that what the
+/// model prefers with no evidence at all does not count as evidence.
+const CONTENT_FREE: &str = "N/A";
+
 /// Prompt tokens per forward call during prefill: bounds the attention
 /// score matrix (`heads × chunk × context` floats).
 const PREFILL_CHUNK: usize = 256;
@@ -529,8 +533,13 @@ impl Worker {
         };
         let forward: Vec<&String> = labels.iter().collect();
         let reversed: Vec<&String> = labels.iter().rev().collect();
-        let mut prompts = Vec::with_capacity(2);
-        for order in [&forward, &reversed] {
+        let mut prompts = Vec::with_capacity(4);
+        for (order, text) in [
+            (&forward, text),
+            (&reversed, text),
+            (&forward, CONTENT_FREE),
+            (&reversed, CONTENT_FREE),
+        ] {
             let messages = vec![
                 ChatMessage {
                     role: Role::System,
@@ -538,7 +547,7 @@ impl Worker {
                 },
                 ChatMessage {
                     role: Role::User,
-                    content: text.to_owned(),
+                    content: text.to_string(),
                 },
             ];
             let rendered = tokenizer
@@ -554,7 +563,7 @@ impl Worker {
             }
             prompts.push(ids);
         }
-        let mut caches = vec![KvCache::default(), KvCache::default()];
+        let mut caches = vec![KvCache::default(); 4];
         let firsts = Self::prefill_many(model, &prompts, &mut caches)?;
         let label_ids: Vec<Vec<u32>> = labels
             .iter()
@@ -564,13 +573,22 @@ impl Worker {
                     .map_err(LlmError::InvalidInput)
             })
             .collect::<Result<_, _>>()?;
+        // Prompts 0 and 1 hold the text, 2 and 3 the content-free input,
+        // whose scores are subtracted.
+        let sign = [1.0f32, 1.0, -1.0, -1.0];
         let mut scores: Vec<f32> = label_ids
             .iter()
-            .map(|l| firsts.iter().map(|lp| lp[l[0] as usize]).sum())
+            .map(|l| {
+                firsts
+                    .iter()
+                    .zip(sign)
+                    .map(|(lp, s)| s * lp[l[0] as usize])
+                    .sum()
+            })
             .collect();
         let longer: Vec<(usize, usize)> = (0..labels.len())
             .filter(|&i| label_ids[i].len() > 1)
-            .flat_map(|i| [(i, 0), (i, 1)])
+            .flat_map(|i| (0..4).map(move |c| (i, c)))
             .collect();
         if !longer.is_empty() {
             let mut copies: Vec<KvCache> = longer.iter().map(|&(_, c)| caches[c].clone()).collect();
@@ -584,13 +602,13 @@ impl Worker {
                 .collect();
             let logits = model.forward_all(&mut steps).map_err(internal)?;
             let mut row = 0;
-            for &(i, _) in &longer {
+            for &(i, c) in &longer {
                 for &next in &label_ids[i][1..] {
                     let lp = logits
                         .get(row)
                         .and_then(|r| log_softmax(&r))
                         .map_err(internal)?;
-                    scores[i] += lp[next as usize];
+                    scores[i] += sign[c] * lp[next as usize];
                     row += 1;
                 }
             }
