@@ -359,6 +359,20 @@ impl MqttHandle {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Completes the publish the broker acknowledged (PUBACK, or PUBCOMP
+    /// for QoS 2).
+    fn confirm(&self, pkid: u16) {
+        if let Some(tx) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_pkid
+            .remove(&pkid)
+        {
+            let _ = tx.send(());
+        }
+    }
+
     /// Sends a DISCONNECT; the event loop then ends.
     pub async fn disconnect(&self) {
         self.client.disconnect().await;
@@ -668,28 +682,8 @@ macro_rules! event_loop {
                                 }
                             }
                         }
-                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                            if let Some(tx) = handle
-                                .pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .by_pkid
-                                .remove(&ack.pkid)
-                            {
-                                let _ = tx.send(());
-                            }
-                        }
-                        Ok(Event::Incoming(Packet::PubComp(c))) => {
-                            if let Some(tx) = handle
-                                .pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .by_pkid
-                                .remove(&c.pkid)
-                            {
-                                let _ = tx.send(());
-                            }
-                        }
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => handle.confirm(ack.pkid),
+                        Ok(Event::Incoming(Packet::PubComp(c))) => handle.confirm(c.pkid),
                         Ok(Event::Outgoing(Out::Disconnect)) => {
                             let _ = connected.send(false);
                             return;

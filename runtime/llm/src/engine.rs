@@ -251,25 +251,28 @@ impl Engine {
         Instant::now() + ms.map_or(self.default_deadline, |ms| Duration::from_millis(ms as u64))
     }
 
-    fn submit<T>(
+    /// Queues a job built around its reply channel: `model-not-loaded` at
+    /// once when the model it needs is absent, `overloaded` when the queue
+    /// is full.
+    fn submit<T: Send + 'static>(
         &self,
-        job: Job,
-        rx: oneshot::Receiver<Result<T, LlmError>>,
-    ) -> impl Future<Output = Result<T, LlmError>> + Send + 'static
-    where
-        T: Send + 'static,
-    {
-        let sent = match self.jobs.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(LlmError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(LlmError::Internal("the model worker has stopped".into()))
+        ready: bool,
+        job: impl FnOnce(oneshot::Sender<Result<T, LlmError>>) -> Job,
+    ) -> impl Future<Output = Result<T, LlmError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || LlmError::Internal("the model worker has stopped".into());
+        let sent = if !ready {
+            Err(LlmError::ModelNotLoaded)
+        } else {
+            match self.jobs.try_send(job(tx)) {
+                Ok(()) => Ok(()),
+                Err(TrySendError::Full(_)) => Err(LlmError::Overloaded),
+                Err(TrySendError::Disconnected(_)) => Err(stopped()),
             }
         };
         async move {
             sent?;
-            rx.await
-                .unwrap_or_else(|_| Err(LlmError::Internal("the model worker has stopped".into())))
+            rx.await.unwrap_or_else(|_| Err(stopped()))
         }
     }
 
@@ -277,16 +280,10 @@ impl Engine {
         &self,
         request: GenerateRequest,
     ) -> impl Future<Output = Result<Completion, LlmError>> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
         let deadline = self.deadline(request.params.deadline_ms);
-        let ready = self.tokenizer.is_some();
-        let fut = ready.then(|| self.submit(Job::Generate(request, deadline, tx), rx));
-        async move {
-            match fut {
-                Some(f) => f.await,
-                None => Err(LlmError::ModelNotLoaded),
-            }
-        }
+        self.submit(self.tokenizer.is_some(), move |tx| {
+            Job::Generate(request, deadline, tx)
+        })
     }
 
     pub fn classify(
@@ -294,33 +291,18 @@ impl Engine {
         text: String,
         labels: Vec<String>,
     ) -> impl Future<Output = Result<Vec<f32>, LlmError>> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
         let deadline = self.deadline(None);
-        let ready = self.tokenizer.is_some();
-        let fut = ready.then(|| self.submit(Job::Classify(text, labels, deadline, tx), rx));
-        async move {
-            match fut {
-                Some(f) => f.await,
-                None => Err(LlmError::ModelNotLoaded),
-            }
-        }
+        self.submit(self.tokenizer.is_some(), move |tx| {
+            Job::Classify(text, labels, deadline, tx)
+        })
     }
 
     pub fn embed(
         &self,
         texts: Vec<String>,
     ) -> impl Future<Output = Result<Vec<Vec<f32>>, LlmError>> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
         let deadline = self.deadline(None);
-        let fut = self
-            .has_embedder
-            .then(|| self.submit(Job::Embed(texts, deadline, tx), rx));
-        async move {
-            match fut {
-                Some(f) => f.await,
-                None => Err(LlmError::ModelNotLoaded),
-            }
-        }
+        self.submit(self.has_embedder, move |tx| Job::Embed(texts, deadline, tx))
     }
 
     /// Tokens of `text` as the model would see it (BOS included when the
@@ -394,21 +376,9 @@ impl Worker {
 
     /// Feeds `ids` into `cache` in chunks; the logits after the last token.
     fn prefill(model: &Model, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, LlmError> {
-        let mut logits = None;
-        for chunk in ids.chunks(PREFILL_CHUNK) {
-            let out = model
-                .forward(&mut [Step {
-                    tokens: chunk,
-                    cache: &mut *cache,
-                }])
-                .map_err(internal)?;
-            logits = Some(out);
-        }
-        logits
-            .ok_or_else(|| LlmError::InvalidInput("the prompt is empty".into()))?
-            .squeeze(0)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(internal)
+        let mut out = Self::prefill_many(model, &[ids], std::slice::from_mut(cache))?;
+        out.pop()
+            .ok_or_else(|| LlmError::InvalidInput("the prompt is empty".into()))
     }
 
     fn generate(
@@ -434,7 +404,14 @@ impl Worker {
         let mut logits = Self::prefill(model, &ids, &mut cache)?;
         let mut history = ids.clone();
         let mut generated: Vec<u32> = Vec::new();
-        let mut text = String::new();
+        let stops: Vec<&str> = p
+            .stop
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .collect();
+        // Set when a stop string cut the text; otherwise decoded at the end.
+        let mut text: Option<String> = None;
         let mut finish = FinishReason::Length;
         while generated.len() < max_tokens {
             if Instant::now() >= deadline {
@@ -468,17 +445,13 @@ impl Worker {
             }
             generated.push(token);
             history.push(token);
-            text = tokenizer.decode(&generated);
-            if let Some(cut) = p
-                .stop
-                .iter()
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(cut);
-                finish = FinishReason::Stop;
-                break;
+            if !stops.is_empty() {
+                let so_far = tokenizer.decode(&generated);
+                if let Some(cut) = stops.iter().filter_map(|s| so_far.find(s)).min() {
+                    text = Some(so_far[..cut].to_owned());
+                    finish = FinishReason::Stop;
+                    break;
+                }
             }
             if matcher.as_ref().is_some_and(|m| m.is_stopped()) {
                 finish = FinishReason::ConstraintComplete;
@@ -496,7 +469,7 @@ impl Worker {
                 .map_err(internal)?;
         }
         Ok(Completion {
-            text,
+            text: text.unwrap_or_else(|| tokenizer.decode(&generated)),
             finish_reason: finish,
             usage: Usage {
                 prompt_tokens: ids.len() as u32,
@@ -564,7 +537,15 @@ impl Worker {
             prompts.push(ids);
         }
         let mut caches = vec![KvCache::default(); 4];
-        let firsts = Self::prefill_many(model, &prompts, &mut caches)?;
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let firsts = Self::prefill_many(model, &prompts, &mut caches)?
+            .into_iter()
+            .map(|l| {
+                candle_core::Tensor::new(l, model.device())
+                    .and_then(|t| log_softmax(&t))
+                    .map_err(internal)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let label_ids: Vec<Vec<u32>> = labels
             .iter()
             .map(|l| {
@@ -620,10 +601,10 @@ impl Worker {
     }
 
     /// Prefills several prompts together, `PREFILL_CHUNK` tokens of each per
-    /// forward call; the log-probabilities after each prompt's last token.
+    /// forward call; the logits after each prompt's last token.
     fn prefill_many(
         model: &Model,
-        prompts: &[Vec<u32>],
+        prompts: &[&[u32]],
         caches: &mut [KvCache],
     ) -> Result<Vec<Vec<f32>>, LlmError> {
         let mut out: Vec<Option<Vec<f32>>> = vec![None; prompts.len()];
@@ -648,11 +629,12 @@ impl Worker {
             let logits = model.forward(&mut steps).map_err(internal)?;
             for (row, &i) in active.iter().enumerate() {
                 if offset + PREFILL_CHUNK >= prompts[i].len() {
-                    let lp = logits
-                        .get(row)
-                        .and_then(|r| log_softmax(&r))
-                        .map_err(internal)?;
-                    out[i] = Some(lp);
+                    out[i] = Some(
+                        logits
+                            .get(row)
+                            .and_then(|r| r.to_vec1::<f32>())
+                            .map_err(internal)?,
+                    );
                 }
             }
             offset += PREFILL_CHUNK;

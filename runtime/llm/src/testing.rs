@@ -90,19 +90,9 @@ impl Default for TinySpec {
 }
 
 fn byte_tokens() -> Vec<String> {
-    let mut extra = 0u32;
-    (0..256u32)
-        .map(|b| {
-            let printable =
-                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-            let c = if printable {
-                char::from_u32(b)
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra)
-            };
-            c.map(String::from).unwrap_or_default()
-        })
+    crate::tokenizer::byte_to_char()
+        .iter()
+        .map(|c| c.to_string())
         .collect()
 }
 

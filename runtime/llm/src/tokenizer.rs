@@ -52,7 +52,7 @@ fn pre_tokenizer(pre: &str) -> Option<(&'static [&'static str], bool)> {
 }
 
 /// GPT-2's reversible map from bytes to printable characters.
-fn byte_to_char() -> [char; 256] {
+pub(crate) fn byte_to_char() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
