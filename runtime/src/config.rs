@@ -204,6 +204,42 @@ impl Default for BrokerConfig {
     }
 }
 
+/// Hot reload of the plugins and rules folders while the gateway runs.
+///
+/// ```toml
+/// [reload]
+/// enabled = true
+/// debounce_ms = 30   # quiet time after a change; a file must then be unchanged for as long again
+/// poll_ms = 2000     # full rescan, in case the file system drops a notification
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    pub enabled: bool,
+    pub debounce_ms: u64,
+    pub poll_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            enabled: true,
+            debounce_ms: 30,
+            poll_ms: 2000,
+        }
+    }
+}
+
+impl ReloadConfig {
+    pub fn debounce(&self) -> Duration {
+        Duration::from_millis(self.debounce_ms.max(1))
+    }
+
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms.max(100))
+    }
+}
+
 /// The whole `ganglion.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -213,6 +249,7 @@ pub struct GanglionConfig {
     pub rules: RulesConfig,
     pub mqtt: crate::mqtt::MqttSettings,
     pub broker: BrokerConfig,
+    pub reload: ReloadConfig,
     /// The language model (see [`ganglion_llm::EngineConfig`]).
     pub model: ganglion_llm::EngineConfig,
 }

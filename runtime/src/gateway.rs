@@ -15,10 +15,10 @@ use crate::mqtt::{AckToken, Delivery, Publisher};
 use crate::pipeline::{Outcome, RulePipeline};
 use crate::rules::Outgoing;
 use crate::types::{Message, Qos};
-use std::collections::HashMap;
+use arc_swap::ArcSwap;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -66,10 +66,19 @@ struct Job {
     pending: Arc<Pending>,
 }
 
+/// One rule at work: its lanes, and the pipeline version they use.
+///
+/// The lanes and their workers live as long as the rule; a new version of
+/// the rule or of its plugins only swaps `pipeline`. A worker takes the
+/// current pipeline once per message, so a message runs start to end on the
+/// version it started with and the next message uses the new one.
 struct RuleRuntime {
-    pipeline: Arc<RulePipeline>,
+    name: String,
+    pipeline: Arc<ArcSwap<RulePipeline>>,
     lanes: Vec<mpsc::Sender<Job>>,
     stats: Arc<RuleStats>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    stop_flusher: watch::Sender<bool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,111 +98,163 @@ impl Default for GatewayConfig {
     }
 }
 
+/// Why a rule change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the gateway is shutting down")]
+    Closed,
+    #[error("no rule named `{0}`")]
+    NoSuchRule(String),
+}
+
+/// Routes deliveries to rules and runs them. Rules can be added, replaced
+/// and removed while messages flow ([`Gateway::install`], [`Gateway::remove`]).
 pub struct Gateway {
-    rules: Vec<RuleRuntime>,
+    rules: ArcSwap<Vec<Arc<RuleRuntime>>>,
     publisher: Arc<dyn Publisher>,
-    workers: Vec<JoinHandle<()>>,
+    config: GatewayConfig,
     events: broadcast::Sender<GatewayEvent>,
-    stop: watch::Sender<bool>,
+    /// Serialises rule changes (install, remove, shutdown); `true` once shut down.
+    changes: tokio::sync::Mutex<bool>,
+    /// Counters of the rules running, kept through shutdown for a summary.
+    stats: Mutex<Vec<(String, Arc<RuleStats>)>>,
 }
 
 impl Gateway {
-    /// Starts the lane workers and the time-window flushers.
+    /// Starts the lane workers and the window flushers of `pipelines`. Their
+    /// topic filters are expected to be subscribed already (see
+    /// [`topic_filters`]); rules installed later subscribe themselves.
     pub fn start(
         pipelines: Vec<RulePipeline>,
         publisher: Arc<dyn Publisher>,
         config: GatewayConfig,
     ) -> Gateway {
         let (events, _) = broadcast::channel(1024);
-        let (stop, stop_rx) = watch::channel(false);
-        let mut rules = Vec::new();
-        let mut workers = Vec::new();
-        for p in pipelines {
-            let pipeline = Arc::new(p);
-            let stats = Arc::new(RuleStats::default());
-            let mut lanes = Vec::new();
-            for _ in 0..config.lanes.max(1) {
-                let (tx, mut rx) = mpsc::channel::<Job>(config.lane_capacity.max(1));
-                lanes.push(tx);
-                let (pipeline, publisher, stats, events) = (
-                    pipeline.clone(),
-                    publisher.clone(),
-                    stats.clone(),
-                    events.clone(),
-                );
-                workers.push(tokio::spawn(async move {
-                    // Messages whose outputs are queued but not yet acknowledged by
-                    // the broker wait here, in order, while processing goes on; a
-                    // full queue holds the lane.
-                    let (to_confirm, mut confirming) = mpsc::channel::<(Vec<Queued>, Job)>(UNCONFIRMED_PER_LANE);
-                    let confirmer = {
-                        let (publisher, stats) = (publisher.clone(), stats.clone());
-                        tokio::spawn(async move {
-                            while let Some((queued, job)) = confirming.recv().await {
-                                confirm(queued, &stats).await;
-                                if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-                                    && let Err(e) = publisher.ack(job.pending.token.clone()).await
-                                {
-                                    tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
-                                }
-                            }
-                        })
-                    };
-                    while let Some(job) = rx.recv().await {
-                        stats.messages.fetch_add(1, Ordering::Relaxed);
-                        let outcome = pipeline.process(&job.message).await;
-                        let queued = deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
-                        if to_confirm.send((queued, job)).await.is_err() {
-                            break;
-                        }
-                    }
-                    drop(to_confirm);
-                    let _ = confirmer.await;
-                }));
-            }
-            if let Some(secs) = pipeline.window_seconds() {
-                let (pipeline, publisher, stats, events) = (
-                    pipeline.clone(),
-                    publisher.clone(),
-                    stats.clone(),
-                    events.clone(),
-                );
-                let mut stop = stop_rx.clone();
-                workers.push(tokio::spawn(async move {
-                    let period = Duration::from_millis((secs * 1000 / 4).clamp(50, 1000));
-                    let mut interval = tokio::time::interval(period);
-                    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        tokio::select! {
-                            _ = interval.tick() => {}
-                            _ = stop.changed() => return,
-                        }
-                        let outcome = pipeline.flush_expired(false).await;
-                        let confirms =
-                            deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
-                        confirm(confirms, &stats).await;
-                    }
-                }));
-            }
-            rules.push(RuleRuntime {
-                pipeline,
-                lanes,
-                stats,
-            });
-        }
-        Gateway {
-            rules,
+        let gateway = Gateway {
+            rules: ArcSwap::from_pointee(Vec::new()),
             publisher,
-            workers,
+            config,
             events,
-            stop,
-        }
+            changes: tokio::sync::Mutex::new(false),
+            stats: Mutex::new(Vec::new()),
+        };
+        let rules = pipelines
+            .into_iter()
+            .map(|p| gateway.spawn_rule(Arc::new(p)))
+            .collect();
+        gateway.rules.store(Arc::new(rules));
+        gateway
     }
 
+    fn spawn_rule(&self, pipeline: Arc<RulePipeline>) -> Arc<RuleRuntime> {
+        let name = pipeline.rule.name.clone();
+        let current = Arc::new(ArcSwap::new(pipeline));
+        let stats = Arc::new(RuleStats::default());
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.clone(), stats.clone()));
+        let (stop_flusher, mut stop) = watch::channel(false);
+        let mut lanes = Vec::new();
+        let mut workers = Vec::new();
+        for _ in 0..self.config.lanes.max(1) {
+            let (tx, mut rx) = mpsc::channel::<Job>(self.config.lane_capacity.max(1));
+            lanes.push(tx);
+            let (current, publisher, stats, events) = (
+                current.clone(),
+                self.publisher.clone(),
+                stats.clone(),
+                self.events.clone(),
+            );
+            workers.push(tokio::spawn(async move {
+                // Messages whose outputs are queued but not yet acknowledged by
+                // the broker wait here, in order, while processing goes on; a
+                // full queue holds the lane.
+                let (to_confirm, mut confirming) =
+                    mpsc::channel::<(Vec<Queued>, Job)>(UNCONFIRMED_PER_LANE);
+                let confirmer = {
+                    let (publisher, stats) = (publisher.clone(), stats.clone());
+                    tokio::spawn(async move {
+                        while let Some((queued, job)) = confirming.recv().await {
+                            confirm(queued, &stats).await;
+                            if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+                                && let Err(e) = publisher.ack(job.pending.token.clone()).await
+                            {
+                                tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
+                            }
+                        }
+                    })
+                };
+                while let Some(job) = rx.recv().await {
+                    stats.messages.fetch_add(1, Ordering::Relaxed);
+                    let pipeline = current.load_full();
+                    let outcome = pipeline.process(&job.message).await;
+                    let queued =
+                        deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
+                    if to_confirm.send((queued, job)).await.is_err() {
+                        break;
+                    }
+                }
+                drop(to_confirm);
+                let _ = confirmer.await;
+            }));
+        }
+        // Flushes windows that are due: time windows, and what a previous
+        // version of the rule left in windows the current one no longer has.
+        let (flushed, publisher, flusher_stats, events) = (
+            current.clone(),
+            self.publisher.clone(),
+            stats.clone(),
+            self.events.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            loop {
+                let pipeline = flushed.load_full();
+                let period = pipeline
+                    .window_seconds()
+                    .map_or(Duration::from_secs(1), |secs| {
+                        Duration::from_millis((secs * 1000 / 4).clamp(50, 1000))
+                    });
+                drop(pipeline);
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.changed() => return,
+                }
+                let pipeline = flushed.load_full();
+                let outcome = pipeline.flush_expired(false).await;
+                let confirms = deliver(
+                    &pipeline,
+                    outcome,
+                    publisher.as_ref(),
+                    &flusher_stats,
+                    &events,
+                )
+                .await;
+                confirm(confirms, &flusher_stats).await;
+            }
+        }));
+        Arc::new(RuleRuntime {
+            name,
+            pipeline: current,
+            lanes,
+            stats,
+            workers: Mutex::new(workers),
+            stop_flusher,
+        })
+    }
+
+    /// Counters of every rule now running (after shutdown: of those that
+    /// ran to the end).
     pub fn stats(&self) -> Vec<(String, Arc<RuleStats>)> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The current pipeline of every rule now running.
+    pub fn pipelines(&self) -> Vec<Arc<RulePipeline>> {
         self.rules
+            .load()
             .iter()
-            .map(|r| (r.pipeline.rule.name.clone(), r.stats.clone()))
+            .map(|r| r.pipeline.load_full())
             .collect()
     }
 
@@ -201,13 +262,117 @@ impl Gateway {
         self.events.subscribe()
     }
 
+    /// Adds a rule, or replaces the rule of the same name. A replaced rule
+    /// keeps its lanes, counters and open windows: messages already in a
+    /// stage finish on the old version, the next one uses `pipeline`. Topic
+    /// filters the rule gained are subscribed, ones no rule uses any more
+    /// are unsubscribed.
+    pub async fn install(&self, pipeline: RulePipeline) -> Result<(), GatewayError> {
+        let closed = self.changes.lock().await;
+        if *closed {
+            return Err(GatewayError::Closed);
+        }
+        let before = self.filters();
+        let rules = self.rules.load_full();
+        match rules.iter().find(|r| r.name == pipeline.rule.name) {
+            Some(existing) => {
+                let old = existing.pipeline.load_full();
+                existing
+                    .pipeline
+                    .store(Arc::new(pipeline.sharing_windows_of(&old)));
+            }
+            None => {
+                let runtime = self.spawn_rule(Arc::new(pipeline));
+                let mut next: Vec<Arc<RuleRuntime>> = rules.as_ref().clone();
+                next.push(runtime);
+                self.rules.store(Arc::new(next));
+            }
+        }
+        self.update_subscriptions(&before).await;
+        Ok(())
+    }
+
+    /// Removes a rule: stops routing to it, lets its queued and in-flight
+    /// messages finish (published and acknowledged), runs its open windows
+    /// to the end, and unsubscribes filters no other rule uses.
+    pub async fn remove(&self, name: &str) -> Result<(), GatewayError> {
+        let closed = self.changes.lock().await;
+        if *closed {
+            return Err(GatewayError::Closed);
+        }
+        let before = self.filters();
+        let rules = self.rules.load_full();
+        let Some(removed) = rules.iter().find(|r| r.name == name).cloned() else {
+            return Err(GatewayError::NoSuchRule(name.to_owned()));
+        };
+        let next: Vec<Arc<RuleRuntime>> =
+            rules.iter().filter(|r| r.name != name).cloned().collect();
+        self.rules.store(Arc::new(next));
+        drop(rules);
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(n, _)| n != name);
+        self.update_subscriptions(&before).await;
+        self.drain(removed).await;
+        Ok(())
+    }
+
+    fn filters(&self) -> Vec<String> {
+        let pipelines = self.pipelines();
+        let mut f: Vec<String> = pipelines
+            .iter()
+            .flat_map(|p| p.rule.topics.clone())
+            .collect();
+        f.sort();
+        f.dedup();
+        f
+    }
+
+    async fn update_subscriptions(&self, before: &[String]) {
+        let after = self.filters();
+        for f in after.iter().filter(|f| !before.contains(f)) {
+            if let Err(e) = self.publisher.subscribe(f.clone()).await {
+                tracing::error!(filter = %f, error = %e, "subscribe failed");
+            }
+        }
+        for f in before.iter().filter(|f| !after.contains(f)) {
+            if let Err(e) = self.publisher.unsubscribe(f.clone()).await {
+                tracing::error!(filter = %f, error = %e, "unsubscribe failed");
+            }
+        }
+    }
+
+    /// Waits for a rule that is no longer routed to: its lanes close once
+    /// the last dispatch holding them is done.
+    async fn drain(&self, rule: Arc<RuleRuntime>) {
+        let _ = rule.stop_flusher.send(true);
+        let workers = std::mem::take(&mut *rule.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let (current, stats) = (rule.pipeline.clone(), rule.stats.clone());
+        drop(rule);
+        for w in workers {
+            let _ = w.await;
+        }
+        let pipeline = current.load_full();
+        let outcome = pipeline.flush_expired(true).await;
+        let queued = deliver(
+            &pipeline,
+            outcome,
+            self.publisher.as_ref(),
+            &stats,
+            &self.events,
+        )
+        .await;
+        confirm(queued, &stats).await;
+    }
+
     /// Routes a delivery to every matching rule; waits while their lanes are
     /// full. A message no rule matches is acknowledged at once.
     pub async fn dispatch(&self, delivery: Delivery) {
-        let matching: Vec<&RuleRuntime> = self
-            .rules
+        let rules = self.rules.load_full();
+        let matching: Vec<&Arc<RuleRuntime>> = rules
             .iter()
-            .filter(|r| r.pipeline.rule.matches(&delivery.message.topic))
+            .filter(|r| r.pipeline.load().rule.matches(&delivery.message.topic))
             .collect();
         if matching.is_empty() {
             tracing::debug!(topic = %delivery.message.topic, "no rule matches; acknowledged");
@@ -230,35 +395,23 @@ impl Gateway {
                 pending: pending.clone(),
             };
             if r.lanes[lane % r.lanes.len()].send(job).await.is_err() {
-                tracing::error!(rule = %r.pipeline.rule.name, "rule lane closed; message left unacknowledged for redelivery");
+                tracing::error!(rule = %r.name, "rule lane closed; message left unacknowledged for redelivery");
             }
         }
     }
 
-    /// Stops taking work, lets every queued and in-flight message finish
-    /// (published and acknowledged), runs the windows still open to the end,
-    /// then returns.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let pipelines: Vec<(Arc<RulePipeline>, Arc<RuleStats>)> = self
-            .rules
-            .iter()
-            .map(|r| (r.pipeline.clone(), r.stats.clone()))
-            .collect();
-        drop(self.rules);
-        for w in self.workers {
-            let _ = w.await;
-        }
-        for (pipeline, stats) in pipelines {
-            let outcome = pipeline.flush_expired(true).await;
-            deliver(
-                &pipeline,
-                outcome,
-                self.publisher.as_ref(),
-                &stats,
-                &self.events,
-            )
-            .await;
+    /// Stops taking work and rule changes, lets every queued and in-flight
+    /// message finish (published and acknowledged), runs the windows still
+    /// open to the end, then returns.
+    pub async fn shutdown(&self) {
+        let mut closed = self.changes.lock().await;
+        *closed = true;
+        let rules: Vec<Arc<RuleRuntime>> = {
+            let all = self.rules.swap(Arc::new(Vec::new()));
+            all.iter().cloned().collect()
+        };
+        for r in rules {
+            self.drain(r).await;
         }
     }
 }
@@ -268,7 +421,7 @@ impl Gateway {
 /// come again in the next session (the channel stays open during the drain
 /// so the MQTT event loop keeps running).
 pub async fn serve(
-    gateway: Gateway,
+    gateway: &Gateway,
     mut deliveries: mpsc::Receiver<Delivery>,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -383,39 +536,15 @@ pub fn topic_filters(pipelines: &[RulePipeline]) -> Vec<String> {
 
 /// Loads plugins and rules from folders and binds them; returns the
 /// pipelines and every problem found (a bad file never stops the others).
+/// To keep the gateway in step with the folders afterwards, use a
+/// [`crate::reload::Reloader`] instead.
 pub async fn load(
     host: &crate::plugin::PluginHost,
     plugins_dir: &std::path::Path,
     rules_dir: &std::path::Path,
     llm: Arc<dyn crate::llm::LlmEngine>,
 ) -> (Vec<RulePipeline>, Vec<String>) {
-    let mut problems = Vec::new();
-    let mut plugins = HashMap::new();
-    match host.load_dir(plugins_dir).await {
-        Ok(report) => {
-            problems.extend(report.errors.iter().map(ToString::to_string));
-            for p in report.plugins {
-                plugins.insert(p.name.clone(), p);
-            }
-        }
-        Err(e) => problems.push(e.to_string()),
-    }
-    let mut pipelines = Vec::new();
-    match crate::rules::load_dir(rules_dir) {
-        Ok((rules, errors)) => {
-            problems.extend(errors.iter().map(ToString::to_string));
-            for rule in rules {
-                let source = rule.source.clone();
-                match RulePipeline::new(host, rule, &plugins, llm.clone()) {
-                    Ok(p) => pipelines.push(p),
-                    Err(e) => problems.push(match source {
-                        Some(s) => format!("{}: {e}", s.display()),
-                        None => e.to_string(),
-                    }),
-                }
-            }
-        }
-        Err(e) => problems.push(e.to_string()),
-    }
-    (pipelines, problems)
+    crate::reload::Reloader::new(host.clone(), plugins_dir, rules_dir, llm)
+        .load_all()
+        .await
 }

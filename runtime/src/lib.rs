@@ -14,7 +14,10 @@
 //! - [`config`]: typed configuration.
 //! - [`rules`]: rule files, topic filters, the allow-list.
 //! - [`pipeline`]: one rule at work, message to outcome (publishes, dead letters).
-//! - [`gateway`]: routing deliveries to rules, lanes, publishing, acknowledging.
+//! - [`gateway`]: routing deliveries to rules, lanes, publishing, acknowledging;
+//!   rules added, replaced and removed while messages flow.
+//! - [`reload`]: watching the plugins and rules folders and applying changes
+//!   (hot reload; a bad file leaves the previous version running).
 //! - [`mqtt`]: the broker connection (rumqttc) behind the [`mqtt::Publisher`] trait.
 //! - [`broker`]: the embedded broker (rumqttd).
 //! - [`simulate`]: simulated sensors (synthetic or CSV replay) over MQTT.
@@ -28,6 +31,7 @@ pub mod llm;
 pub mod mqtt;
 pub mod pipeline;
 pub mod plugin;
+pub mod reload;
 pub mod rules;
 pub mod simulate;
 pub mod state;

@@ -6,9 +6,11 @@ use ganglion::config::GanglionConfig;
 use ganglion::gateway::{self, Gateway, GatewayConfig, GatewayEvent, RuleStats};
 use ganglion::llm::{LlmEngine, NoModel};
 use ganglion::plugin::PluginHost;
+use ganglion::reload::{ReloadEvent, Reloader};
 use ganglion::simulate::{self, SimConfig, Source};
 use ganglion::state::StateStore;
 use ganglion::{broker, mqtt};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -248,17 +250,25 @@ async fn run(
     let state = StateStore::open(&config.state.path, config.state.limits())?;
     let llm = load_model(&config.model).await;
     let host = PluginHost::new(config.plugins.clone(), state.clone(), llm.clone())?;
-    let (pipelines, problems) =
-        gateway::load(&host, &config.plugins.dir, &config.rules.dir, llm).await;
+    let reloader = Arc::new(Reloader::new(
+        host,
+        &config.plugins.dir,
+        &config.rules.dir,
+        llm,
+    ));
+    let (pipelines, problems) = reloader.load_all().await;
     for p in &problems {
         tracing::error!("{p}");
     }
     if pipelines.is_empty() {
-        bail!(
-            "no rule is ready to run (rules in {}, plugins in {})",
-            config.rules.dir.display(),
-            config.plugins.dir.display()
-        );
+        if !config.reload.enabled {
+            bail!(
+                "no rule is ready to run (rules in {}, plugins in {})",
+                config.rules.dir.display(),
+                config.plugins.dir.display()
+            );
+        }
+        tracing::warn!(rules = %config.rules.dir.display(), plugins = %config.plugins.dir.display(), "no rule is ready to run yet; waiting for rule and plugin files");
     }
     for p in &pipelines {
         tracing::info!(rule = %p.rule.name, topics = ?p.rule.topics, plugins = ?p.rule.plugins(), "rule ready");
@@ -282,17 +292,27 @@ async fn run(
     if !mqtt.wait_connected(Duration::from_secs(10)).await {
         tracing::warn!(%broker, "not connected yet; messages flow once the broker answers");
     }
-    let gateway = Gateway::start(
+    let gateway = Arc::new(Gateway::start(
         pipelines,
         mqtt.clone(),
         GatewayConfig {
             lanes: config.rules.lanes,
             lane_capacity: config.rules.lane_capacity,
         },
-    );
+    ));
+    let reload = config
+        .reload
+        .enabled
+        .then(|| reloader.watch(gateway.clone(), &config.reload));
+    let status = tokio::spawn(ganglion::reload::publish_events(
+        reloader.subscribe(),
+        mqtt.clone(),
+        format!("{}/reload", config.mqtt.status_topic()),
+    ));
     let view = tokio::spawn(live_view(
         gateway.subscribe_events(),
-        gateway.stats(),
+        reloader.subscribe(),
+        gateway.clone(),
         quiet,
     ));
     let simulator = match (sim, simulate::host_port(&broker)) {
@@ -303,7 +323,6 @@ async fn run(
         })),
         _ => None,
     };
-    let stats = gateway.stats();
     let stop = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -316,9 +335,16 @@ async fn run(
             s.abort();
         }
     };
-    gateway::serve(gateway, rx, stop).await;
+    let stop = async {
+        stop.await;
+        if let Some(r) = reload {
+            r.stop().await;
+        }
+    };
+    gateway::serve(&gateway, rx, stop).await;
     view.abort();
-    print_summary(&stats);
+    status.abort();
+    print_summary(&gateway.stats());
     mqtt.disconnect().await;
     state.flush()?;
     Ok(())
@@ -336,17 +362,30 @@ fn print_summary(stats: &[(String, Arc<RuleStats>)]) {
     }
 }
 
-/// Prints what the gateway does as it happens, and per-rule rates every 5 s.
+/// Prints what the gateway does as it happens, reloads, and per-rule rates every 5 s.
 async fn live_view(
     mut events: tokio::sync::broadcast::Receiver<GatewayEvent>,
-    stats: Vec<(String, Arc<RuleStats>)>,
+    mut reloads: tokio::sync::broadcast::Receiver<ReloadEvent>,
+    gateway: Arc<Gateway>,
     quiet: bool,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut last: Vec<u64> = vec![0; stats.len()];
+    let mut last: HashMap<String, u64> = HashMap::new();
     let started = Instant::now();
     loop {
         tokio::select! {
+            r = reloads.recv() => match r {
+                Ok(r) => {
+                    let what = format!("{:?} {:?} {}", r.kind, r.action, r.name).to_lowercase();
+                    match (&r.version, &r.error) {
+                        (_, Some(e)) => println!("[reload] {what}: {}", one_line(e)),
+                        (Some(v), None) => println!("[reload] {what} version {v} {}", r.rules.join(", ")),
+                        (None, None) => println!("[reload] {what}"),
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            },
             e = events.recv() => match e {
                 Ok(e) if !quiet => match e {
                     GatewayEvent::Prompt { rule, text } => println!("[{rule}] prompt      {}", one_line(&text)),
@@ -359,17 +398,17 @@ async fn live_view(
                 Err(_) => return,
             },
             _ = tick.tick() => {
-                for (i, (rule, s)) in stats.iter().enumerate() {
+                for (rule, s) in gateway.stats() {
                     let m = s.messages.load(Ordering::Relaxed);
+                    let before = last.insert(rule.clone(), m).unwrap_or(0);
                     println!(
                         "-- {:>5.0}s {rule}: {:.1} msg/s, {m} messages, {} readings, {} published, {} dead letters",
                         started.elapsed().as_secs_f64(),
-                        (m - last[i]) as f64 / 5.0,
+                        (m - before) as f64 / 5.0,
                         s.readings.load(Ordering::Relaxed),
                         s.published.load(Ordering::Relaxed),
                         s.dead_letters.load(Ordering::Relaxed)
                     );
-                    last[i] = m;
                 }
             }
         }

@@ -99,6 +99,17 @@ pub trait Publisher: Send + Sync + 'static {
     /// reconnection.
     fn publish(&self, out: Outgoing) -> QueueFuture<'_>;
     fn ack(&self, token: AckToken) -> MqttFuture<'_>;
+    /// Adds a topic filter to the subscriptions (kept across reconnections).
+    /// Transports without subscriptions accept it and do nothing.
+    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
+        let _ = filter;
+        Box::pin(async { Ok(()) })
+    }
+    /// Removes a topic filter from the subscriptions.
+    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
+        let _ = filter;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Broker connection settings. In `ganglion.toml`:
@@ -289,6 +300,14 @@ impl Client {
         r.map_err(|()| MqttError::Stopped)
     }
 
+    async fn unsubscribe(&self, filter: String) -> Result<(), MqttError> {
+        let r = match self {
+            Client::V4(c) => c.unsubscribe(filter).await.map_err(|_| ()),
+            Client::V5(c) => c.unsubscribe(filter).await.map_err(|_| ()),
+        };
+        r.map_err(|()| MqttError::Stopped)
+    }
+
     async fn ack(&self, p: &Received) -> Result<(), MqttError> {
         let r = match (self, p) {
             (Client::V4(c), Received::V4(p)) => c.ack(p).await.map_err(|_| ()),
@@ -327,6 +346,9 @@ pub struct MqttHandle {
     /// Counts connections (ConnAcks).
     connection: Arc<std::sync::atomic::AtomicU64>,
     acks: Arc<tokio::sync::Mutex<AckOrder>>,
+    /// Filters subscribed after every connection; changed at run time when
+    /// rules come and go.
+    filters: Arc<Mutex<Vec<String>>>,
 }
 
 /// Acknowledgements of the current connection, released in arrival order.
@@ -377,6 +399,14 @@ impl MqttHandle {
     pub async fn disconnect(&self) {
         self.client.disconnect().await;
     }
+
+    /// The filters currently subscribed (or to subscribe on connection).
+    pub fn filters(&self) -> Vec<String> {
+        self.filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl Publisher for MqttHandle {
@@ -397,6 +427,36 @@ impl Publisher for MqttHandle {
             let confirm: Confirm =
                 Box::pin(async move { rx.await.map_err(|_| MqttError::Stopped) });
             Ok(confirm)
+        })
+    }
+
+    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
+        Box::pin(async move {
+            {
+                let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+                if filters.contains(&filter) {
+                    return Ok(());
+                }
+                filters.push(filter.clone());
+            }
+            // While disconnected the request waits in rumqttc's channel; the
+            // next connection subscribes to every filter anyway.
+            self.client.subscribe(filter).await
+        })
+    }
+
+    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
+        Box::pin(async move {
+            let removed = {
+                let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+                let before = filters.len();
+                filters.retain(|f| *f != filter);
+                filters.len() != before
+            };
+            if removed {
+                self.client.unsubscribe(filter).await?;
+            }
+            Ok(())
         })
     }
 
@@ -460,8 +520,9 @@ pub fn connect(
         connected,
         connection: Arc::default(),
         acks: Arc::default(),
+        filters: Arc::new(Mutex::new(filters)),
     };
-    let args = (filters, deliveries, connected_tx, status);
+    let args = (deliveries, connected_tx, status);
     let (handle, event_loop): (MqttHandle, Pin<Box<dyn Future<Output = ()> + Send>>) =
         match settings.protocol {
             Protocol::V311 => {
@@ -557,16 +618,19 @@ impl Publisher for GatewayLink {
     fn ack(&self, token: AckToken) -> MqttFuture<'_> {
         self.intake.ack(token)
     }
+
+    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
+        self.intake.subscribe(filter)
+    }
+
+    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
+        self.intake.unsubscribe(filter)
+    }
 }
 
-/// What an event loop works with: the filters to subscribe to, where
-/// deliveries go, the connection flag, and the status topic.
-type LoopArgs = (
-    Vec<String>,
-    mpsc::Sender<Delivery>,
-    watch::Sender<bool>,
-    String,
-);
+/// What an event loop works with: where deliveries go, the connection
+/// flag, and the status topic.
+type LoopArgs = (mpsc::Sender<Delivery>, watch::Sender<bool>, String);
 
 /// The event loop, the same for both protocols: instantiated per version
 /// with that version's types in scope.
@@ -579,7 +643,7 @@ macro_rules! event_loop {
             $received
 
             pub(super) async fn run_loop(mut eventloop: EventLoop, handle: MqttHandle, args: LoopArgs) {
-                let (filters, deliveries, connected, status_topic) = args;
+                let (deliveries, connected, status_topic) = args;
                 // Deliveries the gateway has not taken yet. Never dropped; as
                 // large as the broker lets it grow (see docs/NOTES.md).
                 let mut overflow: VecDeque<Delivery> = VecDeque::new();
@@ -621,7 +685,7 @@ macro_rules! event_loop {
                             );
                             let _ = connected.send(true);
                             let publisher = handle.clone();
-                            let (filters, status) = (filters.clone(), status_topic.clone());
+                            let (filters, status) = (handle.filters(), status_topic.clone());
                             tokio::spawn(async move {
                                 for f in filters {
                                     if let Err(e) = publisher
@@ -749,6 +813,7 @@ event_loop!(
 pub struct RecordingPublisher {
     published: Mutex<Vec<Outgoing>>,
     acks: std::sync::atomic::AtomicUsize,
+    filters: Mutex<Vec<String>>,
 }
 
 impl RecordingPublisher {
@@ -761,6 +826,14 @@ impl RecordingPublisher {
 
     pub fn acks(&self) -> usize {
         self.acks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Filters subscribed through [`Publisher::subscribe`] and not unsubscribed.
+    pub fn filters(&self) -> Vec<String> {
+        self.filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -778,6 +851,22 @@ impl Publisher for RecordingPublisher {
 
     fn ack(&self, _token: AckToken) -> MqttFuture<'_> {
         self.acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
+        let mut f = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.contains(&filter) {
+            f.push(filter);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
+        self.filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|f| *f != filter);
         Box::pin(async { Ok(()) })
     }
 }

@@ -101,7 +101,9 @@ enum Bindings {
 pub struct RulePipeline {
     pub rule: Arc<Rule>,
     bindings: Bindings,
-    windows: Mutex<HashMap<String, Window>>,
+    /// Shared with the rule's next version, so a reload loses no reading
+    /// that waits in a window.
+    windows: Arc<Mutex<HashMap<String, Window>>>,
     llm: Arc<dyn LlmEngine>,
     llm_timeout: Duration,
 }
@@ -192,7 +194,7 @@ impl RulePipeline {
         Ok(RulePipeline {
             rule: Arc::new(rule),
             bindings,
-            windows: Mutex::new(HashMap::new()),
+            windows: Arc::default(),
             llm,
             llm_timeout,
         })
@@ -356,13 +358,27 @@ impl RulePipeline {
         None
     }
 
+    /// This pipeline, taking over the open windows of `previous` (an
+    /// earlier version of the same rule): readings already accepted wait on
+    /// under the new version's window settings.
+    pub fn sharing_windows_of(mut self, previous: &RulePipeline) -> Self {
+        self.windows = previous.windows.clone();
+        self
+    }
+
     /// Runs every window older than the rule's `seconds` to the end; with
     /// `all`, every open window (at shutdown, so no accepted reading is lost).
+    /// A rule without a window runs whatever an earlier version of it left
+    /// in windows; one with a count-only window leaves them to fill up.
     pub async fn flush_expired(&self, all: bool) -> Outcome {
-        let max_age = match self.window_spec().and_then(|s| s.seconds) {
+        let max_age = match self.window_spec() {
             _ if all => Duration::ZERO,
-            Some(secs) => Duration::from_secs(secs),
-            None => return Outcome::default(),
+            None => Duration::ZERO,
+            Some(WindowSpec {
+                seconds: Some(secs),
+                ..
+            }) => Duration::from_secs(secs),
+            Some(_) => return Outcome::default(),
         };
         let expired: Vec<(String, Window)> = {
             let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());

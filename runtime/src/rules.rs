@@ -72,6 +72,11 @@ pub struct PluginRef {
     /// WASI capabilities for this plugin in this rule (none by default).
     #[serde(default)]
     pub grants: crate::config::Grants,
+    /// Clear the plugin's `state` in this rule when a new version of the
+    /// plugin is loaded. By default state survives reloads: it is keyed by
+    /// plugin name and rule, not by version.
+    #[serde(default)]
+    pub reset_state_on_reload: bool,
 }
 
 impl PluginRef {

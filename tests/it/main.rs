@@ -8,3 +8,4 @@ mod llm_link;
 mod loading;
 mod mqtt;
 mod pipeline;
+mod reload;

@@ -346,6 +346,21 @@ pub struct RunningGateway {
     task: tokio::task::JoinHandle<()>,
     pub stats: Vec<(String, Arc<ganglion::gateway::RuleStats>)>,
     pub problems: Vec<String>,
+    pub gateway: Arc<ganglion::gateway::Gateway>,
+    /// Set when the gateway watches its folders.
+    pub reloader: Option<Arc<ganglion::reload::Reloader>>,
+}
+
+/// Every built example plugin and fixture, copied into a scratch folder.
+pub fn plugins_folder() -> PathBuf {
+    let plugins = scratch("gateway-plugins");
+    for dir in [&built().0, &built().1] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, plugins.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    plugins
 }
 
 impl RunningGateway {
@@ -371,6 +386,42 @@ impl RunningGateway {
         rules_dir: &Path,
         llm: Arc<dyn LlmEngine>,
     ) -> RunningGateway {
+        let host = host_with(Limits::default(), llm.clone());
+        Self::start_in(url, settings, host, &plugins_folder(), rules_dir, llm, None).await
+    }
+
+    /// Serves the plugins and rules in the given folders and keeps up with
+    /// changes to them (hot reload), publishing reload events on
+    /// `<status topic>/reload`.
+    pub async fn start_reloading(
+        url: &str,
+        settings: ganglion::mqtt::MqttSettings,
+        host: PluginHost,
+        plugins_dir: &Path,
+        rules_dir: &Path,
+        reload: ganglion::config::ReloadConfig,
+    ) -> RunningGateway {
+        Self::start_in(
+            url,
+            settings,
+            host,
+            plugins_dir,
+            rules_dir,
+            Arc::new(NoModel),
+            Some(reload),
+        )
+        .await
+    }
+
+    async fn start_in(
+        url: &str,
+        settings: ganglion::mqtt::MqttSettings,
+        host: PluginHost,
+        plugins_dir: &Path,
+        rules_dir: &Path,
+        llm: Arc<dyn LlmEngine>,
+        reload: Option<ganglion::config::ReloadConfig>,
+    ) -> RunningGateway {
         // TEST_LOG=debug shows the runtime's log.
         if let Ok(filter) = std::env::var("TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -378,15 +429,13 @@ impl RunningGateway {
                 .with_test_writer()
                 .try_init();
         }
-        let plugins = scratch("gateway-plugins");
-        for dir in [&built().0, &built().1] {
-            for e in std::fs::read_dir(dir).unwrap() {
-                let p = e.unwrap().path();
-                std::fs::copy(&p, plugins.join(p.file_name().unwrap())).unwrap();
-            }
-        }
-        let host = host_with(Limits::default(), llm.clone());
-        let (pipelines, problems) = ganglion::gateway::load(&host, &plugins, rules_dir, llm).await;
+        let reloader = Arc::new(ganglion::reload::Reloader::new(
+            host,
+            plugins_dir,
+            rules_dir,
+            llm,
+        ));
+        let (pipelines, problems) = reloader.load_all().await;
         let filters = ganglion::gateway::topic_filters(&pipelines);
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let mqtt = Arc::new(
@@ -398,16 +447,30 @@ impl RunningGateway {
                 .await,
             "gateway connected to {url}"
         );
-        let gateway = ganglion::gateway::Gateway::start(
+        let gateway = Arc::new(ganglion::gateway::Gateway::start(
             pipelines,
             mqtt.clone(),
             ganglion::gateway::GatewayConfig::default(),
-        );
+        ));
         let stats = gateway.stats();
+        let reloading = reload.is_some();
+        let watching = reload.map(|config| {
+            let status = tokio::spawn(ganglion::reload::publish_events(
+                reloader.subscribe(),
+                mqtt.clone(),
+                format!("{}/reload", settings.status_topic()),
+            ));
+            (reloader.watch(gateway.clone(), &config), status)
+        });
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = gateway.clone();
         let task = tokio::spawn(async move {
-            ganglion::gateway::serve(gateway, rx, async {
+            ganglion::gateway::serve(&served, rx, async {
                 let _ = stop_rx.await;
+                if let Some((handle, status)) = watching {
+                    handle.stop().await;
+                    status.abort();
+                }
             })
             .await;
             mqtt.disconnect().await;
@@ -419,6 +482,8 @@ impl RunningGateway {
             task,
             stats,
             problems,
+            gateway,
+            reloader: reloading.then_some(reloader),
         }
     }
 

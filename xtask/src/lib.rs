@@ -32,7 +32,7 @@ pub const EXAMPLES: [&str; 5] = [
     "debounce-alarm",
 ];
 /// Test fixtures, by crate directory under `plugins/fixtures/`.
-pub const FIXTURES: [&str; 1] = ["misbehave"];
+pub const FIXTURES: [&str; 3] = ["misbehave", "tag-a", "tag-b"];
 
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())

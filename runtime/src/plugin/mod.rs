@@ -271,6 +271,11 @@ impl PluginHost {
         &self.inner.config.limits
     }
 
+    /// Clears what `plugin` keeps in its `state` store for `rule`.
+    pub fn clear_state(&self, plugin: &str, rule: &str) -> Result<(), crate::state::StateError> {
+        self.inner.state.clear_scope(plugin, rule)
+    }
+
     /// Loads every `*.wasm` file in `dir` (sorted by name). A file that fails
     /// is reported in the result and does not stop the others.
     pub async fn load_dir(&self, dir: &Path) -> Result<LoadReport, LoadError> {

@@ -1,0 +1,742 @@
+//! Hot reload: plugins and rules replaced, edited, removed and broken while
+//! the gateway runs, arriving the ways files really arrive, and a steady
+//! QoS 1 stream through a real broker that loses nothing meanwhile.
+//!
+//! The `tag-a` and `tag-b` fixtures are two versions of one rule plugin that
+//! name themselves in their output; tests copy them to `tagger.wasm`.
+
+use ganglion::config::ReloadConfig;
+use ganglion::gateway::{Gateway, GatewayConfig};
+use ganglion::llm::NoModel;
+use ganglion::mqtt::{AckToken, Delivery, RecordingPublisher};
+use ganglion::reload::{FileKind, ReloadAction, ReloadEvent, ReloadHandle, Reloader};
+use ganglion::types::Message;
+use ganglion_tests::*;
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+fn tag_rule(label: &str) -> String {
+    format!(
+        r#"
+topics = ["reload/in/+"]
+format = "raw"
+[handler]
+plugin = "tagger"
+config = {{ label = "{label}" }}
+[allow]
+publish = ["tagged/{{device}}"]
+"#
+    )
+}
+
+fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A gateway over a recording publisher whose folders are watched.
+struct Harness {
+    plugins: PathBuf,
+    rules: PathBuf,
+    publisher: Arc<RecordingPublisher>,
+    gateway: Arc<Gateway>,
+    events: broadcast::Receiver<ReloadEvent>,
+    _watch: ReloadHandle,
+    seq: AtomicU64,
+}
+
+impl Harness {
+    /// `tagger.wasm` is `tag-a`; `tagged.toml` is [`tag_rule`] with label `v0`.
+    async fn start() -> Harness {
+        let root = scratch("reload");
+        let (plugins, rules) = (root.join("plugins"), root.join("rules"));
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::create_dir_all(&rules).unwrap();
+        std::fs::copy(fixture("tag-a"), plugins.join("tagger.wasm")).unwrap();
+        std::fs::write(rules.join("tagged.toml"), tag_rule("v0")).unwrap();
+        let reloader = Arc::new(Reloader::new(host(), &plugins, &rules, Arc::new(NoModel)));
+        let (pipelines, problems) = reloader.load_all().await;
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(pipelines.len(), 1);
+        let publisher = Arc::new(RecordingPublisher::default());
+        let gateway = Arc::new(Gateway::start(
+            pipelines,
+            publisher.clone(),
+            GatewayConfig::default(),
+        ));
+        let events = reloader.subscribe();
+        let watch = reloader.watch(gateway.clone(), &ReloadConfig::default());
+        Harness {
+            plugins,
+            rules,
+            publisher,
+            gateway,
+            events,
+            _watch: watch,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Sends one message for `device` and returns the output it produced,
+    /// or `None` when none came within a second.
+    async fn send(&self, device: &str) -> Option<Json> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed).to_string();
+        self.gateway
+            .dispatch(Delivery {
+                message: Message {
+                    topic: format!("reload/in/{device}"),
+                    payload: seq.clone().into_bytes(),
+                    timestamp: 1,
+                },
+                token: AckToken::None,
+            })
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let found = self.publisher.published().into_iter().find_map(|o| {
+                let v: Json = serde_json::from_slice(&o.payload).ok()?;
+                (v["input"] == seq.as_str()).then_some(v)
+            });
+            if found.is_some() {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    }
+
+    /// The tag and label of the version serving now.
+    async fn serving(&self) -> (String, String) {
+        let v = self.send("probe").await.expect("an output");
+        (
+            v["tag"].as_str().unwrap().to_owned(),
+            v["label"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Waits for the next reload event (5 s at most).
+    async fn next(&mut self) -> ReloadEvent {
+        tokio::time::timeout(Duration::from_secs(5), self.events.recv())
+            .await
+            .expect("a reload event within 5 s")
+            .expect("event channel open")
+    }
+
+    /// Asserts that no reload event comes within `ms`.
+    async fn quiet(&mut self, ms: u64) {
+        if let Ok(e) = tokio::time::timeout(Duration::from_millis(ms), self.events.recv()).await {
+            panic!("unexpected reload event: {e:?}");
+        }
+    }
+
+    fn plugin(&self) -> PathBuf {
+        self.plugins.join("tagger.wasm")
+    }
+
+    fn rule(&self) -> PathBuf {
+        self.rules.join("tagged.toml")
+    }
+}
+
+fn is(e: &ReloadEvent, kind: FileKind, action: ReloadAction) -> bool {
+    e.kind == kind && e.action == action
+}
+
+#[tokio::test]
+async fn a_plugin_written_in_chunks_is_loaded_once_complete() {
+    let mut h = Harness::start().await;
+    assert_eq!(h.serving().await.0, "a");
+    let new = bytes(&fixture("tag-b"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(h.plugin()).unwrap();
+        for chunk in new.chunks(new.len() / 8 + 1) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(e.rules, ["tagged"]);
+    assert_eq!(h.serving().await.0, "b");
+    h.quiet(200).await;
+}
+
+#[tokio::test]
+async fn a_slow_writer_never_gets_a_half_written_plugin_served() {
+    let mut h = Harness::start().await;
+    let new = bytes(&fixture("tag-b"));
+    let path = h.plugin();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(path).unwrap();
+        // Pauses far longer than the debounce time: the reloader sees
+        // stable, incomplete files.
+        for chunk in new.chunks(new.len() / 4 + 1) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+    loop {
+        let e = h.next().await;
+        assert_eq!(e.kind, FileKind::Plugin);
+        match e.action {
+            ReloadAction::Refused => {
+                // Meanwhile the complete old version serves.
+                assert_eq!(h.serving().await.0, "a");
+            }
+            ReloadAction::Replaced => break,
+            other => panic!("unexpected {other:?}: {e:?}"),
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(h.serving().await.0, "b");
+}
+
+#[tokio::test]
+async fn a_plugin_copied_in_replaces_the_old_one() {
+    let mut h = Harness::start().await;
+    std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.0, "b");
+    // The same content again is no change.
+    std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
+    h.quiet(300).await;
+}
+
+#[tokio::test]
+async fn a_plugin_moved_in_by_rename_replaces_the_old_one() {
+    let mut h = Harness::start().await;
+    // Written under a hidden name first, as tools that write atomically do.
+    let hidden = h.plugins.join(".tagger.wasm.part");
+    std::fs::copy(fixture("tag-b"), &hidden).unwrap();
+    h.quiet(200).await;
+    std::fs::rename(&hidden, h.plugin()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.0, "b");
+    // And from another folder.
+    let outside = h.plugins.parent().unwrap().join("tag-a.wasm");
+    std::fs::copy(fixture("tag-a"), &outside).unwrap();
+    std::fs::rename(&outside, h.plugin()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.0, "a");
+}
+
+#[tokio::test]
+async fn a_new_rule_subscribes_and_a_deleted_rule_drains_and_unsubscribes() {
+    let mut h = Harness::start().await;
+    let extra = h.rules.join("extra.toml");
+    std::fs::write(
+        &extra,
+        tag_rule("extra").replace("reload/in/+", "reload/extra/+"),
+    )
+    .unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Loaded), "{e:?}");
+    assert_eq!(e.name, "extra");
+    assert_eq!(h.publisher.filters(), ["reload/extra/+"]);
+    assert!(h.gateway.stats().iter().any(|(r, _)| r == "extra"));
+    std::fs::remove_file(&extra).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Removed), "{e:?}");
+    assert!(h.publisher.filters().is_empty());
+    assert!(!h.gateway.stats().iter().any(|(r, _)| r == "extra"));
+    // The other rule is untouched.
+    assert_eq!(h.serving().await, ("a".into(), "v0".into()));
+    // Deleting the last rule: its messages are acknowledged with no output.
+    std::fs::remove_file(h.rule()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Removed), "{e:?}");
+    let acks = h.publisher.acks();
+    assert!(h.send("d").await.is_none());
+    assert_eq!(h.publisher.acks(), acks + 1);
+}
+
+#[tokio::test]
+async fn a_deleted_plugin_keeps_serving_the_rules_that_use_it() {
+    let mut h = Harness::start().await;
+    std::fs::remove_file(h.plugin()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Removed), "{e:?}");
+    assert_eq!(
+        e.rules,
+        ["tagged"],
+        "the event names the rules still using it"
+    );
+    assert_eq!(h.serving().await.0, "a");
+    // A rule edit now cannot bind it, and the old rule version runs on.
+    std::fs::write(h.rule(), tag_rule("v1")).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Refused), "{e:?}");
+    assert!(
+        e.error
+            .as_deref()
+            .unwrap()
+            .contains("`tagger` is not loaded"),
+        "{e:?}"
+    );
+    assert_eq!(h.serving().await, ("a".into(), "v0".into()));
+    // The plugin coming back brings the waiting rule edit with it.
+    std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Loaded), "{e:?}");
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await, ("b".into(), "v1".into()));
+}
+
+#[tokio::test]
+async fn a_whole_folder_replaced_is_loaded_and_watched_again() {
+    let mut h = Harness::start().await;
+    let staged = h.rules.with_file_name("rules.new");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join("tagged.toml"), tag_rule("v1")).unwrap();
+    std::fs::rename(&h.rules, h.rules.with_file_name("rules.old")).unwrap();
+    std::fs::rename(&staged, &h.rules).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.1, "v1");
+    // The new folder is watched: an edit in it is taken.
+    std::fs::write(h.rule(), tag_rule("v2")).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.1, "v2");
+    // The same for the plugins folder.
+    let staged = h.plugins.with_file_name("plugins.new");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::copy(fixture("tag-b"), staged.join("tagger.wasm")).unwrap();
+    std::fs::rename(&h.plugins, h.plugins.with_file_name("plugins.old")).unwrap();
+    std::fs::rename(&staged, &h.plugins).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.0, "b");
+    std::fs::copy(fixture("tag-a"), h.plugin()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.0, "a");
+}
+
+#[tokio::test]
+async fn editors_temporary_and_swap_files_are_ignored() {
+    let mut h = Harness::start().await;
+    let junk = [
+        ".tagged.toml.swp",
+        ".tagged.toml.swx",
+        "tagged.toml~",
+        "4913",
+        ".#tagged.toml",
+        "tagged.toml.tmp",
+        "#tagged.toml#",
+    ];
+    for name in junk {
+        std::fs::write(h.rules.join(name), "not a rule [").unwrap();
+    }
+    std::fs::write(h.plugins.join(".tagger.wasm.swp"), "junk").unwrap();
+    std::fs::write(h.plugins.join("tagger.wasm~"), "junk").unwrap();
+    h.quiet(400).await;
+    // A vim-style save: the original renamed to a backup, the new text
+    // written under the original name.
+    std::fs::rename(h.rule(), h.rules.join("tagged.toml~")).unwrap();
+    std::fs::write(h.rule(), tag_rule("v1")).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.1, "v1");
+    h.quiet(300).await;
+}
+
+#[tokio::test]
+async fn broken_plugins_leave_the_old_version_serving() {
+    let mut h = Harness::start().await;
+    let wat = |name: &str| bytes(&wat_fixture(name));
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "corrupt",
+            bytes(&wat_fixture("corrupt.wasm")),
+            "not a valid WebAssembly component",
+        ),
+        (
+            "wrong world",
+            wat("wrong-world.wat"),
+            "exports none of the stage interfaces",
+        ),
+        (
+            "core module",
+            wat("core-module.wat"),
+            "core WebAssembly module, not a component",
+        ),
+        ("traps on start", wat("start-trap.wat"), "trap"),
+        (
+            "wrong stage",
+            bytes(&example("clean-readings")),
+            "cannot serve rule `tagged`",
+        ),
+    ];
+    for (case, content, cause) in cases {
+        std::fs::write(h.plugin(), &content).unwrap();
+        let e = h.next().await;
+        assert!(
+            is(&e, FileKind::Plugin, ReloadAction::Refused),
+            "{case}: {e:?}"
+        );
+        let error = e.error.unwrap();
+        assert!(
+            error.contains("tagger.wasm"),
+            "{case}: names the file: {error}"
+        );
+        assert!(error.contains(cause), "{case}: names the cause: {error}");
+        assert_eq!(h.serving().await.0, "a", "{case}: the old version serves");
+    }
+    std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await.0, "b");
+}
+
+#[tokio::test]
+async fn broken_rules_leave_the_old_version_serving() {
+    let mut h = Harness::start().await;
+    let cases = [
+        (
+            "parse error",
+            "topics = [\"reload/in/+\"\n[handler\n".to_owned(),
+            "line 2",
+        ),
+        (
+            "unknown field",
+            tag_rule("v1").replace("format = \"raw\"", "fromat = \"raw\""),
+            "unknown field `fromat`",
+        ),
+        (
+            "unknown plugin",
+            tag_rule("v1").replace("\"tagger\"", "\"no-such-plugin\""),
+            "`no-such-plugin` is not loaded",
+        ),
+        (
+            "bad topic filter",
+            tag_rule("v1").replace("reload/in/+", "reload/#/in"),
+            "topic filter `reload/#/in`",
+        ),
+    ];
+    for (case, text, cause) in cases {
+        std::fs::write(h.rule(), text).unwrap();
+        let e = h.next().await;
+        assert!(
+            is(&e, FileKind::Rule, ReloadAction::Refused),
+            "{case}: {e:?}"
+        );
+        let error = e.error.unwrap();
+        assert!(
+            error.contains("tagged.toml"),
+            "{case}: names the file: {error}"
+        );
+        assert!(error.contains(cause), "{case}: names the cause: {error}");
+        assert_eq!(h.serving().await, ("a".into(), "v0".into()), "{case}");
+    }
+    std::fs::write(h.rule(), tag_rule("v1")).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Replaced), "{e:?}");
+    assert_eq!(h.serving().await, ("a".into(), "v1".into()));
+}
+
+#[tokio::test]
+async fn plugin_state_survives_a_reload_unless_the_rule_resets_it() {
+    let mut h = Harness::start().await;
+    for n in 1..=3 {
+        assert_eq!(h.send("d").await.unwrap()["seen"], n);
+    }
+    std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
+    assert!(is(
+        &h.next().await,
+        FileKind::Plugin,
+        ReloadAction::Replaced
+    ));
+    let v = h.send("d").await.unwrap();
+    assert_eq!(
+        (v["tag"].as_str(), v["seen"].as_i64()),
+        (Some("b"), Some(4))
+    );
+    let reset = tag_rule("v1").replace(
+        "plugin = \"tagger\"",
+        "plugin = \"tagger\"\nreset_state_on_reload = true",
+    );
+    std::fs::write(h.rule(), reset).unwrap();
+    assert!(is(&h.next().await, FileKind::Rule, ReloadAction::Replaced));
+    // A rule edit is not a new plugin version: state stays.
+    assert_eq!(h.send("d").await.unwrap()["seen"], 5);
+    std::fs::copy(fixture("tag-a"), h.plugin()).unwrap();
+    assert!(is(
+        &h.next().await,
+        FileKind::Plugin,
+        ReloadAction::Replaced
+    ));
+    let v = h.send("d").await.unwrap();
+    assert_eq!(
+        (v["tag"].as_str(), v["seen"].as_i64()),
+        (Some("a"), Some(1))
+    );
+}
+
+/// What the stream test does between messages.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Swap,
+    Edit,
+    CorruptPlugin,
+    WrongWorldPlugin,
+    BrokenRule,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_loses_nothing_while_plugins_and_rules_are_replaced() {
+    const RATE: u64 = 2_000;
+    const DEVICES: u64 = 8;
+    let mut broker = Mosquitto::start("reload-stream");
+    let url = broker.url();
+    let root = scratch("reload-stream");
+    let (plugins, rules) = (root.join("plugins"), root.join("rules"));
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::copy(fixture("tag-a"), plugins.join("tagger.wasm")).unwrap();
+    std::fs::write(rules.join("tagged.toml"), tag_rule("v0")).unwrap();
+    // A compiled-artefact cache, warmed with both versions, as on a gateway
+    // that has run them before.
+    let host = {
+        let config = ganglion::config::PluginConfig {
+            cache_dir: Some(root.join("cache")),
+            total_instances: 64,
+            ..Default::default()
+        };
+        let state = ganglion::state::StateStore::in_memory();
+        ganglion::plugin::PluginHost::new(config, state, Arc::new(NoModel)).unwrap()
+    };
+    for v in ["tag-a", "tag-b"] {
+        load(&host, &fixture(v)).await;
+    }
+    let settings = ganglion::mqtt::MqttSettings {
+        client_id: "gw-reload".into(),
+        ..Default::default()
+    };
+    let gw = RunningGateway::start_reloading(
+        &url,
+        settings,
+        host,
+        &plugins,
+        &rules,
+        ReloadConfig::default(),
+    )
+    .await;
+    assert!(gw.problems.is_empty(), "{:?}", gw.problems);
+    let mut events = gw.reloader.as_ref().unwrap().subscribe();
+    let watcher = TestClient::connect(
+        &url,
+        "reload-watcher",
+        &[
+            "tagged/+",
+            "ganglion/status/gw-reload/reload",
+            "ganglion/dead-letter/#",
+        ],
+    )
+    .await;
+    let sender = TestClient::connect(&url, "reload-sender", &[]).await;
+
+    // 20 swaps alternating the versions, 5 rule edits, 3 broken files.
+    let mut steps = Vec::new();
+    for i in 1..=20 {
+        steps.push(Step::Swap);
+        match i {
+            4 | 8 | 12 | 16 | 20 => steps.push(Step::Edit),
+            6 => steps.push(Step::CorruptPlugin),
+            10 => steps.push(Step::BrokenRule),
+            14 => steps.push(Step::WrongWorldPlugin),
+            _ => {}
+        }
+    }
+    let started = Instant::now();
+    let driver_done = std::sync::Mutex::new(None::<Instant>);
+    let stream = async {
+        let mut sent = 0u64;
+        // Paced in 10 ms ticks, for at least 10.5 s and until half a second
+        // after the last reload.
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let go_on = || {
+            let done = *driver_done.lock().unwrap();
+            started.elapsed() < Duration::from_millis(10_500)
+                || done.is_none_or(|t| t.elapsed() < Duration::from_millis(500))
+        };
+        while go_on() {
+            tick.tick().await;
+            let due = (started.elapsed().as_millis() as u64 * RATE / 1000).saturating_sub(sent);
+            for _ in 0..due {
+                sender
+                    .publish(&format!("reload/in/d{}", sent % DEVICES), sent.to_string())
+                    .await;
+                sent += 1;
+            }
+        }
+        sent
+    };
+    let driver = async {
+        let (plugin, rule) = (plugins.join("tagger.wasm"), rules.join("tagged.toml"));
+        let mut tag = "a";
+        let mut edits = 0;
+        let mut taken: Vec<ReloadEvent> = Vec::new();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for step in &steps {
+            let expected = match step {
+                Step::Swap => {
+                    tag = if tag == "a" { "b" } else { "a" };
+                    // Atomically, as deployment tools do.
+                    let tmp = plugins.join(".tagger.wasm.new");
+                    std::fs::copy(fixture(&format!("tag-{tag}")), &tmp).unwrap();
+                    std::fs::rename(&tmp, &plugin).unwrap();
+                    (FileKind::Plugin, ReloadAction::Replaced)
+                }
+                Step::Edit => {
+                    edits += 1;
+                    // In place, as an editor does.
+                    std::fs::write(&rule, tag_rule(&format!("v{edits}"))).unwrap();
+                    (FileKind::Rule, ReloadAction::Replaced)
+                }
+                Step::CorruptPlugin => {
+                    std::fs::write(&plugin, bytes(&wat_fixture("corrupt.wasm"))).unwrap();
+                    (FileKind::Plugin, ReloadAction::Refused)
+                }
+                Step::WrongWorldPlugin => {
+                    std::fs::write(&plugin, bytes(&wat_fixture("wrong-world.wat"))).unwrap();
+                    (FileKind::Plugin, ReloadAction::Refused)
+                }
+                Step::BrokenRule => {
+                    std::fs::write(&rule, "topics = [\"reload/in/+\"\n[handler").unwrap();
+                    (FileKind::Rule, ReloadAction::Refused)
+                }
+            };
+            let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no reload event after {step:?}"))
+                .unwrap();
+            assert_eq!((e.kind, e.action), expected, "after {step:?}: {e:?}");
+            taken.push(e);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        *driver_done.lock().unwrap() = Some(Instant::now());
+        taken
+    };
+    let (sent, taken) = tokio::join!(stream, driver);
+    assert!(
+        started.elapsed() >= Duration::from_secs(10) && sent >= RATE * 10,
+        "{sent} messages in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        sender.wait_until(30, |c| c.acked() >= sent).await,
+        "the broker took {} of {sent}",
+        sender.acked()
+    );
+    // Every input has an output.
+    let outputs = |c: &TestClient| c.on("tagged/+");
+    let all_out = watcher
+        .wait_until(60, |c| {
+            let seen: std::collections::HashSet<String> = outputs(c)
+                .iter()
+                .filter_map(|v| v["input"].as_str().map(str::to_owned))
+                .collect();
+            seen.len() as u64 >= sent
+        })
+        .await;
+    let outs = outputs(&watcher);
+    let mut first: BTreeMap<u64, &Json> = BTreeMap::new();
+    for v in &outs {
+        let seq: u64 = v["input"].as_str().unwrap().parse().unwrap();
+        first.entry(seq).or_insert(v);
+    }
+    let lost: Vec<u64> = (0..sent).filter(|s| !first.contains_key(s)).collect();
+    assert!(
+        all_out && lost.is_empty(),
+        "{} of {sent} inputs have no output (first: {:?})",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    let duplicates = outs.len() as u64 - sent;
+    println!(
+        "{sent} messages, {duplicates} duplicates, {} reloads",
+        taken.len()
+    );
+
+    // Per device, in order: the version switches exactly at each swap and
+    // the label at each edit; only the two good versions ever serve.
+    let swaps = taken
+        .iter()
+        .filter(|e| is(e, FileKind::Plugin, ReloadAction::Replaced))
+        .count();
+    assert_eq!(swaps, 20);
+    for d in 0..DEVICES {
+        let series: Vec<&&Json> = first
+            .iter()
+            .filter(|(s, _)| *s % DEVICES == d)
+            .map(|(_, v)| v)
+            .collect();
+        let changes = |field: &str| {
+            series
+                .windows(2)
+                .filter(|w| w[0][field] != w[1][field])
+                .count()
+        };
+        assert!(
+            series.iter().all(|v| v["tag"] == "a" || v["tag"] == "b"),
+            "device d{d}: an output from something other than the two versions"
+        );
+        assert_eq!(changes("tag"), swaps, "device d{d}: version switches");
+        assert_eq!(changes("label"), 5, "device d{d}: label switches");
+        assert_eq!(series.last().unwrap()["label"], "v5");
+        // State is kept across versions: the count runs on.
+        let max_seen = series
+            .iter()
+            .filter_map(|v| v["seen"].as_u64())
+            .max()
+            .unwrap();
+        assert!(
+            max_seen >= series.len() as u64,
+            "device d{d}: state reset on reload"
+        );
+    }
+    // The broken files were reported, remotely too, and nothing was dead-lettered.
+    let refused: Vec<&ReloadEvent> = taken
+        .iter()
+        .filter(|e| e.action == ReloadAction::Refused)
+        .collect();
+    assert_eq!(refused.len(), 3);
+    assert!(
+        watcher
+            .wait_until(10, |c| {
+                c.on("ganglion/status/gw-reload/reload")
+                    .iter()
+                    .filter(|v| v["action"] == "refused")
+                    .count()
+                    == 3
+            })
+            .await,
+        "status events: {:?}",
+        watcher.on("ganglion/status/gw-reload/reload")
+    );
+    assert!(watcher.on("ganglion/dead-letter/#").is_empty());
+    let reports: HashMap<String, usize> = watcher
+        .on("ganglion/status/gw-reload/reload")
+        .iter()
+        .fold(HashMap::new(), |mut m, v| {
+            *m.entry(v["action"].as_str().unwrap_or("").to_owned())
+                .or_default() += 1;
+            m
+        });
+    assert_eq!(reports.get("replaced"), Some(&25), "{reports:?}");
+    gw.stop().await;
+    broker.stop();
+}
