@@ -412,7 +412,16 @@ impl RulePipeline {
             ..
         } = &self.bindings
         else {
-            return Outcome::default();
+            // Only a window an earlier version of the rule left open gets
+            // here: a handler rule has no stage to take readings.
+            let reason = format!(
+                "the rule was changed to a handler rule; {} readings of device `{device}` waiting in its window have no stage to go to",
+                window.len()
+            );
+            return Outcome {
+                dead_letters: vec![self.dead(message, "window", "rule-changed", reason, None)],
+                ..Outcome::default()
+            };
         };
         let context = Context {
             rule: self.rule.name.clone(),

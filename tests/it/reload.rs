@@ -52,16 +52,29 @@ struct Harness {
 impl Harness {
     /// `tagger.wasm` is `tag-a`; `tagged.toml` is [`tag_rule`] with label `v0`.
     async fn start() -> Harness {
+        Self::with(
+            &[("tagger", fixture("tag-a"))],
+            &[("tagged", tag_rule("v0"))],
+        )
+        .await
+    }
+
+    /// Plugins (name, component) and rules (name, text).
+    async fn with(plugin_files: &[(&str, PathBuf)], rule_files: &[(&str, String)]) -> Harness {
         let root = scratch("reload");
         let (plugins, rules) = (root.join("plugins"), root.join("rules"));
         std::fs::create_dir_all(&plugins).unwrap();
         std::fs::create_dir_all(&rules).unwrap();
-        std::fs::copy(fixture("tag-a"), plugins.join("tagger.wasm")).unwrap();
-        std::fs::write(rules.join("tagged.toml"), tag_rule("v0")).unwrap();
+        for (name, from) in plugin_files {
+            std::fs::copy(from, plugins.join(format!("{name}.wasm"))).unwrap();
+        }
+        for (name, text) in rule_files {
+            std::fs::write(rules.join(format!("{name}.toml")), text).unwrap();
+        }
         let reloader = Arc::new(Reloader::new(host(), &plugins, &rules, Arc::new(NoModel)));
         let (pipelines, problems) = reloader.load_all().await;
         assert!(problems.is_empty(), "{problems:?}");
-        assert_eq!(pipelines.len(), 1);
+        assert_eq!(pipelines.len(), rule_files.len());
         let publisher = Arc::new(RecordingPublisher::default());
         let gateway = Arc::new(Gateway::start(
             pipelines,
@@ -123,6 +136,14 @@ impl Harness {
         tokio::time::timeout(Duration::from_secs(5), self.events.recv())
             .await
             .expect("a reload event within 5 s")
+            .expect("event channel open")
+    }
+
+    /// Waits for the next reload event, `secs` at most.
+    async fn next_within(&mut self, secs: u64) -> ReloadEvent {
+        tokio::time::timeout(Duration::from_secs(secs), self.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("a reload event within {secs} s"))
             .expect("event channel open")
     }
 
@@ -483,6 +504,122 @@ async fn plugin_state_survives_a_reload_unless_the_rule_resets_it() {
         (v["tag"].as_str(), v["seen"].as_i64()),
         (Some("a"), Some(1))
     );
+}
+
+#[tokio::test]
+async fn a_python_plugin_swaps_in_for_a_rust_one_and_back() {
+    let py = python_fixture();
+    let mut h = Harness::start().await;
+    let rust = h.send("d").await.unwrap();
+    assert_eq!(rust["seen"], 1);
+    std::fs::copy(py, h.plugin()).unwrap();
+    // Compiled without a cache: an 18 MB component takes seconds.
+    let e = h.next_within(120).await;
+    assert!(is(&e, FileKind::Plugin, ReloadAction::Replaced), "{e:?}");
+    let python = h.send("d").await.unwrap();
+    assert_eq!(python["tag"], "py");
+    // The same output as the Rust version's, and the same state.
+    assert_eq!(python["seen"], 2);
+    assert_eq!(python["label"], rust["label"]);
+    let keys = |v: &Json| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&python), keys(&rust));
+    std::fs::copy(fixture("tag-a"), h.plugin()).unwrap();
+    assert!(is(
+        &h.next().await,
+        FileKind::Plugin,
+        ReloadAction::Replaced
+    ));
+    let back = h.send("d").await.unwrap();
+    assert_eq!(
+        (back["tag"].as_str(), back["seen"].as_i64()),
+        (Some("a"), Some(3))
+    );
+}
+
+fn window_rule(count: usize, post: &str) -> String {
+    format!(
+        r#"
+topics = ["w/+/telemetry"]
+[[preprocess]]
+plugin = "clean-readings"
+config = {{ device_from_topic = 1 }}
+[window]
+count = {count}
+{post}
+"#
+    )
+}
+
+const ALERT_POST: &str = r#"[postprocess]
+plugin = "threshold-alert"
+config = { thresholds = [{ metric = "temperature", above = 50.0, level = "critical" }] }"#;
+
+#[tokio::test]
+async fn readings_waiting_in_a_window_carry_over_to_the_new_rule_version() {
+    let mut h = Harness::with(
+        &[
+            ("clean-readings", example("clean-readings")),
+            ("threshold-alert", example("threshold-alert")),
+            ("tagger", fixture("tag-a")),
+        ],
+        &[("win", window_rule(3, ALERT_POST))],
+    )
+    .await;
+    let reading = |v: f64| Delivery {
+        message: Message {
+            topic: "w/m1/telemetry".into(),
+            payload: format!(r#"{{"metric":"temperature","value":{v}}}"#).into_bytes(),
+            timestamp: 1,
+        },
+        token: AckToken::None,
+    };
+    h.gateway.dispatch(reading(60.0)).await;
+    h.gateway.dispatch(reading(61.0)).await;
+    // A new version of the rule (window of 4) while two readings wait.
+    std::fs::write(h.rules.join("win.toml"), window_rule(4, ALERT_POST)).unwrap();
+    assert!(is(&h.next().await, FileKind::Rule, ReloadAction::Replaced));
+    h.gateway.dispatch(reading(62.0)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        h.publisher.published().is_empty(),
+        "3 of 4 readings: no alert yet"
+    );
+    h.gateway.dispatch(reading(63.0)).await;
+    let alert = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(o) = h.publisher.published().pop() {
+                return String::from_utf8_lossy(&o.payload).into_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("an alert");
+    assert!(alert.contains("(4 readings)"), "{alert}");
+
+    // A change to a handler rule: what waits is dead-lettered, not dropped.
+    h.gateway.dispatch(reading(64.0)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let handler = tag_rule("h").replace("reload/in/+", "w/+/telemetry");
+    std::fs::write(h.rules.join("win.toml"), handler).unwrap();
+    assert!(is(&h.next().await, FileKind::Rule, ReloadAction::Replaced));
+    let dead = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(o) = h
+                .publisher
+                .published()
+                .into_iter()
+                .find(|o| o.topic == "ganglion/dead-letter/win")
+            {
+                return serde_json::from_slice::<Json>(&o.payload).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a dead letter for the waiting reading");
+    assert_eq!(dead["kind"], "rule-changed");
+    assert_eq!(dead["stage"], "window");
 }
 
 /// What the stream test does between messages.

@@ -16,6 +16,13 @@ pub fn built() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The Python fixture `py-tagger`, built once per test process (see
+/// plugins/fixtures/py-tagger/README.md).
+pub fn python_fixture() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| xtask::build_python_fixture().expect("building the Python fixture"))
+}
+
 pub fn example(name: &str) -> PathBuf {
     built().0.join(format!("{name}.wasm"))
 }

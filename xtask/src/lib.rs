@@ -140,6 +140,37 @@ pub fn build_plugins() -> Result<()> {
     Ok(())
 }
 
+/// Builds the Python fixture `py-tagger` (componentize-py, installed into
+/// target/py-venv on first use) into [`fixtures_dir`], unless the component
+/// is newer than its sources: componentize-py builds are not reproducible,
+/// so every rebuild would be a new plugin version to compile.
+pub fn build_python_fixture() -> Result<PathBuf> {
+    let root = root();
+    let src = root.join("plugins/fixtures/py-tagger");
+    let out = fixtures_dir().join("py-tagger.wasm");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let newest_source = ["app.py", "build.sh"]
+        .iter()
+        .filter_map(|f| modified(&src.join(f)))
+        .chain(modified(&root.join("wit/ganglion.wit")))
+        .max();
+    if let (Some(built), Some(source)) = (modified(&out), newest_source)
+        && built > source
+    {
+        return Ok(out);
+    }
+    let status = Command::new("bash")
+        .arg(src.join("build.sh"))
+        .status()
+        .context("running plugins/fixtures/py-tagger/build.sh")?;
+    if !status.success() {
+        bail!(
+            "building the Python fixture failed (needs python3 with venv, and PyPI the first time)"
+        );
+    }
+    Ok(out)
+}
+
 /// Copies only when the content differs, so watchers and caches see no
 /// change when nothing changed.
 fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {

@@ -9,6 +9,7 @@
 //! - `bench-llm`: llama.cpp (llama-cpp-python built from source in target/llamacpp), then the
 //!   engine's and llama.cpp's prefill and decode speed on the default model, 1 and 2 threads.
 //! - `bench-mqtt`: plugins, mosquitto and Node-RED, then the end-to-end MQTT benchmark.
+//! - `bench-reload`: plugins and the Python fixture, then the hot-reload latency benchmark.
 
 use anyhow::{Result, bail};
 use std::process::Command;
@@ -186,6 +187,7 @@ fn main() -> Result<()> {
         }
         "test" => {
             xtask::build_plugins()?;
+            xtask::build_python_fixture()?;
             xtask::ensure_mosquitto()?;
             xtask::fetch_model()?;
             xtask::fetch_embedding_model()?;
@@ -291,6 +293,14 @@ fn main() -> Result<()> {
             )
         }
         "bench-llm" => bench_llm(rest),
+        "bench-reload" => {
+            xtask::build_plugins()?;
+            xtask::build_python_fixture()?;
+            cargo(
+                &["bench", "-p", "ganglion-tests", "--bench", "reload_latency"],
+                rest,
+            )
+        }
         "demo" => {
             xtask::build_plugins()?;
             xtask::fetch_model()?;
@@ -310,7 +320,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt | bench-llm"
+                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt | bench-llm | bench-reload"
             );
             if task == "help" {
                 Ok(())
