@@ -6,10 +6,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+/// Why the embedded broker did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// The address could not be bound (e.g. the port is taken), or the
+    /// broker thread could not start.
     #[error("embedded broker: cannot listen on {addr}: {reason}")]
-    Listen { addr: SocketAddr, reason: String },
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        reason: String,
+    },
 }
 
 /// Starts the broker on `addr` in a thread of its own. The broker lives

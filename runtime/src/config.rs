@@ -19,15 +19,25 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Resource limits applied to every plugin instance (`[plugins.limits]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Guest time per stage call, in milliseconds; time spent waiting on the
+    /// host (e.g. `llm` calls) is not counted. Default 100.
     pub call_timeout_ms: u64,
+    /// Cap on each linear memory of an instance, in MiB. Default 64.
     pub max_memory_mib: u64,
+    /// Size of the data one call may return, in bytes. Default 1 MiB.
     pub max_output_bytes: usize,
+    /// Fuel (roughly, Wasm instructions) per call; 0 disables metering. Default 0.
     pub fuel: u64,
+    /// Concurrent instances per plugin and rule; further calls wait. Default 8.
     pub max_instances: u32,
+    /// Log lines a call may emit; later lines are dropped and counted. Default 100.
     pub max_log_lines_per_call: u32,
+    /// How long a plugin may wait on one `llm` call, in milliseconds; a
+    /// shorter `deadline-ms` in the request wins. Default 30 000.
     pub llm_timeout_ms: u64,
 }
 
@@ -46,25 +56,31 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// [`Self::call_timeout_ms`] as a [`Duration`].
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
     }
 
+    /// [`Self::max_memory_mib`] in bytes (saturating).
     pub fn max_memory_bytes(&self) -> usize {
         (self.max_memory_mib as usize).saturating_mul(1 << 20)
     }
 
+    /// [`Self::llm_timeout_ms`] as a [`Duration`].
     pub fn llm_timeout(&self) -> Duration {
         Duration::from_millis(self.llm_timeout_ms)
     }
 }
 
+/// The plugin host (`[plugins]`): where components are, the compile cache, limits.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginConfig {
+    /// Folder whose `*.wasm` components are loaded. Default `plugins`.
     pub dir: PathBuf,
     /// Where compiled artefacts are kept; none disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Per-instance limits (`[plugins.limits]`).
     pub limits: Limits,
     /// Instance slots the engine reserves across all plugins.
     pub total_instances: u32,
@@ -93,23 +109,30 @@ impl Default for PluginConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
+    /// Environment variables the plugin sees. Default empty.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Host directories mounted into the plugin. Default none.
     #[serde(default)]
     pub dirs: Vec<DirGrant>,
 }
 
+/// One host directory granted to a plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirGrant {
+    /// The directory on the host; must exist.
     pub host: PathBuf,
+    /// Where the plugin sees it; must be an absolute path.
     pub guest: String,
+    /// Whether the plugin may write to it. Default false (read-only).
     #[serde(default)]
     pub write: bool,
 }
 
 impl Grants {
-    /// Checks that every granted directory exists.
+    /// Checks that every granted directory exists on the host and that its
+    /// guest path is absolute.
     pub fn validate(&self) -> Result<(), String> {
         for d in &self.dirs {
             if !d.host.is_dir() {
@@ -133,8 +156,12 @@ impl Grants {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
+    /// The redb database file. Default `.ganglion/state.redb`.
     pub path: PathBuf,
+    /// How often buffered writes are made durable, in milliseconds; a crash
+    /// loses at most this much, and 0 makes every write durable. Default 100.
     pub flush_interval_ms: u64,
+    /// Keys one plugin may hold per rule. Default 10 000.
     pub max_keys_per_scope: u64,
 }
 
@@ -149,6 +176,7 @@ impl Default for StateConfig {
 }
 
 impl StateConfig {
+    /// The store limits from this config; key and value size caps keep their defaults.
     pub fn limits(&self) -> crate::state::StateLimits {
         crate::state::StateLimits {
             flush_interval: Duration::from_millis(self.flush_interval_ms),
@@ -169,8 +197,11 @@ impl StateConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
+    /// Folder of rule files. Default `rules`.
     pub dir: PathBuf,
+    /// Messages a rule processes concurrently, ordered per topic; 0 counts as 1. Default 4.
     pub lanes: usize,
+    /// Messages queued per lane before intake waits; 0 counts as 1. Default 64.
     pub lane_capacity: usize,
 }
 
@@ -193,6 +224,7 @@ impl Default for RulesConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
+    /// Address the broker listens on. Default `127.0.0.1:1883`.
     pub listen: std::net::SocketAddr,
 }
 
@@ -215,8 +247,11 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReloadConfig {
+    /// Whether the folders are watched. Default true.
     pub enabled: bool,
+    /// Quiet time after a change before it is applied, in milliseconds. Default 30.
     pub debounce_ms: u64,
+    /// Interval of the full rescan, in milliseconds. Default 2000.
     pub poll_ms: u64,
 }
 
@@ -231,10 +266,12 @@ impl Default for ReloadConfig {
 }
 
 impl ReloadConfig {
+    /// [`Self::debounce_ms`] as a [`Duration`], at least 1 ms.
     pub fn debounce(&self) -> Duration {
         Duration::from_millis(self.debounce_ms.max(1))
     }
 
+    /// [`Self::poll_ms`] as a [`Duration`], at least 100 ms.
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms.max(100))
     }
@@ -244,25 +281,43 @@ impl ReloadConfig {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GanglionConfig {
+    /// `[plugins]`: components, compile cache and limits.
     pub plugins: PluginConfig,
+    /// `[state]`: the plugins' key–value store.
     pub state: StateConfig,
+    /// `[rules]`: rule files and lanes.
     pub rules: RulesConfig,
+    /// `[mqtt]`: the broker connection.
     pub mqtt: crate::mqtt::MqttSettings,
+    /// `[broker]`: the embedded broker, used when `[mqtt] broker` is not set.
     pub broker: BrokerConfig,
+    /// `[reload]`: hot reload of plugins and rules.
     pub reload: ReloadConfig,
+    /// The decision audit log (see [`crate::audit::AuditConfig`]).
+    pub audit: crate::audit::AuditConfig,
     /// The language model (see [`ganglion_llm::EngineConfig`]).
     pub model: ganglion_llm::EngineConfig,
 }
 
+/// Why [`GanglionConfig::load`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The config file.
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
+    /// The file is not valid TOML or does not match the config's fields.
     #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, with line and field.
+        message: String,
+    },
 }
 
 impl GanglionConfig {
@@ -278,6 +333,7 @@ impl GanglionConfig {
         })
     }
 
+    /// Parses config text; unset fields take their defaults, unknown fields are refused.
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }

@@ -26,32 +26,54 @@ use tokio::task::JoinHandle;
 /// Counters of one rule, for status views and tests.
 #[derive(Debug, Default)]
 pub struct RuleStats {
+    /// Messages a lane took from its queue, counted as processing starts.
     pub messages: AtomicU64,
+    /// Readings that entered the pipeline after preprocessing.
     pub readings: AtomicU64,
+    /// Outputs whose publish the broker confirmed (counted on the
+    /// confirmation; one not queued or not confirmed is not counted).
     pub published: AtomicU64,
+    /// Dead letters whose publish on the rule's dead-letter topic the broker
+    /// confirmed.
     pub dead_letters: AtomicU64,
 }
 
 /// What the gateway did, for a live view.
 #[derive(Debug, Clone)]
 pub enum GatewayEvent {
+    /// A prompt a rule sent to the model.
     Prompt {
+        /// The rule's name.
         rule: String,
+        /// The prompt's user message (the system message is left out).
         text: String,
     },
+    /// What the model answered a rule.
     Completion {
+        /// The rule's name.
         rule: String,
+        /// The completion text.
         text: String,
     },
+    /// An output handed to the publisher; sent before the publish is queued,
+    /// so also for one that then fails.
     Published {
+        /// The rule's name.
         rule: String,
+        /// The topic it goes to.
         topic: String,
+        /// The payload as UTF-8, invalid bytes replaced.
         payload: String,
     },
+    /// A message a rule could not handle, before its dead letter is published.
     DeadLetter {
+        /// The rule's name.
         rule: String,
+        /// Where it failed (see [`crate::pipeline::DeadLetter::stage`]).
         stage: String,
+        /// The machine-readable reason kind (`bad-payload`, `trap`...).
         kind: String,
+        /// The cause, for people.
         reason: String,
     },
 }
@@ -81,11 +103,13 @@ struct RuleRuntime {
     stop_flusher: watch::Sender<bool>,
 }
 
+/// How many lanes each rule gets and how much each queues; `ganglion.toml`
+/// sets them in `[rules]`. A value of 0 counts as 1.
 #[derive(Debug, Clone, Copy)]
 pub struct GatewayConfig {
-    /// Workers per rule.
+    /// Workers per rule. Default 4.
     pub lanes: usize,
-    /// Messages queued per lane before dispatch waits.
+    /// Messages queued per lane before dispatch waits. Default 64.
     pub lane_capacity: usize,
 }
 
@@ -101,8 +125,10 @@ impl Default for GatewayConfig {
 /// Why a rule change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
+    /// [`Gateway::shutdown`] has begun; no rule change is taken any more.
     #[error("the gateway is shutting down")]
     Closed,
+    /// [`Gateway::remove`] named no running rule.
     #[error("no rule named `{0}`")]
     NoSuchRule(String),
 }
@@ -178,7 +204,7 @@ impl Gateway {
                         while let Some((queued, job)) = confirming.recv().await {
                             confirm(queued, &stats).await;
                             if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-                                && let Err(e) = publisher.ack(job.pending.token.clone()).await
+                                && let Err(e) = acknowledge(publisher.as_ref(), job.pending.token.clone()).await
                             {
                                 tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
                             }
@@ -258,6 +284,9 @@ impl Gateway {
             .collect()
     }
 
+    /// Every [`GatewayEvent`] from now on. Events are only made while
+    /// someone listens; a receiver more than 1024 events behind loses the
+    /// oldest ([`broadcast::error::RecvError::Lagged`]).
     pub fn subscribe_events(&self) -> broadcast::Receiver<GatewayEvent> {
         self.events.subscribe()
     }
@@ -376,7 +405,7 @@ impl Gateway {
             .collect();
         if matching.is_empty() {
             tracing::debug!(topic = %delivery.message.topic, "no rule matches; acknowledged");
-            let _ = self.publisher.ack(delivery.token).await;
+            let _ = acknowledge(self.publisher.as_ref(), delivery.token).await;
             return;
         }
         let pending = Arc::new(Pending {
@@ -437,6 +466,21 @@ pub async fn serve(
     }
     gateway.shutdown().await;
     drop(deliveries);
+}
+
+/// Acknowledges a message whose outcome is delivered: to the broker, or to
+/// the embedding program that pushed it.
+async fn acknowledge(
+    publisher: &dyn Publisher,
+    token: AckToken,
+) -> Result<(), crate::mqtt::MqttError> {
+    match token {
+        AckToken::Done(signal) => {
+            signal.fire();
+            Ok(())
+        }
+        token => publisher.ack(token).await,
+    }
 }
 
 /// Messages per lane whose outputs may await the broker's acknowledgement at once.

@@ -14,14 +14,22 @@
 //! - [`config`]: typed configuration.
 //! - [`rules`]: rule files, topic filters, the allow-list.
 //! - [`pipeline`]: one rule at work, message to outcome (publishes, dead letters).
+//! - [`audit`]: the decision audit log (JSON lines, rotated), replay and
+//!   fine-tuning export.
 //! - [`gateway`]: routing deliveries to rules, lanes, publishing, acknowledging;
 //!   rules added, replaced and removed while messages flow.
 //! - [`reload`]: watching the plugins and rules folders and applying changes
 //!   (hot reload; a bad file leaves the previous version running).
 //! - [`mqtt`]: the broker connection (rumqttc) behind the [`mqtt::Publisher`] trait.
 //! - [`broker`]: the embedded broker (rumqttd).
+//! - [`runtime`]: the embedding API ([`runtime::Runtime`]): build from
+//!   config, push messages from any transport, take outputs on a channel,
+//!   install and remove rules.
 //! - [`simulate`]: simulated sensors (synthetic or CSV replay) over MQTT.
 
+#![warn(missing_docs)]
+
+pub mod audit;
 pub mod bindings;
 pub mod broker;
 pub mod config;
@@ -33,6 +41,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod reload;
 pub mod rules;
+pub mod runtime;
 pub mod simulate;
 pub mod state;
 pub mod types;

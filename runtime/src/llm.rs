@@ -11,19 +11,54 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+/// What every [`LlmEngine`] call returns: a boxed, sendable future.
 pub type LlmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LlmError>> + Send + 'a>>;
 
 pub use ganglion_llm::types::{GenerateRequest, LlmInput};
 
+/// A language model as the `llm` interface uses it; see the module docs for
+/// the threading rule.
 pub trait LlmEngine: Send + Sync + 'static {
     /// The model's identity, as reported in completions.
     fn model_id(&self) -> String;
+    /// Generates a completion for a chat or raw-text request.
     fn generate(&self, request: GenerateRequest) -> LlmFuture<'_, Completion>;
     /// One probability per label.
     fn classify(&self, text: String, labels: Vec<String>) -> LlmFuture<'_, Vec<f32>>;
     /// L2-normalised vectors, one per text.
     fn embed(&self, texts: Vec<String>) -> LlmFuture<'_, Vec<Vec<f32>>>;
+    /// Number of tokens `text` encodes to with the model's tokenizer.
     fn count_tokens(&self, text: String) -> LlmFuture<'_, u32>;
+}
+
+/// The configured model, or [`NoModel`] when none is configured or it does
+/// not load: a broken model file is reported and the rules that need the
+/// model dead-letter their messages with `model-not-loaded`, while the
+/// others keep running.
+pub async fn load_configured(config: &ganglion_llm::EngineConfig) -> Arc<dyn LlmEngine> {
+    if config.path.is_none() && config.embedding.is_none() {
+        tracing::info!("no model configured; rules that call the model will dead-letter");
+        return Arc::new(NoModel);
+    }
+    let cfg = config.clone();
+    match tokio::task::spawn_blocking(move || ganglion_llm::Engine::load(&cfg)).await {
+        Ok(Ok((engine, summary))) => {
+            if let Some(s) = summary {
+                tracing::info!(model = %s.id, arch = %s.architecture, layers = s.layers, width = s.width, context = s.context, threads = config.thread_count(), "model loaded");
+            }
+            Arc::new(engine)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(
+                "{e}; running without a model (fetch the default one with `cargo run -p xtask -- model`)"
+            );
+            Arc::new(NoModel)
+        }
+        Err(e) => {
+            tracing::error!("model loader failed: {e}; running without a model");
+            Arc::new(NoModel)
+        }
+    }
 }
 
 /// The engine when no model is configured: every call is `model-not-loaded`.
@@ -60,6 +95,7 @@ pub struct FakeLlm {
 }
 
 impl FakeLlm {
+    /// An engine whose `generate` answers with `script`'s text or error.
     pub fn new(
         script: impl Fn(&GenerateRequest) -> Result<String, LlmError> + Send + Sync + 'static,
     ) -> Arc<Self> {
@@ -88,6 +124,7 @@ impl FakeLlm {
         })
     }
 
+    /// The `generate` requests received so far, in order.
     pub fn requests(&self) -> Vec<GenerateRequest> {
         self.requests
             .lock()

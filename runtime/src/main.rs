@@ -3,10 +3,11 @@
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use ganglion::config::GanglionConfig;
-use ganglion::gateway::{self, Gateway, GatewayConfig, GatewayEvent, RuleStats};
-use ganglion::llm::{LlmEngine, NoModel};
+use ganglion::gateway::{Gateway, GatewayEvent, RuleStats};
+use ganglion::llm::NoModel;
 use ganglion::plugin::PluginHost;
-use ganglion::reload::{ReloadEvent, Reloader};
+use ganglion::reload::ReloadEvent;
+use ganglion::runtime::Runtime;
 use ganglion::simulate::{self, SimConfig, Source};
 use ganglion::state::StateStore;
 use ganglion::{broker, mqtt};
@@ -91,6 +92,16 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// Take the decisions recorded in an audit log again through the current
+    /// plugins, rules and model, and report which changed (or, with
+    /// --export-finetune, write the recorded prompt/completion pairs instead).
+    Replay {
+        /// The audit log (JSON lines, as written under [audit]).
+        log: PathBuf,
+        /// Write chat-format training pairs here instead of replaying.
+        #[arg(long)]
+        export_finetune: Option<PathBuf>,
+    },
     /// Report what components implement and whether they load under the configured limits.
     Check {
         /// Component files.
@@ -134,6 +145,10 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
         .init();
     match cli.command {
         Command::Check { files } => check(config, files).await,
+        Command::Replay {
+            log,
+            export_finetune,
+        } => replay(config, log, export_finetune).await,
         Command::Run {
             broker,
             username,
@@ -211,56 +226,18 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
     }
 }
 
-/// The configured model, or [`NoModel`] when none is configured or it does
-/// not load: a broken model file is reported and the rules that need the
-/// model dead-letter their messages with `model-not-loaded`, while the
-/// others keep running.
-async fn load_model(config: &ganglion_llm::EngineConfig) -> Arc<dyn LlmEngine> {
-    if config.path.is_none() && config.embedding.is_none() {
-        tracing::info!("no model configured; rules that call the model will dead-letter");
-        return Arc::new(NoModel);
-    }
-    let cfg = config.clone();
-    match tokio::task::spawn_blocking(move || ganglion_llm::Engine::load(&cfg)).await {
-        Ok(Ok((engine, summary))) => {
-            if let Some(s) = summary {
-                tracing::info!(model = %s.id, arch = %s.architecture, layers = s.layers, width = s.width, context = s.context, threads = config.thread_count(), "model loaded");
-            }
-            Arc::new(engine)
-        }
-        Ok(Err(e)) => {
-            tracing::error!(
-                "{e}; running without a model (fetch the default one with `cargo run -p xtask -- model`)"
-            );
-            Arc::new(NoModel)
-        }
-        Err(e) => {
-            tracing::error!("model loader failed: {e}; running without a model");
-            Arc::new(NoModel)
-        }
-    }
-}
-
 async fn run(
     config: GanglionConfig,
     sim: Option<SimConfig>,
     duration: Option<Duration>,
     quiet: bool,
 ) -> Result<()> {
-    let state = StateStore::open(&config.state.path, config.state.limits())?;
-    let llm = load_model(&config.model).await;
-    let host = PluginHost::new(config.plugins.clone(), state.clone(), llm.clone())?;
-    let reloader = Arc::new(Reloader::new(
-        host,
-        &config.plugins.dir,
-        &config.rules.dir,
-        llm,
-    ));
-    let (pipelines, problems) = reloader.load_all().await;
-    for p in &problems {
+    let loaded = Runtime::builder(config.clone()).load().await?;
+    for p in &loaded.problems {
         tracing::error!("{p}");
     }
-    if pipelines.is_empty() {
+    let rules = loaded.rules();
+    if rules.is_empty() {
         if !config.reload.enabled {
             bail!(
                 "no rule is ready to run (rules in {}, plugins in {})",
@@ -270,8 +247,8 @@ async fn run(
         }
         tracing::warn!(rules = %config.rules.dir.display(), plugins = %config.plugins.dir.display(), "no rule is ready to run yet; waiting for rule and plugin files");
     }
-    for p in &pipelines {
-        tracing::info!(rule = %p.rule.name, topics = ?p.rule.topics, plugins = ?p.rule.plugins(), "rule ready");
+    for r in &rules {
+        tracing::info!(rule = %r.name, topics = ?r.topics, plugins = ?r.plugins(), "rule ready");
     }
     let broker = match &config.mqtt.broker {
         Some(b) => b.clone(),
@@ -281,38 +258,26 @@ async fn run(
             format!("mqtt://{}", config.broker.listen)
         }
     };
-    let filters = gateway::topic_filters(&pipelines);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let mqtt = Arc::new(mqtt::GatewayLink::connect(
         &config.mqtt,
         &broker,
-        filters,
+        loaded.topic_filters(),
         tx,
     )?);
     if !mqtt.wait_connected(Duration::from_secs(10)).await {
         tracing::warn!(%broker, "not connected yet; messages flow once the broker answers");
     }
-    let gateway = Arc::new(Gateway::start(
-        pipelines,
-        mqtt.clone(),
-        GatewayConfig {
-            lanes: config.rules.lanes,
-            lane_capacity: config.rules.lane_capacity,
-        },
-    ));
-    let reload = config
-        .reload
-        .enabled
-        .then(|| reloader.watch(gateway.clone(), &config.reload));
+    let runtime = loaded.serve(mqtt.clone());
     let status = tokio::spawn(ganglion::reload::publish_events(
-        reloader.subscribe(),
+        runtime.reload_events(),
         mqtt.clone(),
         format!("{}/reload", config.mqtt.status_topic()),
     ));
     let view = tokio::spawn(live_view(
-        gateway.subscribe_events(),
-        reloader.subscribe(),
-        gateway.clone(),
+        runtime.events(),
+        runtime.reload_events(),
+        runtime.gateway().clone(),
         quiet,
     ));
     let simulator = match (sim, simulate::host_port(&broker)) {
@@ -335,18 +300,11 @@ async fn run(
             s.abort();
         }
     };
-    let stop = async {
-        stop.await;
-        if let Some(r) = reload {
-            r.stop().await;
-        }
-    };
-    gateway::serve(&gateway, rx, stop).await;
+    runtime.serve_until(rx, stop).await;
     view.abort();
     status.abort();
-    print_summary(&gateway.stats());
+    print_summary(&runtime.stats());
     mqtt.disconnect().await;
-    state.flush()?;
     Ok(())
 }
 
@@ -422,6 +380,59 @@ fn one_line(s: &str) -> String {
     } else {
         flat
     }
+}
+
+async fn replay(config: GanglionConfig, log: PathBuf, export: Option<PathBuf>) -> Result<()> {
+    let records = ganglion::audit::read(&log).map_err(anyhow::Error::msg)?;
+    if let Some(out) = export {
+        let n = ganglion::audit::export_finetune(&records, &out)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("{n} prompt/completion pairs written to {}", out.display());
+        return Ok(());
+    }
+    let llm = ganglion::llm::load_configured(&config.model).await;
+    let now = match &config.model.path {
+        Some(p) => ganglion::audit::file_hash(p).await,
+        None => None,
+    };
+    let recorded: std::collections::BTreeSet<Option<&str>> =
+        records.iter().map(|r| r.model.hash.as_deref()).collect();
+    if recorded.iter().any(|h| h.is_some() && *h != now.as_deref()) {
+        println!(
+            "note: decisions were recorded with another model file than {} now",
+            config
+                .model
+                .path
+                .as_deref()
+                .map_or("(none)".into(), |p| p.display().to_string())
+        );
+    }
+    // A scratch state store: replaying never changes the gateway's state.
+    let host = PluginHost::new(config.plugins.clone(), StateStore::in_memory(), llm.clone())?;
+    let (pipelines, problems) =
+        ganglion::reload::Reloader::new(host, &config.plugins.dir, &config.rules.dir, llm)
+            .load_all()
+            .await;
+    for p in &problems {
+        tracing::warn!("{p}");
+    }
+    let results = ganglion::audit::replay(&records, &pipelines).await;
+    let changed: Vec<_> = results.iter().filter(|c| !c.changed.is_empty()).collect();
+    for c in &changed {
+        println!(
+            "decision {} ({} / {}): changed {}",
+            c.index + 1,
+            c.rule,
+            c.device,
+            c.changed.join(", ")
+        );
+    }
+    println!(
+        "{} decisions replayed, {} changed",
+        results.len(),
+        changed.len()
+    );
+    Ok(())
 }
 
 async fn check(config: GanglionConfig, files: Vec<PathBuf>) -> Result<()> {

@@ -22,16 +22,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Why a connection could not be set up, or a request not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MqttError {
+    /// The client's event loop has ended (or, for a channel publisher, the
+    /// receiver is gone): the request was not queued, or a queued publish
+    /// will never be confirmed.
     #[error("MQTT client stopped")]
     Stopped,
+    /// The broker address (first field) is unusable, for the reason in the
+    /// second: no `scheme://`, an unknown scheme, no host, a bad port, or
+    /// `mqtts://` without `ca_file`.
     #[error("invalid broker address `{0}`: {1}")]
     BadUrl(String, String),
+    /// The `ca_file` (first field) could not be read, with the I/O error.
     #[error("cannot read TLS file {0}: {1}")]
     Tls(String, String),
 }
 
+/// Completes when the client has taken a request (an acknowledgement, a
+/// subscription change); the broker's answer is not awaited.
 pub type MqttFuture<'a> = Pin<Box<dyn Future<Output = Result<(), MqttError>> + Send + 'a>>;
 
 /// Completes when the broker acknowledged a queued publish.
@@ -43,7 +53,9 @@ pub type QueueFuture<'a> = Pin<Box<dyn Future<Output = Result<Confirm, MqttError
 /// An incoming publish as the protocol's client needs it for the PUBACK.
 #[derive(Debug, Clone)]
 pub enum Received {
+    /// Received over MQTT 3.1.1.
     V4(rumqttc::Publish),
+    /// Received over MQTT 5.
     V5(rumqttc::v5::mqttbytes::v5::Publish),
 }
 
@@ -59,9 +71,12 @@ impl Received {
 /// MQTT protocol version spoken to the broker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 pub enum Protocol {
+    /// MQTT 3.1.1 (`"3.1.1"`), the default.
     #[default]
     #[serde(rename = "3.1.1")]
     V311,
+    /// MQTT 5 (`"5"`); the session is asked never to expire, so that it
+    /// outlives a connection as in 3.1.1.
     #[serde(rename = "5")]
     V5,
 }
@@ -76,17 +91,54 @@ pub enum AckToken {
     /// acknowledgement from an older connection is not sent (the broker
     /// delivers the message again).
     Mqtt {
+        /// The publish as received; the PUBACK carries its packet id.
         publish: Box<Received>,
+        /// The connection it came on, numbered from 1 (one per ConnAck).
         connection: u64,
+        /// Its place in that connection's arrivals, from 0.
         seq: u64,
     },
+    /// A message pushed by an embedding program, which learns through the
+    /// signal when the message is done (see [`crate::runtime::Runtime::push`]).
+    /// The gateway completes it itself; publishers never see it.
+    Done(DoneSignal),
     /// A delivery that needs no acknowledgement (QoS 0, or a test).
     None,
 }
 
+/// Completes once, when the message it belongs to has been handled.
+#[derive(Clone, Default)]
+pub struct DoneSignal(Arc<Mutex<Option<oneshot::Sender<()>>>>);
+
+impl DoneSignal {
+    /// A signal and what completes when it fires.
+    pub fn new() -> (DoneSignal, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        (DoneSignal(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Completes the receiver. Only the first call, on any clone, does
+    /// anything; a receiver already dropped is ignored.
+    pub fn fire(&self) {
+        if let Some(tx) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl std::fmt::Debug for DoneSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DoneSignal")
+    }
+}
+
+/// An incoming message and what acknowledges it once it is handled.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The message, stamped with the time it was received.
     pub message: Message,
+    /// Acknowledged once every rule the message matched has published its
+    /// outcome; dropped unacknowledged, the message comes again.
     pub token: AckToken,
 }
 
@@ -98,6 +150,10 @@ pub trait Publisher: Send + Sync + 'static {
     /// written (QoS 0). While disconnected the confirmation waits for the
     /// reconnection.
     fn publish(&self, out: Outgoing) -> QueueFuture<'_>;
+    /// Acknowledges a delivery whose outcome is published. Over MQTT that
+    /// is the PUBACK, sent in arrival order, and not sent at all for a
+    /// delivery of an earlier connection (the broker delivers it again);
+    /// tokens that need nothing complete at once.
     fn ack(&self, token: AckToken) -> MqttFuture<'_>;
     /// Adds a topic filter to the subscriptions (kept across reconnections).
     /// Transports without subscriptions accept it and do nothing.
@@ -129,13 +185,28 @@ pub trait Publisher: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSettings {
+    /// `mqtt://host[:port]` or, with TLS, `mqtts://host[:port]` (`tcp://`
+    /// and `ssl://` also work); the port defaults to 1883, 8883 for
+    /// `mqtts://` and `ssl://`. Default none: `ganglion run` starts its embedded broker.
     pub broker: Option<String>,
+    /// The MQTT client id, which the broker keeps our session under; the
+    /// output connection uses it with `-out` appended. Default `ganglion`.
     pub client_id: String,
+    /// User name; sent only together with `password`. Default none.
     pub username: Option<String>,
+    /// Password; sent only together with `username`. Default none.
     pub password: Option<String>,
+    /// PEM file of the CA that signed the broker's certificate; required
+    /// for `mqtts://`. Default none.
     pub ca_file: Option<String>,
+    /// MQTT keep-alive interval in seconds, at least 5. Default 30.
     pub keep_alive_secs: u64,
+    /// How many of our publishes may await the broker's PUBACK at once, at
+    /// least 1. Default 100.
     pub inflight: u16,
+    /// Where `online` is published (retained) on each connection, and
+    /// `offline` as the last will; `{client_id}` is replaced by the client
+    /// id. Default `ganglion/status/{client_id}`.
     pub status_topic: String,
     /// "3.1.1" (default) or "5".
     pub protocol: Protocol,
@@ -158,6 +229,7 @@ impl Default for MqttSettings {
 }
 
 impl MqttSettings {
+    /// The status topic with `{client_id}` filled in.
     pub fn status_topic(&self) -> String {
         self.status_topic.replace("{client_id}", &self.client_id)
     }
@@ -175,7 +247,11 @@ impl MqttSettings {
             ),
             None => (
                 rest.trim_end_matches('/').to_owned(),
-                if scheme == "mqtts" { 8883 } else { 1883 },
+                if matches!(scheme, "mqtts" | "ssl") {
+                    8883
+                } else {
+                    1883
+                },
             ),
         };
         if host.is_empty() {
@@ -494,7 +570,7 @@ impl Publisher for MqttHandle {
                     }
                     Ok(())
                 }
-                AckToken::None => Ok(()),
+                AckToken::Done(_) | AckToken::None => Ok(()),
             }
         })
     }
@@ -561,7 +637,10 @@ pub fn connect(
 /// outputs. On a connection of their own, outputs are acknowledged whatever
 /// the intake window holds.
 pub struct GatewayLink {
+    /// Subscribes, receives the deliveries and acknowledges them.
     pub intake: MqttHandle,
+    /// Publishes what the gateway publishes: outputs, dead letters and
+    /// reload events (client id with `-out` appended).
     pub output: MqttHandle,
     tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _output_deliveries: mpsc::Receiver<Delivery>,
@@ -817,6 +896,7 @@ pub struct RecordingPublisher {
 }
 
 impl RecordingPublisher {
+    /// Everything published so far, in order.
     pub fn published(&self) -> Vec<Outgoing> {
         self.published
             .lock()
@@ -824,6 +904,7 @@ impl RecordingPublisher {
             .clone()
     }
 
+    /// How many times [`Publisher::ack`] was called, whatever the token.
     pub fn acks(&self) -> usize {
         self.acks.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -868,5 +949,34 @@ impl Publisher for RecordingPublisher {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|f| *f != filter);
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_and_default_ports() {
+        let s = MqttSettings {
+            ca_file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/mqtt.rs").into()),
+            ..MqttSettings::default()
+        };
+        let at = |url: &str| s.endpoint(url).map(|(h, p, ca)| (h, p, ca.is_some()));
+        assert_eq!(at("mqtt://gw.local"), Ok(("gw.local".into(), 1883, false)));
+        assert_eq!(
+            at("tcp://10.0.0.2:1884/"),
+            Ok(("10.0.0.2".into(), 1884, false))
+        );
+        assert_eq!(at("mqtts://gw.local"), Ok(("gw.local".into(), 8883, true)));
+        assert_eq!(at("ssl://gw.local"), Ok(("gw.local".into(), 8883, true)));
+        assert!(matches!(at("gw.local:1883"), Err(MqttError::BadUrl(..))));
+        assert!(matches!(at("mqtt://:1883"), Err(MqttError::BadUrl(..))));
+        assert!(matches!(at("mqtt://h:port"), Err(MqttError::BadUrl(..))));
+        let no_ca = MqttSettings::default();
+        assert!(matches!(
+            no_ca.endpoint("mqtts://h"),
+            Err(MqttError::BadUrl(..))
+        ));
     }
 }

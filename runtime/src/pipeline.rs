@@ -3,6 +3,7 @@
 //! allow-list. Produces what to publish and what to dead-letter; the caller
 //! (the gateway) publishes, and acknowledges the message afterwards.
 
+use crate::audit::{AuditLog, DecisionRecord, Replayed};
 use crate::llm::{GenerateRequest, LlmEngine, LlmInput};
 use crate::plugin::{CallError, InstancePool, Plugin, PluginHost};
 use crate::rules::{CsvSpec, Outgoing, PayloadFormat, PluginRef, Rule, Stages, WindowSpec};
@@ -16,15 +17,24 @@ use std::time::{Duration, Instant};
 /// A message that could not be handled, with everything needed to retry it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// The rule that could not handle the message.
     pub rule: String,
+    /// The plugin whose call failed or whose action the allow-list refused;
+    /// `None` when no plugin is at fault (intake, window, model).
     pub plugin: Option<String>,
+    /// That plugin's version: the first 12 hex digits of its content hash.
     pub version: Option<String>,
-    /// intake, preprocess, window, prompt, llm, postprocess, handler, allow-list, publish.
+    /// intake, preprocess, window, prompt, llm, postprocess, handler or allow-list.
     pub stage: String,
     /// A machine-readable reason kind (`bad-payload`, `trap`, `deadline`, `refused-action`...).
     pub kind: String,
+    /// The cause, for people (the error message).
     pub reason: String,
+    /// The message's topic (for a window flushed by time: that of the
+    /// message that opened the window).
     pub topic: String,
+    /// The message's payload as received (base64 in the JSON), so it can be
+    /// sent again.
     pub payload: Vec<u8>,
     /// When the message was received, ms since the Unix epoch.
     pub timestamp: i64,
@@ -53,11 +63,15 @@ impl DeadLetter {
 /// What processing one message (or flushing windows) produced.
 #[derive(Debug, Default)]
 pub struct Outcome {
+    /// Outputs the allow-list let through, to publish in this order.
     pub publish: Vec<Outgoing>,
+    /// What could not be handled, for the rule's dead-letter topic.
     pub dead_letters: Vec<DeadLetter>,
     /// Readings that entered the pipeline after preprocessing.
     pub readings: usize,
+    /// The user message of each prompt sent to the model, for the live view.
     pub prompts: Vec<String>,
+    /// The text of each completion the model returned, for the live view.
     pub completions: Vec<String>,
 }
 
@@ -97,34 +111,103 @@ enum Bindings {
     Handler(Bound),
 }
 
+/// One window's way through the model path, for the outcome, the audit log
+/// and replay.
+#[derive(Default)]
+struct Decision {
+    prompt: Option<crate::types::Prompt>,
+    completion: Option<Result<Completion, LlmError>>,
+    /// Each proposed action: what to publish, or why the allow-list refused it.
+    actions: Vec<Result<Outgoing, String>>,
+    /// The stage (`prompt` or `postprocess`) whose call failed.
+    failure: Option<(&'static str, CallError)>,
+    timings: crate::audit::RecordedTimings,
+}
+
+impl Decision {
+    fn replayed(&self) -> Replayed {
+        use crate::audit::{RecordedAction, record_completion, record_prompt};
+        Replayed {
+            prompt: match (&self.prompt, &self.failure) {
+                (Some(p), _) => Ok(record_prompt(p)),
+                (None, Some(("prompt", e))) => Err(e.to_string()),
+                (None, _) => Err("no prompt".into()),
+            },
+            completion: self.completion.as_ref().map(record_completion),
+            actions: self
+                .actions
+                .iter()
+                .map(|a| match a {
+                    Ok(out) => RecordedAction {
+                        allowed: true,
+                        topic: Some(out.topic.clone()),
+                        payload: Some(String::from_utf8_lossy(&out.payload).into_owned()),
+                        reason: None,
+                    },
+                    Err(reason) => RecordedAction {
+                        allowed: false,
+                        topic: None,
+                        payload: None,
+                        reason: Some(reason.clone()),
+                    },
+                })
+                .collect(),
+            error: match &self.failure {
+                Some(("postprocess", e)) => Some(e.to_string()),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// A rule bound to loaded plugins.
 pub struct RulePipeline {
+    /// The rule as parsed; shared with status views.
     pub rule: Arc<Rule>,
     bindings: Bindings,
     /// Shared with the rule's next version, so a reload loses no reading
     /// that waits in a window.
     windows: Arc<Mutex<HashMap<String, Window>>>,
+    audit: Option<AuditLog>,
     llm: Arc<dyn LlmEngine>,
     llm_timeout: Duration,
 }
 
+/// Why a rule could not be bound to its plugins.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
+    /// The rule's grants for a plugin are invalid: a granted host directory
+    /// is not a directory, or a guest path is not absolute.
     #[error("rule `{rule}`: plugin `{plugin}`: {reason}")]
     Grant {
+        /// The rule's name.
         rule: String,
+        /// The plugin the grants are for.
         plugin: String,
+        /// What is wrong with them.
         reason: String,
     },
+    /// The rule names a plugin that is not loaded.
     #[error("rule `{rule}`: plugin `{plugin}` is not loaded")]
-    Missing { rule: String, plugin: String },
+    Missing {
+        /// The rule's name.
+        rule: String,
+        /// The plugin it names.
+        plugin: String,
+    },
+    /// The plugin is loaded but does not export the stage the rule uses it
+    /// for.
     #[error(
         "rule `{rule}`: plugin `{plugin}` does not implement the {stage} stage (it implements {has})"
     )]
     WrongStage {
+        /// The rule's name.
         rule: String,
+        /// The plugin it names.
         plugin: String,
+        /// The stage the rule uses it for.
         stage: Stage,
+        /// The stages it does implement, comma-separated.
         has: String,
     },
 }
@@ -195,6 +278,7 @@ impl RulePipeline {
             rule: Arc::new(rule),
             bindings,
             windows: Arc::default(),
+            audit: None,
             llm,
             llm_timeout,
         })
@@ -358,6 +442,12 @@ impl RulePipeline {
         None
     }
 
+    /// This pipeline, recording its model decisions in `audit`.
+    pub fn with_audit(mut self, audit: Option<AuditLog>) -> Self {
+        self.audit = audit;
+        self
+    }
+
     /// This pipeline, taking over the open windows of `previous` (an
     /// earlier version of the same rule): readings already accepted wait on
     /// under the new version's window settings.
@@ -400,7 +490,7 @@ impl RulePipeline {
         outcome
     }
 
-    /// Readings waiting in windows, per device (for status and shutdown).
+    /// How many windows are open (one per device with readings waiting).
     pub fn pending_windows(&self) -> usize {
         self.windows.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -439,46 +529,173 @@ impl RulePipeline {
                 .max()
                 .unwrap_or(message.timestamp),
         };
+        let auditing = self.audit.as_ref().filter(|_| prompt.is_some());
+        let recorded_window = auditing.map(|_| crate::audit::record_window(&window));
+        let d = self.decide(&context, window).await;
+        if let (Some(log), Some(window)) = (auditing, recorded_window) {
+            log.append(&self.record(&context, window, &d, log));
+        }
         let mut outcome = Outcome::default();
+        if let Some(p) = &d.prompt {
+            outcome.prompts.push(p.user.clone());
+        }
+        match &d.completion {
+            Some(Ok(c)) => outcome.completions.push(c.text.clone()),
+            Some(Err(e)) => {
+                let kind = match e {
+                    LlmError::DeadlineExceeded => "llm-deadline",
+                    _ => "llm-error",
+                };
+                outcome
+                    .dead_letters
+                    .push(self.dead(message, "llm", kind, e.to_string(), None));
+            }
+            None => {}
+        }
+        if let Some((stage, e)) = d.failure {
+            let bound = match stage {
+                "prompt" => prompt.as_ref().unwrap_or(postprocess),
+                _ => postprocess,
+            };
+            outcome.merge(self.call_failed(message, stage, bound, e));
+        }
+        outcome.merge(self.deliverable(message, d.actions, postprocess));
+        outcome
+    }
+
+    /// The window's way through prompt, model, postprocess and allow-list.
+    async fn decide(&self, context: &Context, window: ReadingBatch) -> Decision {
+        let mut d = Decision::default();
+        let Bindings::Chain {
+            prompt,
+            postprocess,
+            ..
+        } = &self.bindings
+        else {
+            return d;
+        };
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
         let completion = match prompt {
             None => None,
             Some(p) => {
-                let prompt = match p.pool.render(&context, window.clone()).await {
-                    Ok(prompt) => prompt,
-                    Err(e) => return self.call_failed(message, "prompt", p, e),
-                };
-                outcome.prompts.push(prompt.user.clone());
-                match self.generate(prompt).await {
-                    Ok(c) => {
-                        outcome.completions.push(c.text.clone());
-                        Some(c)
-                    }
+                let t = Instant::now();
+                let rendered = p.pool.render(context, window.clone()).await;
+                d.timings.prompt_ms = ms(t);
+                let rendered = match rendered {
+                    Ok(r) => r,
                     Err(e) => {
-                        let kind = match e {
-                            LlmError::DeadlineExceeded => "llm-deadline",
-                            _ => "llm-error",
-                        };
-                        outcome.dead_letters.push(self.dead(
-                            message,
-                            "llm",
-                            kind,
-                            e.to_string(),
-                            None,
-                        ));
-                        return outcome;
+                        d.failure = Some(("prompt", e));
+                        return d;
                     }
+                };
+                d.prompt = Some(rendered.clone());
+                let t = Instant::now();
+                let c = self.generate(rendered).await;
+                d.timings.llm_ms = ms(t);
+                let ok = c.as_ref().ok().cloned();
+                d.completion = Some(c);
+                match ok {
+                    Some(c) => Some(c),
+                    None => return d,
                 }
             }
         };
-        match postprocess
+        let t = Instant::now();
+        let result = postprocess
             .pool
-            .postprocess(&context, window, completion.as_ref())
-            .await
-        {
-            Ok(actions) => outcome.merge(self.authorize(message, device, actions, postprocess)),
-            Err(e) => outcome.merge(self.call_failed(message, "postprocess", postprocess, e)),
+            .postprocess(context, window, completion.as_ref())
+            .await;
+        d.timings.postprocess_ms = ms(t);
+        match result {
+            Ok(actions) => {
+                d.actions = actions
+                    .iter()
+                    .map(|a| self.rule.authorize(a, &context.device))
+                    .collect();
+            }
+            Err(e) => d.failure = Some(("postprocess", e)),
         }
-        outcome
+        d
+    }
+
+    /// The audit record of a decision.
+    fn record(
+        &self,
+        context: &Context,
+        window: Vec<crate::audit::RecordedReading>,
+        d: &Decision,
+        log: &AuditLog,
+    ) -> DecisionRecord {
+        use crate::audit::{RecordedModel, RecordedPlugin};
+        let plugin = |b: Option<&Bound>| RecordedPlugin {
+            name: b.map(|b| b.plugin().name.clone()).unwrap_or_default(),
+            version: b
+                .map(|b| b.plugin().version.to_string())
+                .unwrap_or_default(),
+        };
+        let (prompt_bound, post_bound) = match &self.bindings {
+            Bindings::Chain {
+                prompt,
+                postprocess,
+                ..
+            } => (prompt.as_ref(), Some(postprocess)),
+            Bindings::Handler(_) => (None, None),
+        };
+        let replayed = d.replayed();
+        DecisionRecord {
+            v: 1,
+            timestamp: now_ms(),
+            rule: self.rule.name.clone(),
+            device: context.device.clone(),
+            window_start: context.window_start,
+            window_end: context.window_end,
+            window,
+            prompt_plugin: plugin(prompt_bound),
+            postprocess_plugin: plugin(post_bound),
+            model: RecordedModel {
+                id: self.llm.model_id(),
+                hash: log.model_hash(),
+            },
+            prompt: replayed.prompt.unwrap_or_else(|_| {
+                crate::audit::record_prompt(&crate::types::Prompt {
+                    system: String::new(),
+                    user: String::new(),
+                    params: Default::default(),
+                })
+            }),
+            completion: replayed.completion.unwrap_or_else(|| {
+                crate::audit::record_completion(&Err(LlmError::InvalidInput(
+                    "no model call".into(),
+                )))
+            }),
+            actions: replayed.actions,
+            error: replayed.error,
+            timings: d.timings,
+        }
+    }
+
+    /// Takes a recorded decision again through this rule's current prompt
+    /// plugin, the current model and the current postprocess plugin (for
+    /// `ganglion replay`).
+    pub async fn replay(&self, record: &DecisionRecord) -> Replayed {
+        let has_prompt = matches!(
+            &self.bindings,
+            Bindings::Chain {
+                prompt: Some(_),
+                ..
+            }
+        );
+        if !has_prompt {
+            return Replayed {
+                prompt: Err(format!("rule `{}` has no prompt stage now", self.rule.name)),
+                completion: None,
+                actions: Vec::new(),
+                error: None,
+            };
+        }
+        self.decide(&record.context(), record.window_batch())
+            .await
+            .replayed()
     }
 
     /// Asks the engine; `overloaded` waits and retries within the timeout,
@@ -523,9 +740,24 @@ impl RulePipeline {
         actions: Vec<Action>,
         by: &Bound,
     ) -> Outcome {
+        let checked = actions
+            .iter()
+            .map(|a| self.rule.authorize(a, device))
+            .collect();
+        self.deliverable(message, checked, by)
+    }
+
+    /// Actions the allow-list let out, to publish; refused ones, dead-lettered
+    /// with the reason and the plugin that proposed them.
+    fn deliverable(
+        &self,
+        message: &Message,
+        checked: Vec<Result<Outgoing, String>>,
+        by: &Bound,
+    ) -> Outcome {
         let mut outcome = Outcome::default();
-        for a in actions {
-            match self.rule.authorize(&a, device) {
+        for a in checked {
+            match a {
                 Ok(out) => outcome.publish.push(out),
                 Err(reason) => outcome.dead_letters.push(self.dead(
                     message,

@@ -30,7 +30,7 @@ use crate::gateway::Gateway;
 use crate::llm::LlmEngine;
 use crate::pipeline::RulePipeline;
 use crate::plugin::{Plugin, PluginHost};
-use crate::rules::{Rule, Stages};
+use crate::rules::Rule;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,7 +41,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FileKind {
+    /// A `*.wasm` component in the plugins folder.
     Plugin,
+    /// A `*.toml` rule in the rules folder.
     Rule,
 }
 
@@ -62,8 +64,11 @@ pub enum ReloadAction {
 /// One change taken or refused, as published on the status topic.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ReloadEvent {
+    /// Whether the file is a plugin or a rule.
     pub kind: FileKind,
+    /// What was done with it.
     pub action: ReloadAction,
+    /// The file's path in the plugins or rules folder.
     pub file: PathBuf,
     /// The plugin's or the rule's name.
     pub name: String,
@@ -72,21 +77,32 @@ pub struct ReloadEvent {
     /// The rules the change applies to: rebound to a new plugin version,
     /// or still running a removed plugin.
     pub rules: Vec<String>,
+    /// Why the content was refused, naming the file; set only for
+    /// [`ReloadAction::Refused`].
     pub error: Option<String>,
     /// When the change was taken, ms since the Unix epoch.
     pub timestamp: i64,
 }
 
 impl ReloadEvent {
+    /// The event as a JSON object, as [`publish_events`] publishes it.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 }
 
+/// Why a folder is not watched. Only logged: the periodic rescan still
+/// takes its changes.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
+    /// notify could not watch the folder.
     #[error("cannot watch {path}: {reason}")]
-    Watch { path: PathBuf, reason: String },
+    Watch {
+        /// The folder.
+        path: PathBuf,
+        /// notify's error.
+        reason: String,
+    },
 }
 
 /// What identifies a file's state between scans without reading it.
@@ -128,6 +144,7 @@ pub struct Reloader {
     rules_dir: PathBuf,
     tracked: tokio::sync::Mutex<Tracked>,
     events: broadcast::Sender<ReloadEvent>,
+    audit: Option<crate::audit::AuditLog>,
 }
 
 fn now_ms() -> i64 {
@@ -172,6 +189,35 @@ fn scan(dir: &Path, extension: &str) -> Option<HashMap<PathBuf, Stat>> {
         );
     }
     Some(found)
+}
+
+/// Every candidate file of a folder, sorted, with its content and hash,
+/// recorded as seen; what cannot be read goes to `problems`.
+fn read_folder(
+    t: &mut Tracked,
+    dir: &Path,
+    extension: &str,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> Vec<(PathBuf, Stat, Vec<u8>, blake3::Hash)> {
+    let Some(files) = scan(dir, extension) else {
+        problems.push(format!("{}: cannot read the {what} folder", dir.display()));
+        return Vec::new();
+    };
+    let mut files: Vec<(PathBuf, Stat)> = files.into_iter().collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::new();
+    for (path, stat) in files {
+        t.seen.insert(path.clone(), stat);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let hash = blake3::hash(&bytes);
+                out.push((path, stat, bytes, hash));
+            }
+            Err(e) => problems.push(format!("{}: {e}", path.display())),
+        }
+    }
+    out
 }
 
 /// Files of one folder that are ready: unchanged since the last scan, and
@@ -225,6 +271,8 @@ impl Tracked {
 }
 
 impl Reloader {
+    /// A reloader for these folders, binding rules to `llm`; nothing is read
+    /// before [`Reloader::load_all`].
     pub fn new(
         host: PluginHost,
         plugins_dir: &Path,
@@ -239,7 +287,14 @@ impl Reloader {
             rules_dir: rules_dir.to_owned(),
             tracked: tokio::sync::Mutex::new(Tracked::default()),
             events,
+            audit: None,
         }
+    }
+
+    /// Records the model decisions of every rule it binds in `audit`.
+    pub fn with_audit(mut self, audit: Option<crate::audit::AuditLog>) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Every change taken or refused from now on.
@@ -261,79 +316,48 @@ impl Reloader {
         p
     }
 
+    /// Binds a rule to the plugins registered now (for rules installed
+    /// programmatically rather than from the rules folder).
+    pub async fn bind(&self, rule: Rule) -> Result<RulePipeline, crate::pipeline::BindError> {
+        let t = self.tracked.lock().await;
+        RulePipeline::new(&self.host, rule, &t.plugins, self.llm.clone())
+            .map(|p| p.with_audit(self.audit.clone()))
+    }
+
     /// Loads both folders and binds the rules; returns the pipelines and
     /// every problem found (a bad file never stops the others). What is
     /// loaded is tracked, so that [`Reloader::watch`] then applies changes only.
     pub async fn load_all(&self) -> (Vec<RulePipeline>, Vec<String>) {
         let mut t = self.tracked.lock().await;
         let mut problems = Vec::new();
-        match scan(&self.plugins_dir, "wasm") {
-            None => problems.push(format!(
-                "{}: cannot read the plugins folder",
-                self.plugins_dir.display()
-            )),
-            Some(files) => {
-                let mut files: Vec<(PathBuf, Stat)> = files.into_iter().collect();
-                files.sort_by(|a, b| a.0.cmp(&b.0));
-                for (path, stat) in files {
-                    t.seen.insert(path.clone(), stat);
-                    let bytes = match std::fs::read(&path) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            problems.push(format!("{}: {e}", path.display()));
-                            continue;
-                        }
-                    };
-                    let hash = blake3::hash(&bytes);
-                    match self.host.load_bytes(&stem(&path), bytes, &path).await {
-                        Ok(plugin) => {
-                            t.plugins.insert(plugin.name.clone(), plugin);
-                            t.plugin_files.insert(path, Applied { stat, hash });
-                        }
-                        Err(e) => {
-                            problems.push(e.to_string());
-                            t.refused.insert(
-                                path,
-                                Refused {
-                                    hash,
-                                    plugins: Vec::new(),
-                                },
-                            );
-                        }
-                    }
+        for (path, stat, bytes, hash) in
+            read_folder(&mut t, &self.plugins_dir, "wasm", "plugins", &mut problems)
+        {
+            match self.host.load_bytes(&stem(&path), bytes, &path).await {
+                Ok(plugin) => {
+                    t.plugins.insert(plugin.name.clone(), plugin);
+                    t.plugin_files.insert(path, Applied { stat, hash });
+                }
+                Err(e) => {
+                    problems.push(e.to_string());
+                    let plugins = Vec::new();
+                    t.refused.insert(path, Refused { hash, plugins });
                 }
             }
         }
         let mut pipelines = Vec::new();
-        match scan(&self.rules_dir, "toml") {
-            None => problems.push(format!(
-                "{}: cannot read the rules folder",
-                self.rules_dir.display()
-            )),
-            Some(files) => {
-                let mut files: Vec<(PathBuf, Stat)> = files.into_iter().collect();
-                files.sort_by(|a, b| a.0.cmp(&b.0));
-                for (path, stat) in files {
-                    t.seen.insert(path.clone(), stat);
-                    let bytes = match std::fs::read(&path) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            problems.push(format!("{}: {e}", path.display()));
-                            continue;
-                        }
-                    };
-                    let hash = blake3::hash(&bytes);
-                    match self.bind_rule(&t, &path, &bytes) {
-                        Ok(p) => {
-                            t.rules
-                                .insert(path, ((*p.rule).clone(), Applied { stat, hash }));
-                            pipelines.push(p);
-                        }
-                        Err((reason, plugins)) => {
-                            problems.push(reason);
-                            t.refused.insert(path, Refused { hash, plugins });
-                        }
-                    }
+        for (path, stat, bytes, hash) in
+            read_folder(&mut t, &self.rules_dir, "toml", "rules", &mut problems)
+        {
+            match self.bind_rule(&t, &path, &bytes) {
+                Ok(p) => {
+                    t.rules
+                        .insert(path, ((*p.rule).clone(), Applied { stat, hash }));
+                    pipelines.push(p);
+                }
+                Err((reason, plugins)) => {
+                    problems.push(reason);
+                    t.refused.insert(path, Refused { hash, plugins });
                 }
             }
         }
@@ -373,6 +397,7 @@ impl Reloader {
             ));
         }
         RulePipeline::new(&self.host, rule, &t.plugins, self.llm.clone())
+            .map(|p| p.with_audit(self.audit.clone()))
             .map_err(|e| (format!("{}: {e}", path.display()), plugins))
     }
 
@@ -520,7 +545,7 @@ impl Reloader {
         let mut pipelines = Vec::new();
         for rule in &users {
             match RulePipeline::new(&self.host, rule.clone(), &registry, self.llm.clone()) {
-                Ok(p) => pipelines.push(p),
+                Ok(p) => pipelines.push(p.with_audit(self.audit.clone())),
                 Err(e) => {
                     let reason = format!(
                         "{}: version {} cannot serve rule `{}`: {e}",
@@ -675,19 +700,8 @@ impl Reloader {
 }
 
 fn resets_state(rule: &Rule, plugin: &str) -> bool {
-    match &rule.stages {
-        Stages::Handler(h) => h.plugin == plugin && h.reset_state_on_reload,
-        Stages::Chain {
-            preprocess,
-            prompt,
-            postprocess,
-            ..
-        } => preprocess
-            .iter()
-            .chain(prompt.iter())
-            .chain(std::iter::once(postprocess))
-            .any(|r| r.plugin == plugin && r.reset_state_on_reload),
-    }
+    rule.plugin_refs()
+        .any(|r| r.plugin == plugin && r.reset_state_on_reload)
 }
 
 /// Waits for the next notification; forever when there is no watcher.

@@ -40,33 +40,56 @@ use crate::types::{Action, Qos, Value};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Why a rule file, or the rules folder, could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum RuleError {
+    /// The file or folder could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
     /// Includes the line, column and field from the TOML parser.
     #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The rule file (`<rule>` when parsed from text without one).
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The file parses but the rule is inconsistent (bad name, topic filter,
+    /// stage combination, or a name another file already uses).
     #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The rule file (`<rule>` when parsed from text without one).
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 
+/// How the host checks and reads a message payload before the plugins see it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PayloadFormat {
+    /// Must be valid JSON, else dead-lettered; the default.
     #[default]
     Json,
+    /// Lines parsed by the host into readings per the rule's [`CsvSpec`].
     Csv,
+    /// Passed on unchecked.
     Raw,
 }
 
+/// A plugin used by a rule, with its settings and grants.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginRef {
+    /// The plugin's name.
     pub plugin: String,
+    /// Settings the plugin reads through the `config` interface. Default empty.
     #[serde(default)]
     pub config: toml::Table,
     /// WASI capabilities for this plugin in this rule (none by default).
@@ -89,21 +112,33 @@ impl PluginRef {
     }
 }
 
+/// A per-device window of readings (`[window]`); it closes at whichever limit
+/// is reached first. At least one is set, and neither is 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowSpec {
+    /// Readings that complete the window.
     pub count: Option<usize>,
+    /// Age at which the window is run, in seconds since its first message.
     pub seconds: Option<u64>,
 }
 
+/// How a `format = "csv"` payload is read (`[csv]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CsvSpec {
+    /// One name per field: `device`, `metric`, `unit`, `value`, `timestamp`,
+    /// or `_` to skip; must include `value`.
     pub columns: Vec<String>,
+    /// Metric name when there is no `metric` column.
     pub metric: Option<String>,
+    /// Unit when there is no `unit` column. Default empty.
     #[serde(default)]
     pub unit: String,
+    /// Index of the topic level (0-based, split on `/`) that names the device
+    /// when there is no `device` column.
     pub device_from_topic: Option<usize>,
+    /// Field separator. Default `,`.
     #[serde(default = "comma")]
     pub delimiter: char,
 }
@@ -112,13 +147,20 @@ fn comma() -> char {
     ','
 }
 
+/// One entry of `[allow] publish`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum PublishAllow {
+    /// A topic pattern; any payload.
     Topic(String),
+    /// A topic pattern whose payload must hold a number (plain, or an
+    /// object's `value`) within the bounds.
     Bounded {
+        /// The topic pattern.
         topic: String,
+        /// Lowest allowed value, inclusive.
         min: Option<f64>,
+        /// Highest allowed value, inclusive.
         max: Option<f64>,
     },
 }
@@ -131,26 +173,37 @@ impl PublishAllow {
     }
 }
 
+/// One entry of `[allow] commands`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandAllow {
     /// A device name, `{device}` (the window's device) or `*`.
     pub device: String,
+    /// The command name.
     pub name: String,
+    /// Lowest allowed numeric value, inclusive.
     pub min: Option<f64>,
+    /// Highest allowed numeric value, inclusive.
     pub max: Option<f64>,
     /// Allowed text values, when the value is text.
     pub values: Option<Vec<String>>,
 }
 
+/// What a rule may emit (`[allow]`); any other action is dead-lettered.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AllowList {
     /// Topic patterns; `{device}` and `{rule}` are filled in, `+`/`#` match as in MQTT.
     pub publish: Vec<PublishAllow>,
+    /// Whether alerts are allowed. Default true.
     pub alerts: bool,
+    /// Where alerts are published; `{rule}` and `{device}` are filled in.
+    /// Default `ganglion/alert/{rule}/{device}`.
     pub alert_topic: String,
+    /// Where commands are published; `{rule}`, `{device}` and `{command}`
+    /// are filled in. Default `ganglion/command/{device}/{command}`.
     pub command_topic: String,
+    /// Commands allowed. Default none.
     pub commands: Vec<CommandAllow>,
 }
 
@@ -202,9 +255,13 @@ fn default_qos() -> u8 {
 pub enum Stages {
     /// preprocess chain → window → (prompt → llm) → postprocess.
     Chain {
+        /// Preprocessors, run in order; may be empty for `format = "csv"`.
         preprocess: Vec<PluginRef>,
+        /// The per-device window; none runs each message's readings at once, per device.
         window: Option<WindowSpec>,
+        /// The prompt template; none means the rule does not use the model.
         prompt: Option<PluginRef>,
+        /// The postprocessor that turns the window (and completion) into actions.
         postprocess: PluginRef,
     },
     /// One rule-world plugin: message → actions.
@@ -214,15 +271,27 @@ pub enum Stages {
 /// A validated rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
+    /// Letters, digits, `-` and `_`; defaults to the file stem.
     pub name: String,
+    /// The file it was loaded from; none when parsed from text.
     pub source: Option<PathBuf>,
+    /// MQTT topic filters the rule subscribes to; at least one.
     pub topics: Vec<String>,
+    /// How payloads are checked and read. Default JSON.
     pub format: PayloadFormat,
+    /// Present exactly when `format` is CSV.
     pub csv: Option<CsvSpec>,
+    /// Larger payloads are dead-lettered, in bytes. Default 65 536.
     pub max_payload_bytes: usize,
+    /// QoS of everything the rule publishes (an upper bound for plugin
+    /// publishes). Default at-least-once.
     pub qos: Qos,
+    /// Where refused messages and actions go, `{rule}` filled in.
+    /// Default `ganglion/dead-letter/<name>`.
     pub dead_letter_topic: String,
+    /// The plugins that process messages.
     pub stages: Stages,
+    /// What the rule may emit.
     pub allow: AllowList,
 }
 
@@ -359,22 +428,28 @@ impl Rule {
 
     /// Plugin names the rule uses, in pipeline order.
     pub fn plugins(&self) -> Vec<&str> {
+        self.plugin_refs().map(|p| p.plugin.as_str()).collect()
+    }
+
+    /// The rule's plugin references (name, settings, grants), in pipeline order.
+    pub fn plugin_refs(&self) -> Box<dyn Iterator<Item = &PluginRef> + '_> {
         match &self.stages {
-            Stages::Handler(h) => vec![h.plugin.as_str()],
+            Stages::Handler(h) => Box::new(std::iter::once(h)),
             Stages::Chain {
                 preprocess,
                 prompt,
                 postprocess,
                 ..
-            } => preprocess
-                .iter()
-                .chain(prompt.iter())
-                .chain(std::iter::once(postprocess))
-                .map(|p| p.plugin.as_str())
-                .collect(),
+            } => Box::new(
+                preprocess
+                    .iter()
+                    .chain(prompt.iter())
+                    .chain(std::iter::once(postprocess)),
+            ),
         }
     }
 
+    /// True when one of the rule's topic filters matches `topic`.
     pub fn matches(&self, topic: &str) -> bool {
         self.topics.iter().any(|f| filter_matches(f, topic))
     }
@@ -493,9 +568,13 @@ impl Rule {
 /// A message to publish, after the allow-list check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
+    /// The topic, with patterns filled in.
     pub topic: String,
+    /// The message body (JSON for alerts and commands).
     pub payload: Vec<u8>,
+    /// The QoS, at most the rule's.
     pub qos: Qos,
+    /// Whether the broker retains the message.
     pub retain: bool,
 }
 

@@ -13,35 +13,54 @@ use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Where simulated messages come from.
 #[derive(Debug, Clone)]
 pub enum Source {
+    /// Generated telemetry from machines and rooms, endless (see the module docs).
     Synthetic {
+        /// Number of devices; every fourth is a room, the rest machines. 0 counts as 1.
         devices: usize,
+        /// Every n-th reading of a device is an anomaly; 0 means none.
         anomaly_every: u64,
+        /// Seed of the noise generator; same seed, same stream.
         seed: u64,
     },
+    /// A replay of a CSV file with a header line and `timestamp,value` lines.
     Csv {
+        /// The CSV file.
         path: PathBuf,
+        /// Topic every message is published on.
         topic: String,
+        /// Device name put in each payload.
         device: String,
+        /// Metric name put in each payload.
         metric: String,
+        /// Unit put in each payload.
         unit: String,
     },
 }
 
+/// What to publish, how fast, and for how long.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// The message stream.
     pub source: Source,
     /// Messages per second (0: as fast as the broker takes them).
     pub rate: f64,
+    /// Stop after this many messages; none means until the source ends.
     pub count: Option<u64>,
+    /// Stop after this long; none means no time limit.
     pub duration: Option<Duration>,
 }
 
+/// Why a simulation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// The CSV file could not be read, or a line is not `timestamp,value`
+    /// with a numeric value (file, message).
     #[error("{0}: {1}")]
     Csv(PathBuf, String),
+    /// The MQTT client refused a publish.
     #[error("broker: {0}")]
     Broker(String),
 }

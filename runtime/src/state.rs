@@ -16,11 +16,17 @@ use std::time::Duration;
 const ENTRIES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("entries");
 const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
 
+/// Size limits and durability of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateLimits {
+    /// Longest key, in bytes. Default 1 KiB.
     pub max_key_bytes: usize,
+    /// Largest value, in bytes. Default 64 KiB.
     pub max_value_bytes: usize,
+    /// Keys one plugin may hold in one rule. Default 10 000.
     pub max_keys_per_scope: u64,
+    /// How often writes are made durable; zero makes every write durable
+    /// when it returns. Default 100 ms.
     pub flush_interval: Duration,
 }
 
@@ -35,12 +41,16 @@ impl Default for StateLimits {
     }
 }
 
+/// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
+    /// The key is over `max_key_bytes` or the value over `max_value_bytes`.
     #[error("state key or value over its size limit")]
     TooLarge,
+    /// A new key would take the scope over `max_keys_per_scope`.
     #[error("state scope holds its maximum number of keys")]
     QuotaExceeded,
+    /// The database failed (open, transaction, commit).
     #[error("state store: {0}")]
     Io(String),
 }
@@ -108,6 +118,7 @@ impl StateStore {
         Ok(StateStore { inner })
     }
 
+    /// A handle on the entries of `plugin` in `rule`.
     pub fn scope(&self, plugin: &str, rule: &str) -> StateScope {
         StateScope {
             store: self.clone(),
@@ -192,6 +203,7 @@ pub struct StateScope {
 }
 
 impl StateScope {
+    /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
         if key.len() > self.store.inner.limits.max_key_bytes {
             return Err(StateError::TooLarge);
@@ -204,6 +216,7 @@ impl StateScope {
             .map(|v| v.value().to_vec()))
     }
 
+    /// Sets `key` to `value`; a new key counts against `max_keys_per_scope`.
     pub fn set(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
         let limits = &self.store.inner.limits;
         if key.len() > limits.max_key_bytes || value.len() > limits.max_value_bytes {
@@ -234,6 +247,7 @@ impl StateScope {
         self.store.commit(txn)
     }
 
+    /// Removes `key`; removing a key that is not set is not an error.
     pub fn delete(&self, key: &str) -> Result<(), StateError> {
         if key.len() > self.store.inner.limits.max_key_bytes {
             return Err(StateError::TooLarge);

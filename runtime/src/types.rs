@@ -3,14 +3,19 @@
 
 use std::fmt;
 
+/// The value of one reading (WIT `value`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// A measurement.
     Number(f64),
+    /// An on/off state.
     Boolean(bool),
+    /// Text, such as a spoken command or a log line.
     Text(String),
 }
 
 impl Value {
+    /// The value as a number: booleans as 0 or 1, text as `None`.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Number(n) => Some(*n),
@@ -23,9 +28,13 @@ impl Value {
 /// A reading inside a [`ReadingBatch`]; names are indexes into the batch's table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
+    /// Index of the device name.
     pub device: u32,
+    /// Index of the metric name.
     pub metric: u32,
+    /// Index of the unit name (an empty unit is the index of an empty string).
     pub unit: u32,
+    /// The value read.
     pub value: Value,
     /// Milliseconds since the Unix epoch.
     pub timestamp: i64,
@@ -34,25 +43,34 @@ pub struct Reading {
 /// Readings with a shared name table (see the WIT `reading-batch`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReadingBatch {
+    /// Device, metric and unit names, each stored once.
     pub names: Vec<String>,
+    /// The readings, whose names index into `names`.
     pub readings: Vec<Reading>,
 }
 
 /// A reading with its names resolved.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReadingRef<'a> {
+    /// Device name.
     pub device: &'a str,
+    /// Metric name.
     pub metric: &'a str,
+    /// Unit name; empty when the reading has none.
     pub unit: &'a str,
+    /// The value read.
     pub value: &'a Value,
+    /// Milliseconds since the Unix epoch.
     pub timestamp: i64,
 }
 
 impl ReadingBatch {
+    /// Number of readings.
     pub fn len(&self) -> usize {
         self.readings.len()
     }
 
+    /// True when the batch holds no readings.
     pub fn is_empty(&self) -> bool {
         self.readings.is_empty()
     }
@@ -68,6 +86,7 @@ impl ReadingBatch {
         }
     }
 
+    /// Appends a reading, interning its names; `timestamp` is milliseconds since the Unix epoch.
     pub fn push(&mut self, device: &str, metric: &str, value: Value, unit: &str, timestamp: i64) {
         let reading = Reading {
             device: self.intern(device),
@@ -79,6 +98,7 @@ impl ReadingBatch {
         self.readings.push(reading);
     }
 
+    /// The readings with names resolved; an index out of range resolves to `""`.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = ReadingRef<'_>> + '_ {
         self.readings.iter().map(|r| ReadingRef {
             device: self.name(r.device),
@@ -126,19 +146,27 @@ impl ReadingBatch {
     }
 }
 
+/// An incoming MQTT message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
+    /// The topic it was published on.
     pub topic: String,
+    /// The raw payload.
     pub payload: Vec<u8>,
     /// When the host received it, milliseconds since the Unix epoch.
     pub timestamp: i64,
 }
 
+/// What a stage knows about the rule it runs for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Context {
+    /// The rule's name.
     pub rule: String,
+    /// The window's device key.
     pub device: String,
+    /// Earliest reading timestamp in the window, milliseconds since the Unix epoch.
     pub window_start: i64,
+    /// Latest reading timestamp in the window, milliseconds since the Unix epoch.
     pub window_end: i64,
 }
 
@@ -146,43 +174,71 @@ pub use ganglion_llm::types::{
     ChatMessage, Completion, Constraint, FinishReason, GenerationParams, LlmError, Role, Usage,
 };
 
+/// A prompt for the model, as a template stage renders it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
+    /// The part that stays fixed across calls of a rule; the engine may reuse
+    /// its KV state as a cached prefix.
     pub system: String,
+    /// The part that changes per call.
     pub user: String,
+    /// Sampling, limits and output constraint.
     pub params: GenerationParams,
 }
 
+/// MQTT quality of service; ordered, so the lower of two levels is their `min`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Qos {
+    /// QoS 0.
     AtMostOnce,
+    /// QoS 1.
     AtLeastOnce,
+    /// QoS 2.
     ExactlyOnce,
 }
 
+/// Severity of an [`Action::Alert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AlertLevel {
+    /// For information.
     Info,
+    /// Needs attention.
     Warning,
+    /// Needs immediate attention.
     Critical,
 }
 
+/// What a plugin asks the host to do; checked against the rule's allow-list
+/// ([`crate::rules::Rule::authorize`]) before anything is published.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
+    /// Publish a message on a topic the allow-list permits.
     Publish {
+        /// Target topic; no wildcards.
         topic: String,
+        /// Message body.
         payload: Vec<u8>,
+        /// Requested QoS; capped at the rule's `qos`.
         qos: Qos,
+        /// Whether the broker retains the message.
         retain: bool,
     },
+    /// Raise an alert, published as JSON on the rule's alert topic.
     Alert {
+        /// Severity.
         level: AlertLevel,
+        /// Device the alert is about; empty means the window's device.
         device: String,
+        /// Human-readable description.
         text: String,
     },
+    /// Send a command to a device, published as JSON on the rule's command topic.
     Command {
+        /// Target device.
         device: String,
+        /// Command name, matched against the allow-list.
         name: String,
+        /// Argument, checked against the allow-list's bounds or values.
         value: Option<Value>,
     },
 }
@@ -214,14 +270,19 @@ impl Action {
 /// An error a plugin returned (as opposed to a fault the host detected).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PluginError {
+    /// The message payload could not be understood.
     #[error("bad payload: {0}")]
     BadPayload(String),
+    /// The plugin's settings in the rule file are wrong.
     #[error("bad config: {0}")]
     BadConfig(String),
+    /// The model's completion could not be turned into actions.
     #[error("bad completion: {0}")]
     BadCompletion(String),
+    /// A call to the `llm` interface failed.
     #[error("llm: {0}")]
     Llm(LlmError),
+    /// Any other failure, described by the plugin.
     #[error("{0}")]
     Other(String),
 }
@@ -229,13 +290,18 @@ pub enum PluginError {
 /// The four pipeline stages a component can implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stage {
+    /// Message to readings (`preprocess` interface).
     Preprocessor,
+    /// Window of readings to a prompt (`template` interface).
     PromptTemplate,
+    /// Window and completion to actions (`postprocess` interface).
     Postprocessor,
+    /// Message to actions, in full control (`handler` interface).
     Rule,
 }
 
 impl Stage {
+    /// Every stage, in pipeline order.
     pub const ALL: [Stage; 4] = [
         Stage::Preprocessor,
         Stage::PromptTemplate,
@@ -253,6 +319,7 @@ impl Stage {
         }
     }
 
+    /// The stage's name in logs and messages, e.g. `prompt-template`.
     pub fn name(self) -> &'static str {
         match self {
             Stage::Preprocessor => "preprocessor",

@@ -1,6 +1,8 @@
 //! Integration tests: the real host, the real example plugins (built for
 //! wasm32-wasip2 on first use) and the negative fixtures.
 
+mod audit;
+mod embedding;
 mod engine;
 mod examples;
 mod limits;

@@ -2,11 +2,10 @@
 //! and the embedded one: telemetry in, actions out, dead letters with their
 //! reasons, and no message lost across a broker restart.
 
-use ganglion::llm::{FakeLlm, LlmInput};
+use ganglion::llm::FakeLlm;
 use ganglion_tests::*;
 use serde_json::Value as Json;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 const TELEMETRY_RULE: &str = r#"
@@ -18,21 +17,6 @@ config = { device_from_topic = 1 }
 [postprocess]
 plugin = "threshold-alert"
 config = { thresholds = [{ metric = "temperature", above = 50.0, level = "critical" }] }
-"#;
-
-const LLM_RULE: &str = r#"
-topics = ["home/+/say"]
-format = "raw"
-[[preprocess]]
-plugin = "clean-readings"
-config = { device_from_topic = 1 }
-[prompt]
-plugin = "prompt-template"
-config = { system = "Turn requests into device commands.", user = "{% for r in readings %}{{ r.value }}{% endfor %}" }
-[postprocess]
-plugin = "json-actions"
-[allow]
-commands = [{ device = "{device}", name = "fan", values = ["on", "off"] }]
 "#;
 
 const TRAP_RULE: &str = r#"
@@ -54,22 +38,6 @@ fn rules(rules: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
-/// The model answers a fan command, or a command outside the allow-list when
-/// asked about the door.
-fn fake_model() -> Arc<FakeLlm> {
-    FakeLlm::new(|req| {
-        let LlmInput::Chat(m) = &req.input else {
-            return Ok(String::new());
-        };
-        let user = &m.last().unwrap().content;
-        Ok(if user.contains("door") {
-            r#"{"type":"command","command":"unlock"}"#.into()
-        } else {
-            r#"{"type":"command","command":"fan","value":"on"}"#.into()
-        })
-    })
-}
-
 async fn telemetry_to_actions_and_dead_letters(url: &str) {
     telemetry_to_actions_and_dead_letters_with(url, ganglion::mqtt::Protocol::V311).await
 }
@@ -77,7 +45,7 @@ async fn telemetry_to_actions_and_dead_letters(url: &str) {
 async fn telemetry_to_actions_and_dead_letters_with(url: &str, protocol: ganglion::mqtt::Protocol) {
     let dir = rules(&[
         ("hot", TELEMETRY_RULE),
-        ("voice", LLM_RULE),
+        ("voice", VOICE_RULE),
         ("trap", TRAP_RULE),
     ]);
     let settings = ganglion::mqtt::MqttSettings {
@@ -85,7 +53,7 @@ async fn telemetry_to_actions_and_dead_letters_with(url: &str, protocol: ganglio
         protocol,
         ..Default::default()
     };
-    let gw = RunningGateway::start_with(url, settings, &dir, fake_model()).await;
+    let gw = RunningGateway::start_with(url, settings, &dir, voice_model()).await;
     assert!(gw.problems.is_empty(), "{:?}", gw.problems);
     let watcher =
         TestClient::connect(url, &format!("watch-{}", free_port()), &["ganglion/#"]).await;
@@ -258,7 +226,7 @@ async fn restart_in_the_middle(protocol: ganglion::mqtt::Protocol) {
         protocol,
         ..Default::default()
     };
-    let gw = RunningGateway::start_with(&url, settings, &dir, fake_model()).await;
+    let gw = RunningGateway::start_with(&url, settings, &dir, voice_model()).await;
     let watcher = TestClient::connect(&url, "watch-restart", &["ganglion/alert/#"]).await;
     let sensor = TestClient::connect(&url, "sensor-restart", &[]).await;
 
@@ -331,7 +299,7 @@ async fn burst_over_many_topics_completes() {
     let broker = Mosquitto::start("mosquitto-stress");
     let url = broker.url();
     let dir = rules(&[("hot", TELEMETRY_RULE)]);
-    let gw = RunningGateway::start(&url, "gw-stress", &dir, fake_model()).await;
+    let gw = RunningGateway::start(&url, "gw-stress", &dir, voice_model()).await;
     let watcher = TestClient::connect(&url, "watch-stress", &["ganglion/alert/#"]).await;
     let sensor = TestClient::connect(&url, "sensor-stress", &[]).await;
     for i in 0..N {
@@ -393,7 +361,7 @@ async fn tls_and_password_to_an_external_broker() {
         matches!(ganglion::mqtt::connect(&no_ca, &url, vec![], tx), Err(ganglion::mqtt::MqttError::BadUrl(_, m)) if m.contains("ca_file"))
     );
 
-    let gw = RunningGateway::start_with(&url, settings("secret"), &dir, fake_model()).await;
+    let gw = RunningGateway::start_with(&url, settings("secret"), &dir, voice_model()).await;
     let watcher = TestClient::connect(&broker.url(), "watch-tls", &["ganglion/alert/#"]).await;
     let sensor = TestClient::connect(&broker.url(), "sensor-tls", &[]).await;
     sensor
@@ -418,7 +386,7 @@ async fn a_slow_model_does_not_stall_the_embedded_broker() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     ganglion::broker::start_embedded(addr).unwrap();
     let url = format!("mqtt://{addr}");
-    let dir = rules(&[("voice", LLM_RULE)]);
+    let dir = rules(&[("voice", VOICE_RULE)]);
     let slow = FakeLlm::with_delay(Duration::from_millis(30), |_| {
         Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into())
     });

@@ -514,3 +514,35 @@ impl RunningGateway {
             .unwrap_or(0)
     }
 }
+
+/// A rule that turns what someone says (`{"metric":"speech","value":...}` on
+/// `home/<room>/say`) into fan commands through the model.
+pub const VOICE_RULE: &str = r#"
+topics = ["home/+/say"]
+format = "raw"
+[[preprocess]]
+plugin = "clean-readings"
+config = { device_from_topic = 1 }
+[prompt]
+plugin = "prompt-template"
+config = { system = "Turn requests into device commands.", user = "{% for r in readings %}{{ r.value }}{% endfor %}" }
+[postprocess]
+plugin = "json-actions"
+[allow]
+commands = [{ device = "{device}", name = "fan", values = ["on", "off"] }]
+"#;
+
+/// The model for [`VOICE_RULE`]: a fan command, or a command outside the
+/// allow-list when asked about the door.
+pub fn voice_model() -> Arc<ganglion::llm::FakeLlm> {
+    ganglion::llm::FakeLlm::new(|req| {
+        let ganglion::llm::LlmInput::Chat(m) = &req.input else {
+            return Ok(String::new());
+        };
+        Ok(if m.last().is_some_and(|m| m.content.contains("door")) {
+            r#"{"type":"command","command":"unlock"}"#.into()
+        } else {
+            r#"{"type":"command","command":"fan","value":"on"}"#.into()
+        })
+    })
+}

@@ -219,6 +219,11 @@ fn main() -> Result<()> {
                 let (p, f) = cargo_test(args, extra)?;
                 total = (total.0 + p, total.1 + f);
             }
+            // The embedding example must build and run (it checks its own output).
+            cargo(
+                &["run", "--quiet", "-p", "ganglion-embedding-example"],
+                &[] as &[&str],
+            )?;
             // One closing line over every suite.
             println!("tests: {} passed, {} failed", total.0, total.1);
             Ok(())

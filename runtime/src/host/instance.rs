@@ -20,6 +20,8 @@ pub struct Exports {
 }
 
 impl Exports {
+    /// Looks up the stage exports of a pre-instantiated component; a stage
+    /// it does not export is left out.
     pub fn new(pre: InstancePre<HostState>) -> Self {
         Exports {
             preprocess: preprocess::GuestIndices::new(&pre).ok(),
@@ -66,6 +68,8 @@ fn ticks(d: Duration) -> u64 {
     (d.as_micros() / TICK.as_micros()) as u64 + 1
 }
 
+/// One instance of a component in its own store, serving one binding; a call
+/// that faults poisons it.
 pub struct Instance {
     store: Store<HostState>,
     preprocess: Option<preprocess::Guest>,
@@ -203,6 +207,8 @@ impl Instance {
         }
     }
 
+    /// Calls `preprocess`; the output is checked against `max_output_bytes`
+    /// and for name indexes out of range.
     pub async fn preprocess(
         &mut self,
         message: &Message,
@@ -226,6 +232,7 @@ impl Instance {
         Ok(batch)
     }
 
+    /// Calls `render`; the prompt's text is checked against `max_output_bytes`.
     pub async fn render(
         &mut self,
         context: &Context,
@@ -248,6 +255,7 @@ impl Instance {
         Ok(prompt)
     }
 
+    /// Calls `postprocess`; the actions are checked against `max_output_bytes`.
     pub async fn postprocess(
         &mut self,
         context: &Context,
@@ -277,6 +285,7 @@ impl Instance {
         Ok(actions)
     }
 
+    /// Calls `handle`; the actions are checked against `max_output_bytes`.
     pub async fn handle(
         &mut self,
         rule: &str,

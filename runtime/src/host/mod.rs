@@ -24,20 +24,30 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 /// What an instance serves: one plugin version in one rule, with that rule's
 /// settings for the plugin. Constant for the instance's life.
 pub struct BindingCtx {
+    /// The plugin's name, for logs and the state scope.
     pub plugin: String,
+    /// The plugin version's short hash, for logs.
     pub version: String,
+    /// The rule's name.
     pub rule: String,
+    /// The rule's settings for the plugin, served by `config.get`.
     pub config: serde_json::Map<String, serde_json::Value>,
+    /// The same settings as one JSON object, served by `config.get-json`.
     pub config_json: String,
+    /// The plugin's `state` entries in this rule.
     pub state: StateScope,
+    /// The limits each call runs under.
     pub limits: Limits,
+    /// The WASI capabilities the rule grants the plugin.
     pub grants: crate::config::Grants,
+    /// The engine behind the `llm` interface.
     pub llm: Arc<dyn LlmEngine>,
     /// Log lines dropped by the per-call cap, over the binding's life.
     pub suppressed_logs: AtomicU64,
 }
 
 impl BindingCtx {
+    /// Log lines dropped so far (reads the `suppressed_logs` counter).
     pub fn suppressed_logs(&self) -> u64 {
         self.suppressed_logs.load(Ordering::Relaxed)
     }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+/// A folder of compiled components (`<content hash>-<engine key>.cwasm`).
 pub struct ArtifactCache {
     dir: PathBuf,
     engine_key: String,
@@ -24,6 +25,7 @@ pub enum CompileSource {
 }
 
 impl ArtifactCache {
+    /// Opens the cache in `dir` (created if missing) for artefacts of `engine`.
     pub fn new(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -35,24 +35,56 @@ pub(crate) const TICK: Duration = Duration::from_millis(2);
 /// A fault or error of one stage call. Every variant leaves the host serving.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CallError {
+    /// The plugin returned an error; the instance stays usable.
     #[error("plugin error: {0}")]
     Plugin(PluginError),
+    /// The guest ran past `call_timeout_ms` (host waits excluded); the instance is discarded.
     #[error("deadline of {limit:?} exceeded")]
-    Deadline { limit: Duration },
+    Deadline {
+        /// The call's time budget.
+        limit: Duration,
+    },
+    /// The guest tried to grow a memory past `max_memory_mib`; the instance is discarded.
     #[error("memory cap of {limit} bytes hit (asked for {requested})")]
-    MemoryLimit { limit: usize, requested: usize },
+    MemoryLimit {
+        /// The cap, in bytes.
+        limit: usize,
+        /// The memory size the guest asked for, in bytes.
+        requested: usize,
+    },
+    /// The call used up its `fuel`; the instance is discarded.
     #[error("fuel of {fuel} instructions used up")]
-    FuelExhausted { fuel: u64 },
+    FuelExhausted {
+        /// The fuel each call gets.
+        fuel: u64,
+    },
+    /// Any other trap (or host error) during the call or instantiation; the
+    /// instance is discarded.
     #[error("trap: {0}")]
     Trap(String),
+    /// The returned data is over `max_output_bytes`.
     #[error("output of {size} bytes over the cap of {cap}")]
-    OutputTooLarge { size: usize, cap: usize },
+    OutputTooLarge {
+        /// Size of the output, as counted by `data_size`, in bytes.
+        size: usize,
+        /// The cap, in bytes.
+        cap: usize,
+    },
+    /// The output breaks the contract (a reading's name index out of range).
     #[error("invalid output: {0}")]
     InvalidOutput(String),
+    /// The stage called is not exported by the component.
     #[error("the plugin does not implement the {0} stage")]
     NotExported(Stage),
+    /// The stage export exists but its types do not match the WIT contract;
+    /// found when an instance is made.
     #[error("the {stage} export does not match ganglion:plugin@0.1.0: {reason}")]
-    Incompatible { stage: Stage, reason: String },
+    Incompatible {
+        /// The mismatching stage.
+        stage: Stage,
+        /// wasmtime's description of the mismatch.
+        reason: String,
+    },
 }
 
 impl CallError {
@@ -75,26 +107,61 @@ impl CallError {
 /// Why a component could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file or folder could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
+    /// The plugin name (the file stem) is empty or has characters other
+    /// than lower-case letters, digits, `-` and `_`.
     #[error("{path}: plugin name `{name}` must be lower-case letters, digits, `-` or `_`")]
-    BadName { path: PathBuf, name: String },
+    BadName {
+        /// The component file.
+        path: PathBuf,
+        /// The refused name.
+        name: String,
+    },
+    /// The bytes do not compile as a component (e.g. a core module).
     #[error("{path}: not a valid WebAssembly component: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        /// The component file.
+        path: PathBuf,
+        /// The compiler's message, or a hint for a core module.
+        reason: String,
+    },
+    /// The component imports something the linker does not provide.
     #[error("{path}: imports what the host does not provide: {reason}")]
-    Imports { path: PathBuf, reason: String },
+    Imports {
+        /// The component file.
+        path: PathBuf,
+        /// The linker's message.
+        reason: String,
+    },
+    /// The component exports no stage interface.
     #[error(
         "{path}: exports none of the stage interfaces (ganglion:plugin/preprocess, template, postprocess or handler @0.1.0); it exports: {exports}"
     )]
-    NoStage { path: PathBuf, exports: String },
+    NoStage {
+        /// The component file.
+        path: PathBuf,
+        /// What it exports instead, comma-separated, or `nothing`.
+        exports: String,
+    },
+    /// The trial instantiation at load failed (export types, start function, limits).
     #[error("{path}: {reason}")]
-    Instantiate { path: PathBuf, reason: CallError },
+    Instantiate {
+        /// The component file.
+        path: PathBuf,
+        /// Why the instantiation failed.
+        reason: CallError,
+    },
 }
 
 impl LoadError {
+    /// The file (or folder) the error is about.
     pub fn path(&self) -> &Path {
         match self {
             LoadError::Io { path, .. }
@@ -107,13 +174,19 @@ impl LoadError {
     }
 }
 
+/// Why [`PluginHost::new`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// The engine could not be built from the config, the linker could not
+    /// be set up, or the epoch thread could not start.
     #[error("cannot configure the WebAssembly engine: {0}")]
     Engine(String),
+    /// The compiled-artefact cache folder could not be created.
     #[error("compiled-artefact cache {path}: {source}")]
     Cache {
+        /// The cache folder.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }
@@ -123,6 +196,7 @@ pub enum HostError {
 pub struct PluginVersion {
     /// blake3 of the component bytes, hex.
     pub hash: String,
+    /// When this version was loaded.
     pub loaded_at: SystemTime,
 }
 
@@ -135,8 +209,12 @@ impl fmt::Display for PluginVersion {
 
 /// One loaded version of a component.
 pub struct Plugin {
+    /// The plugin's name (the file stem when loaded from a file): lower-case
+    /// letters, digits, `-` and `_`.
     pub name: String,
+    /// Which version of the plugin this is.
     pub version: PluginVersion,
+    /// The stages the component exports, in pipeline order.
     pub stages: Vec<Stage>,
     /// Where it was loaded from, if from a file.
     pub source: Option<PathBuf>,
@@ -144,6 +222,7 @@ pub struct Plugin {
     pub size: usize,
     /// Interfaces the component imports.
     pub imports: Vec<String>,
+    /// Whether it was compiled now or taken from the artefact cache.
     pub compiled: CompileSource,
     /// Time to compile or to load the compiled artefact.
     pub load_time: Duration,
@@ -151,6 +230,7 @@ pub struct Plugin {
 }
 
 impl Plugin {
+    /// True when the component exports `stage`.
     pub fn implements(&self, stage: Stage) -> bool {
         self.stages.contains(&stage)
     }
@@ -191,7 +271,9 @@ pub struct PluginHost {
 /// Result of loading a folder: what loaded, and what did not and why.
 #[derive(Debug, Default)]
 pub struct LoadReport {
+    /// The plugins that loaded, in file-name order.
     pub plugins: Vec<Arc<Plugin>>,
+    /// One error per file that did not load.
     pub errors: Vec<LoadError>,
 }
 
@@ -263,10 +345,12 @@ impl PluginHost {
         })
     }
 
+    /// The wasmtime engine all plugins are compiled for.
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
     }
 
+    /// The limits every instance runs under.
     pub fn limits(&self) -> &Limits {
         &self.inner.config.limits
     }
@@ -500,17 +584,23 @@ pub struct InstancePool {
 /// Counters of a pool, for tests and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
+    /// Instances made since the pool was created.
     pub created: u64,
+    /// Instances dropped after a fault.
     pub discarded: u64,
+    /// Instances waiting for a call now.
     pub idle: usize,
+    /// Log lines dropped by the per-call cap.
     pub suppressed_logs: u64,
 }
 
 impl InstancePool {
+    /// The plugin version this pool serves.
     pub fn plugin(&self) -> &Arc<Plugin> {
         &self.plugin
     }
 
+    /// A snapshot of the pool's counters.
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             created: self.created.load(Ordering::Relaxed),
@@ -556,6 +646,8 @@ impl InstancePool {
         result
     }
 
+    /// Calls the `preprocess` stage: `readings` are the previous
+    /// preprocessor's output (empty for the first).
     pub async fn preprocess(
         &self,
         message: &Message,
@@ -565,6 +657,7 @@ impl InstancePool {
             .await
     }
 
+    /// Calls the `template` stage: a window of readings to a prompt.
     pub async fn render(
         &self,
         context: &Context,
@@ -574,6 +667,8 @@ impl InstancePool {
             .await
     }
 
+    /// Calls the `postprocess` stage: a window, and the completion when the
+    /// rule used the model, to actions.
     pub async fn postprocess(
         &self,
         context: &Context,
@@ -584,6 +679,7 @@ impl InstancePool {
             .await
     }
 
+    /// Calls the `handler` stage: a message to actions.
     pub async fn handle(&self, rule: &str, message: &Message) -> Result<Vec<Action>, CallError> {
         self.run(async |i: &mut Instance| i.handle(rule, message).await)
             .await

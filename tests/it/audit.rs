@@ -1,0 +1,246 @@
+//! The decision audit log: what a model-backed decision records, rotation,
+//! replay through current plugins, and the fine-tuning export.
+
+use ganglion::audit::{self, AuditConfig, AuditLog, DecisionRecord};
+use ganglion::config::GanglionConfig;
+use ganglion::llm::{FakeLlm, LlmEngine};
+use ganglion::reload::Reloader;
+use ganglion::runtime::Runtime;
+use ganglion::state::StateStore;
+use ganglion_tests::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+struct Setup {
+    plugins: PathBuf,
+    rules: PathBuf,
+    log: PathBuf,
+}
+
+fn setup(rules: &[(&str, &str)]) -> Setup {
+    let root = scratch("audit");
+    let plugins = plugins_folder();
+    let rules_dir = root.join("rules");
+    std::fs::create_dir_all(&rules_dir).unwrap();
+    for (name, text) in rules {
+        std::fs::write(rules_dir.join(format!("{name}.toml")), text).unwrap();
+    }
+    Setup {
+        plugins,
+        rules: rules_dir,
+        log: root.join("audit/decisions.jsonl"),
+    }
+}
+
+/// Runs `messages` through a runtime that records decisions; returns the log.
+async fn record(
+    s: &Setup,
+    llm: Arc<dyn LlmEngine>,
+    messages: &[(&str, &str)],
+) -> Vec<DecisionRecord> {
+    let mut config = GanglionConfig::default();
+    config.plugins.dir = s.plugins.clone();
+    config.plugins.cache_dir = None;
+    config.rules.dir = s.rules.clone();
+    config.reload.enabled = false;
+    config.audit.path = s.log.clone();
+    let loaded = Runtime::builder(config)
+        .llm(llm)
+        .state(StateStore::in_memory())
+        .load()
+        .await
+        .unwrap();
+    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let (rt, _outputs) = loaded.serve_channel(1024);
+    for (topic, payload) in messages {
+        // Plain text is what someone said: a speech reading.
+        let payload = if payload.starts_with('{') {
+            payload.to_string()
+        } else {
+            serde_json::json!({"metric": "speech", "value": payload}).to_string()
+        };
+        rt.push(*topic, payload.into_bytes()).await.unwrap();
+    }
+    rt.shutdown().await;
+    audit::read(&s.log).unwrap()
+}
+
+async fn replay(
+    s: &Setup,
+    llm: Arc<dyn LlmEngine>,
+    records: &[DecisionRecord],
+) -> Vec<audit::Comparison> {
+    let host = host_with(Default::default(), llm.clone());
+    let (pipelines, problems) = Reloader::new(host, &s.plugins, &s.rules, llm)
+        .load_all()
+        .await;
+    assert!(problems.is_empty(), "{problems:?}");
+    audit::replay(records, &pipelines).await
+}
+
+#[tokio::test]
+async fn a_model_decision_records_what_is_needed_to_judge_and_repeat_it() {
+    let s = setup(&[("voice", VOICE_RULE)]);
+    let records = record(
+        &s,
+        voice_model(),
+        &[
+            ("home/hall/say", "it is hot in here"),
+            ("home/hall/say", "open the door"),
+        ],
+    )
+    .await;
+    assert_eq!(records.len(), 2);
+    let hot = &records[0];
+    assert_eq!(
+        (hot.v, hot.rule.as_str(), hot.device.as_str()),
+        (1, "voice", "hall")
+    );
+    assert_eq!(hot.window.len(), 1);
+    assert_eq!(hot.window[0].value, "it is hot in here");
+    assert_eq!(hot.prompt_plugin.name, "prompt-template");
+    assert_eq!(hot.postprocess_plugin.name, "json-actions");
+    assert_eq!(hot.prompt_plugin.version.len(), 12);
+    assert_eq!(hot.model.id, "fake");
+    assert_eq!(hot.prompt.system, "Turn requests into device commands.");
+    assert_eq!(hot.prompt.user, "it is hot in here");
+    assert_eq!(hot.prompt.constraint, "none");
+    assert!(hot.completion.text.contains("fan"));
+    assert_eq!(hot.completion.error, None);
+    assert_eq!(hot.actions.len(), 1);
+    assert!(hot.actions[0].allowed);
+    assert!(hot.timings.llm_ms >= 0.0 && hot.timings.postprocess_ms > 0.0);
+    // The refused action is recorded with the allow-list's reason.
+    let door = &records[1];
+    assert_eq!(door.actions.len(), 1);
+    assert!(!door.actions[0].allowed);
+    assert!(
+        door.actions[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("unlock"),
+        "{door:?}"
+    );
+}
+
+#[tokio::test]
+async fn rules_without_the_model_record_nothing() {
+    let rule = r#"
+topics = ["plant/+/telemetry"]
+[[preprocess]]
+plugin = "clean-readings"
+config = { device_from_topic = 1 }
+[postprocess]
+plugin = "threshold-alert"
+config = { thresholds = [{ metric = "temperature", above = 50.0 }] }
+"#;
+    let s = setup(&[("hot", rule)]);
+    let records = record(
+        &s,
+        voice_model(),
+        &[(
+            "plant/m1/telemetry",
+            r#"{"metric":"temperature","value":90}"#,
+        )],
+    )
+    .await;
+    assert!(records.is_empty());
+}
+
+#[tokio::test]
+async fn replay_finds_no_change_with_the_same_plugins_and_the_changed_postprocessor_decisions() {
+    let rule = VOICE_RULE
+        .replace("plugin = \"json-actions\"", "plugin = \"tagger\"")
+        .replace(
+            "commands = [{ device = \"{device}\", name = \"fan\", values = [\"on\", \"off\"] }]",
+            "publish = [\"tagged/{device}\"]",
+        );
+    let s = setup(&[("voice", &rule)]);
+    std::fs::copy(fixture("tag-a"), s.plugins.join("tagger.wasm")).unwrap();
+    let llm = voice_model();
+    let says = [
+        ("home/hall/say", "it is hot"),
+        ("home/kitchen/say", "open the door"),
+        ("home/bed/say", "too warm"),
+    ];
+    let records = record(&s, llm.clone(), &says).await;
+    assert_eq!(records.len(), 3);
+    let same = replay(&s, llm.clone(), &records).await;
+    assert!(same.iter().all(|c| c.changed.is_empty()), "{same:?}");
+    // A new version of the postprocessor: every decision's actions differ.
+    std::fs::copy(fixture("tag-b"), s.plugins.join("tagger.wasm")).unwrap();
+    let changed = replay(&s, llm.clone(), &records).await;
+    assert_eq!(changed.len(), 3);
+    for c in &changed {
+        assert_eq!(c.changed, ["actions"], "{c:?}");
+    }
+    // A model that answers differently changes completions (and actions).
+    let other = FakeLlm::fixed("{}");
+    let by_model = replay(&s, other, &records).await;
+    assert!(
+        by_model
+            .iter()
+            .all(|c| c.changed.contains(&"completion".to_owned()))
+    );
+    // A rule that is gone is reported, not skipped.
+    std::fs::remove_file(s.rules.join("voice.toml")).unwrap();
+    let gone = replay(&s, llm, &records).await;
+    assert!(gone[0].changed[0].contains("not loaded"), "{gone:?}");
+}
+
+#[tokio::test]
+async fn the_log_rotates_by_size_and_keeps_whole_records() {
+    let root = scratch("audit-rotate");
+    let path = root.join("a.jsonl");
+    let log = AuditLog::open(
+        &AuditConfig {
+            enabled: true,
+            path: path.clone(),
+            max_mib: 1,
+            keep: 2,
+        },
+        Some("h".into()),
+    )
+    .unwrap();
+    let s = setup(&[("voice", VOICE_RULE)]);
+    let one = record(&s, voice_model(), &[("home/hall/say", "hot")])
+        .await
+        .remove(0);
+    let mut big = one.clone();
+    big.prompt.user = "x".repeat(100_000);
+    for _ in 0..40 {
+        log.append(&big);
+    }
+    log.flush();
+    let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+    for p in [path.clone(), numbered(1), numbered(2)] {
+        let size = std::fs::metadata(&p).unwrap().len();
+        assert!(size <= 1 << 20, "{} is {size} bytes", p.display());
+        let records = audit::read(&p).unwrap();
+        assert!(!records.is_empty());
+        assert!(records.iter().all(|r| r.prompt.user.len() == 100_000));
+    }
+    assert!(!numbered(3).exists(), "only `keep` rotated files are kept");
+}
+
+#[tokio::test]
+async fn the_finetune_export_writes_chat_pairs_of_successful_decisions() {
+    let s = setup(&[("voice", VOICE_RULE)]);
+    let mut records = record(
+        &s,
+        voice_model(),
+        &[("home/a/say", "hot"), ("home/b/say", "cold")],
+    )
+    .await;
+    records[1].completion.error = Some("deadline exceeded".into());
+    let out: &Path = &s.log.with_file_name("pairs.jsonl");
+    assert_eq!(audit::export_finetune(&records, out).unwrap(), 1);
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(out).unwrap().trim()).unwrap();
+    let m = &line["messages"];
+    assert_eq!(m[0]["role"], "system");
+    assert_eq!(m[1]["content"], "hot");
+    assert_eq!(m[2]["role"], "assistant");
+    assert!(m[2]["content"].as_str().unwrap().contains("fan"));
+}
