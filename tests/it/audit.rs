@@ -38,7 +38,16 @@ async fn record(
     llm: Arc<dyn LlmEngine>,
     messages: &[(&str, &str)],
 ) -> Vec<DecisionRecord> {
-    let mut config = GanglionConfig::default();
+    record_with(s, llm, GanglionConfig::default(), messages).await
+}
+
+/// Like [`record`], starting from `config`.
+async fn record_with(
+    s: &Setup,
+    llm: Arc<dyn LlmEngine>,
+    mut config: GanglionConfig,
+    messages: &[(&str, &str)],
+) -> Vec<DecisionRecord> {
     config.plugins.dir = s.plugins.clone();
     config.plugins.cache_dir = None;
     config.rules.dir = s.rules.clone();
@@ -243,4 +252,51 @@ async fn the_finetune_export_writes_chat_pairs_of_successful_decisions() {
     assert_eq!(m[1]["content"], "hot");
     assert_eq!(m[2]["role"], "assistant");
     assert!(m[2]["content"].as_str().unwrap().contains("fan"));
+}
+
+#[tokio::test]
+async fn replay_with_the_default_model_and_greedy_decoding_changes_nothing() {
+    let model = xtask::model_path();
+    assert!(
+        model.exists(),
+        "the default model is missing: run `cargo run -p xtask -- model` (the test command does)"
+    );
+    let config = ganglion_llm::EngineConfig {
+        path: Some(model.clone()),
+        ..Default::default()
+    };
+    let engine: Arc<dyn LlmEngine> = Arc::new(
+        ganglion_llm::Engine::load_with_progress(&config, false)
+            .unwrap()
+            .0,
+    );
+    let rule = VOICE_RULE.replace(
+        "user = \"{% for r in readings %}{{ r.value }}{% endfor %}\"",
+        "user = \"{% for r in readings %}{{ r.value }}{% endfor %}\", max_tokens = 24",
+    );
+    assert_ne!(rule, VOICE_RULE);
+    let s = setup(&[("voice", &rule)]);
+    let mut runtime_config = GanglionConfig::default();
+    runtime_config.model.path = Some(model.clone());
+    let records = record_with(
+        &s,
+        engine.clone(),
+        runtime_config,
+        &[
+            ("home/hall/say", "it is too warm in here"),
+            ("home/kitchen/say", "smoke detected in kitchen"),
+        ],
+    )
+    .await;
+    assert_eq!(records.len(), 2);
+    let hash = blake3::hash(&std::fs::read(&model).unwrap())
+        .to_hex()
+        .to_string();
+    for r in &records {
+        assert_eq!(r.model.hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(r.model.id, "SmolLM2-135M-Instruct.Q4_1");
+        assert!(r.completion.completion_tokens > 0, "{r:?}");
+    }
+    let again = replay(&s, engine, &records).await;
+    assert!(again.iter().all(|c| c.changed.is_empty()), "{again:?}");
 }
