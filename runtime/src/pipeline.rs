@@ -111,6 +111,10 @@ enum Bindings {
     Handler(Bound),
 }
 
+/// Most actions a constrained model answer may hold
+/// (`[allow] constrain_model`).
+const MODEL_ACTIONS: usize = 4;
+
 /// One window's way through the model path, for the outcome, the audit log
 /// and replay.
 #[derive(Default)]
@@ -588,6 +592,16 @@ impl RulePipeline {
                         return d;
                     }
                 };
+                let mut rendered = rendered;
+                if self.rule.allow.constrain_model {
+                    let schema = self.rule.allow.action_schema(
+                        &self.rule.name,
+                        &context.device,
+                        MODEL_ACTIONS,
+                    );
+                    rendered.params.constraint =
+                        crate::types::Constraint::JsonSchema(schema.to_string());
+                }
                 d.prompt = Some(rendered.clone());
                 let t = Instant::now();
                 let c = self.generate(rendered).await;

@@ -205,6 +205,11 @@ pub struct AllowList {
     pub command_topic: String,
     /// Commands allowed. Default none.
     pub commands: Vec<CommandAllow>,
+    /// Constrain the model's answers to the actions this list allows (a JSON
+    /// schema in json-actions' format, built per device; see
+    /// [`AllowList::action_schema`]). It replaces any constraint the prompt
+    /// plugin sets. Default false.
+    pub constrain_model: bool,
 }
 
 impl Default for AllowList {
@@ -215,7 +220,113 @@ impl Default for AllowList {
             alert_topic: "ganglion/alert/{rule}/{device}".into(),
             command_topic: "ganglion/command/{device}/{command}".into(),
             commands: Vec::new(),
+            constrain_model: false,
         }
+    }
+}
+
+impl AllowList {
+    /// A JSON schema of the answers whose actions this list lets out for
+    /// `device` in rule `rule`, in json-actions' format
+    /// (`{"actions":[...]}`): each allowed command with its device, name and
+    /// values or bounds; alerts when allowed; publishes to topics that have
+    /// no wildcard once `{rule}` and `{device}` are filled in (a wildcard
+    /// topic is left out: the model is not offered it). At most
+    /// `max_actions` actions; an empty list is always allowed.
+    pub fn action_schema(&self, rule: &str, device: &str, max_actions: usize) -> serde_json::Value {
+        use serde_json::json;
+        let mut choices = Vec::new();
+        for c in &self.commands {
+            let target = match c.device.as_str() {
+                "*" => json!({"type": "string", "minLength": 1, "maxLength": 64}),
+                "{device}" => json!({"const": device}),
+                d => json!({"const": d}),
+            };
+            let value = match (&c.values, c.min, c.max) {
+                (Some(values), _, _) => Some(json!({"enum": values})),
+                (None, None, None) => None,
+                (None, min, max) => {
+                    let mut v = json!({"type": "number"});
+                    if let Some(min) = min {
+                        v["minimum"] = json!(min);
+                    }
+                    if let Some(max) = max {
+                        v["maximum"] = json!(max);
+                    }
+                    Some(v)
+                }
+            };
+            let mut properties = json!({
+                "type": {"const": "command"},
+                "device": target,
+                "command": {"const": c.name},
+            });
+            let mut required = vec!["type", "device", "command"];
+            if let Some(v) = value {
+                properties["value"] = v;
+                required.push("value");
+            }
+            choices.push(json!({
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": false,
+            }));
+        }
+        if self.alerts {
+            choices.push(json!({
+                "type": "object",
+                "properties": {
+                    "type": {"const": "alert"},
+                    "level": {"enum": ["info", "warning", "critical"]},
+                    "text": {"type": "string", "maxLength": 80},
+                },
+                "required": ["type", "level", "text"],
+                "additionalProperties": false,
+            }));
+        }
+        for p in &self.publish {
+            let topic = fill(p.topic(), rule, device, "");
+            if topic.contains(['+', '#']) {
+                continue;
+            }
+            let payload = match p {
+                PublishAllow::Topic(_) => json!({"type": "string", "maxLength": 256}),
+                PublishAllow::Bounded { min, max, .. } => {
+                    let mut v = json!({"type": "number"});
+                    if let Some(min) = min {
+                        v["minimum"] = json!(min);
+                    }
+                    if let Some(max) = max {
+                        v["maximum"] = json!(max);
+                    }
+                    v
+                }
+            };
+            choices.push(json!({
+                "type": "object",
+                "properties": {
+                    "type": {"const": "publish"},
+                    "topic": {"const": topic},
+                    "payload": payload,
+                },
+                "required": ["type", "topic", "payload"],
+                "additionalProperties": false,
+            }));
+        }
+        let items = match choices.len() {
+            0 => json!(false),
+            1 => choices.remove(0),
+            _ => json!({"anyOf": choices}),
+        };
+        json!({
+            "type": "object",
+            "properties": {
+                "actions": {"type": "array", "items": items, "maxItems": max_actions},
+            },
+            "required": ["actions"],
+            "additionalProperties": false,
+        })
     }
 }
 
@@ -698,6 +809,32 @@ plugin = "json-actions"
 publish = ["plant/{device}/cmd", { topic = "plant/{device}/setpoint", min = 0.0, max = 80.0 }]
 commands = [{ device = "{device}", name = "fan", values = ["on", "off"] }, { device = "*", name = "setpoint", min = 5.0, max = 30.0 }]
 "#;
+
+    #[test]
+    fn the_allow_list_as_a_model_constraint() {
+        let rule = Rule::parse(RULE, "plant", None).unwrap();
+        let schema = rule.allow.action_schema("plant", "m1", 3);
+        let actions = &schema["properties"]["actions"];
+        assert_eq!(actions["maxItems"], 3);
+        let choices = actions["items"]["anyOf"].as_array().unwrap();
+        // fan (this device, on/off), setpoint (any device, 5..30), alerts, and
+        // the two publish topics once `{device}` is filled in.
+        assert_eq!(choices.len(), 5, "{schema:#}");
+        assert_eq!(choices[0]["properties"]["device"]["const"], "m1");
+        assert_eq!(choices[0]["properties"]["value"]["enum"][1], "off");
+        assert_eq!(choices[1]["properties"]["device"]["type"], "string");
+        assert_eq!(choices[1]["properties"]["value"]["maximum"], 30.0);
+        assert_eq!(choices[2]["properties"]["type"]["const"], "alert");
+        assert_eq!(choices[3]["properties"]["topic"]["const"], "plant/m1/cmd");
+        assert_eq!(choices[4]["properties"]["payload"]["maximum"], 80.0);
+        // Wildcard topics are not offered; no allowed action: only `[]`.
+        let mut allow = rule.allow.clone();
+        allow.publish = vec![PublishAllow::Topic("plant/+/cmd".into())];
+        allow.commands.clear();
+        allow.alerts = false;
+        let none = allow.action_schema("plant", "m1", 3);
+        assert_eq!(none["properties"]["actions"]["items"], false);
+    }
 
     #[test]
     fn filters() {

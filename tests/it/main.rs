@@ -9,5 +9,6 @@ mod limits;
 mod llm_link;
 mod loading;
 mod mqtt;
+mod packs;
 mod pipeline;
 mod reload;

@@ -546,3 +546,92 @@ pub fn voice_model() -> Arc<ganglion::llm::FakeLlm> {
         })
     })
 }
+
+/// The scenario packs in examples/packs/: their data and a runner.
+pub mod packs {
+    use super::*;
+    use ganglion::config::GanglionConfig;
+    use ganglion::rules::Outgoing;
+    use ganglion::runtime::Runtime;
+    use serde_json::Value as Json;
+
+    /// A scenario pack's folder.
+    pub fn pack(name: &str) -> PathBuf {
+        xtask::root().join("examples/packs").join(name)
+    }
+
+    /// One line of examples/packs/smart-home/data/utterances.jsonl.
+    pub struct Utterance {
+        /// The room (the device in the topic).
+        pub room: String,
+        /// What was said.
+        pub text: String,
+        /// Acceptable actions, `<command> <value>` or `alert <level>`; empty: none.
+        pub expect: Vec<String>,
+    }
+
+    /// The smart-home pack's sample utterances.
+    pub fn utterances() -> Vec<Utterance> {
+        let text =
+            std::fs::read_to_string(pack("smart-home").join("data/utterances.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                let v: Json = serde_json::from_str(l).unwrap();
+                Utterance {
+                    room: v["room"].as_str().unwrap().into(),
+                    text: v["text"].as_str().unwrap().into(),
+                    expect: v["expect"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e.as_str().unwrap().into())
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs messages through the rules in `rules` (the built example plugins,
+    /// no reload, no audit); returns every output and dead letter.
+    pub async fn run_rules(
+        rules: &Path,
+        llm: Arc<dyn LlmEngine>,
+        messages: &[(String, String)],
+    ) -> Vec<Outgoing> {
+        let mut config = GanglionConfig::default();
+        config.plugins.dir = plugins_folder();
+        config.plugins.cache_dir = None;
+        config.plugins.limits.llm_timeout_ms = 120_000;
+        config.rules.dir = rules.to_owned();
+        config.reload.enabled = false;
+        config.audit.enabled = false;
+        let loaded = Runtime::builder(config)
+            .llm(llm)
+            .state(StateStore::in_memory())
+            .load()
+            .await
+            .unwrap();
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        let (rt, mut out) = loaded.serve_channel(4096);
+        for (topic, payload) in messages {
+            rt.push(topic.clone(), payload.clone().into_bytes())
+                .await
+                .unwrap();
+        }
+        rt.shutdown().await;
+        drop(rt);
+        let mut all = Vec::new();
+        while let Some(o) = out.recv().await {
+            all.push(o);
+        }
+        all
+    }
+
+    /// A speech reading said in `room`.
+    pub fn say(room: &str, text: &str) -> (String, String) {
+        (
+            format!("home/{room}/say"),
+            serde_json::json!({"metric": "speech", "value": text}).to_string(),
+        )
+    }
+}

@@ -1,0 +1,159 @@
+//! The scenario packs in examples/packs/: each pack's rules over its sample
+//! data, through the real plugins, with a scripted model (the real model's
+//! results are measured by `cargo bench -p ganglion-tests --bench
+//! scenario_packs` and recorded in each pack's README).
+
+use ganglion::llm::{FakeLlm, LlmEngine, LlmInput};
+use ganglion::rules::Outgoing;
+use ganglion::types::Constraint;
+use ganglion_tests::packs::{pack, run_rules as run, say, utterances};
+use ganglion_tests::*;
+use serde_json::Value as Json;
+use std::sync::Arc;
+
+/// The answer json-actions reads for an expected action such as `fan on`
+/// or `alert critical`.
+fn answer(room: &str, expected: &str) -> Json {
+    let (what, value) = expected.split_once(' ').unwrap();
+    if what == "alert" {
+        serde_json::json!({"type": "alert", "level": value, "text": "check the room"})
+    } else {
+        serde_json::json!({"type": "command", "device": room, "command": what, "value": value})
+    }
+}
+
+#[tokio::test]
+async fn smart_home_commands_come_out_and_the_rest_is_refused() {
+    let data = utterances();
+    let script: Vec<(String, Json)> = data
+        .iter()
+        .map(|u| {
+            let actions: Vec<Json> = match u.text.as_str() {
+                // Outside the allow-list: refused and dead-lettered.
+                "unlock the front door" => vec![serde_json::json!(
+                    {"type": "command", "device": "front-door", "command": "unlock", "value": "open"}
+                )],
+                _ => u.expect.iter().take(1).map(|e| answer(&u.room, e)).collect(),
+            };
+            (u.text.clone(), serde_json::json!({"actions": actions}))
+        })
+        .collect();
+    let llm = FakeLlm::new(move |req| {
+        let LlmInput::Chat(m) = &req.input else {
+            return Ok(String::new());
+        };
+        let user = &m.last().unwrap().content;
+        Ok(script
+            .iter()
+            .find(|(text, _)| user.ends_with(text.as_str()))
+            .map(|(_, a)| a.to_string())
+            .unwrap_or_else(|| r#"{"actions":[]}"#.into()))
+    });
+    let messages: Vec<(String, String)> = data.iter().map(|u| say(&u.room, &u.text)).collect();
+    let out = run(&pack("smart-home").join("rules"), llm.clone(), &messages).await;
+
+    // The model was asked with the allow-list as its constraint, per room.
+    let requests = llm.requests();
+    assert_eq!(requests.len(), data.len());
+    for r in &requests {
+        let Constraint::JsonSchema(schema) = &r.params.constraint else {
+            panic!("no allow-list constraint: {:?}", r.params.constraint);
+        };
+        let schema: Json = serde_json::from_str(schema).unwrap();
+        let choices = &schema["properties"]["actions"]["items"]["anyOf"];
+        assert_eq!(
+            choices.as_array().unwrap().len(),
+            5,
+            "4 commands and alerts"
+        );
+        assert!(choices[0]["properties"]["device"]["const"].is_string());
+    }
+    for u in &data {
+        let Some(first) = u.expect.first() else {
+            continue;
+        };
+        let (what, value) = first.split_once(' ').unwrap();
+        let topic = if what == "alert" {
+            format!("ganglion/alert/home-commands/{}", u.room)
+        } else {
+            format!("ganglion/command/{}/{what}", u.room)
+        };
+        let o = out
+            .iter()
+            .find(|o| o.topic == topic)
+            .unwrap_or_else(|| panic!("`{}`: no {topic} in {out:?}", u.text));
+        assert!(String::from_utf8_lossy(&o.payload).contains(value), "{o:?}");
+    }
+    let dead: Vec<Json> = out
+        .iter()
+        .filter(|o| o.topic == "ganglion/dead-letter/home-commands")
+        .map(|o| serde_json::from_slice(&o.payload).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["kind"], "refused-action");
+    assert!(dead[0]["reason"].as_str().unwrap().contains("unlock"));
+    // Nothing else: "nice weather" asked for nothing.
+    let expected_outputs = data.iter().filter(|u| !u.expect.is_empty()).count() + 1;
+    assert_eq!(out.len(), expected_outputs, "{out:?}");
+}
+
+#[tokio::test]
+async fn the_allow_list_constraint_holds_a_random_model_to_allowed_actions() {
+    let dir = scratch("pack-tiny-model");
+    let model = dir.join("tiny.gguf");
+    ganglion_llm::testing::write_tiny_model(&model, &Default::default()).unwrap();
+    let config = ganglion_llm::EngineConfig {
+        path: Some(model),
+        ..Default::default()
+    };
+    let engine: Arc<dyn LlmEngine> = Arc::new(
+        ganglion_llm::Engine::load_with_progress(&config, false)
+            .unwrap()
+            .0,
+    );
+    // The pack's rule without alerts (free text would make answers long),
+    // with room for four commands in byte-sized tokens.
+    let rules = dir.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    // A short system prompt: the tiny model's context is small.
+    let text = std::fs::read_to_string(pack("smart-home").join("rules/home-commands.toml"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("config.system") {
+                "config.system = \"Home.\""
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("alerts = true", "alerts = false")
+        .replace(
+            "config.max_tokens = 160",
+            "config.max_tokens = 400\nconfig.temperature = 1.0\nconfig.seed = 7",
+        );
+    std::fs::write(rules.join("home-commands.toml"), text).unwrap();
+    let messages: Vec<(String, String)> = ["bedroom", "kitchen", "office"]
+        .iter()
+        .flat_map(|room| (0..3).map(move |i| say(room, &format!("request {i}"))))
+        .collect();
+    let out = run(&rules, engine, &messages).await;
+    let refused: Vec<&Outgoing> = out
+        .iter()
+        .filter(|o| o.topic.starts_with("ganglion/dead-letter/"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "every answer parses and every action is allowed: {:?}",
+        refused
+            .iter()
+            .map(|o| String::from_utf8_lossy(&o.payload))
+            .collect::<Vec<_>>()
+    );
+    assert!(!out.is_empty(), "the random model proposed commands");
+    for o in &out {
+        let room = o.topic.split('/').nth(2).unwrap();
+        assert!(["bedroom", "kitchen", "office"].contains(&room), "{o:?}");
+    }
+}
