@@ -6,7 +6,9 @@
 //! `cargo run -p xtask -- plugins` and `cargo run -p xtask -- model`).
 
 use ganglion::llm::LlmEngine;
-use ganglion_tests::packs::{pack, run_rules, say, utterances};
+use ganglion_tests::packs::{
+    failure_windows, machine_rows, pack, run_rules, say, start, utterances,
+};
 use std::sync::Arc;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -20,7 +22,80 @@ async fn main() {
             .expect("the default model (cargo run -p xtask -- model)")
             .0,
     );
+    industrial(engine.clone()).await;
     smart_home(engine).await;
+}
+
+/// The machine temperature replay, a day (288 readings) per decision: which
+/// days got a maintenance alert, against the labelled failure windows.
+async fn industrial(engine: Arc<dyn LlmEngine>) {
+    let (rt, mut out) = start(&pack("industrial").join("rules"), engine).await;
+    let labels = failure_windows();
+    let rows = machine_rows();
+    let (mut days, mut failure_days, mut true_alerts, mut false_alerts, mut invalid) =
+        (0, 0, 0, 0, 0);
+    let mut windows_hit = vec![false; labels.len()];
+    let mut alerted_days = Vec::new();
+    for day in rows.chunks(288) {
+        for (_, (topic, payload)) in day {
+            rt.push(topic.clone(), payload.clone().into_bytes())
+                .await
+                .unwrap();
+        }
+        if day.len() < 288 {
+            break;
+        }
+        days += 1;
+        let (first, last) = (&day[0].0, &day[day.len() - 1].0);
+        let overlaps: Vec<usize> = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, e))| first.as_str() <= e.as_str() && last.as_str() >= s.as_str())
+            .map(|(i, _)| i)
+            .collect();
+        if !overlaps.is_empty() {
+            failure_days += 1;
+        }
+        let mut alert = None;
+        while let Ok(o) = out.try_recv() {
+            if o.topic.starts_with("ganglion/alert/") {
+                let v: serde_json::Value = serde_json::from_slice(&o.payload).unwrap_or_default();
+                alert = Some(format!(
+                    "{}: {}",
+                    v["level"].as_str().unwrap_or("?"),
+                    v["text"].as_str().unwrap_or("")
+                ));
+            } else if o.topic.starts_with("ganglion/dead-letter/") {
+                invalid += 1;
+            }
+        }
+        if let Some(a) = alert {
+            if overlaps.is_empty() {
+                false_alerts += 1;
+            } else {
+                true_alerts += 1;
+                for i in overlaps {
+                    windows_hit[i] = true;
+                }
+            }
+            alerted_days.push(format!("{first} .. {last}: {a}"));
+        }
+    }
+    rt.shutdown().await;
+    println!("## industrial\n");
+    println!(
+        "| days decided | days overlapping a labelled failure window | alerts on those days | alerts on other days | labelled failure windows with an alert | dead letters |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {days} | {failure_days} | {true_alerts} | {false_alerts} | {} of {} | {invalid} |\n",
+        windows_hit.iter().filter(|h| **h).count(),
+        labels.len()
+    );
+    for a in alerted_days.iter().take(12) {
+        println!("- {a}");
+    }
+    println!();
 }
 
 /// Each utterance alone through the pack's rule: which actions came out,

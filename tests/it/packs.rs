@@ -6,7 +6,7 @@
 use ganglion::llm::{FakeLlm, LlmEngine, LlmInput};
 use ganglion::rules::Outgoing;
 use ganglion::types::Constraint;
-use ganglion_tests::packs::{pack, run_rules as run, say, utterances};
+use ganglion_tests::packs::{machine_rows, pack, run_rules as run, say, utterances};
 use ganglion_tests::*;
 use serde_json::Value as Json;
 use std::sync::Arc;
@@ -156,4 +156,65 @@ async fn the_allow_list_constraint_holds_a_random_model_to_allowed_actions() {
         let room = o.topic.split('/').nth(2).unwrap();
         assert!(["bedroom", "kitchen", "office"].contains(&room), "{o:?}");
     }
+}
+
+/// A scripted diagnosis: an alert when the day's prompt shows a maximum
+/// above 35 C or a minimum below 20 C.
+fn diagnosis_model() -> Arc<FakeLlm> {
+    FakeLlm::new(|req| {
+        let LlmInput::Chat(m) = &req.input else {
+            return Ok(String::new());
+        };
+        let user = &m.last().unwrap().content;
+        let number = |key: &str| -> f64 {
+            user.split(&format!("{key} "))
+                .nth(1)
+                .and_then(|r| r.split([',', '.']).next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        Ok(if number("max") > 35.0 || number("min") < 20.0 {
+            r#"{"actions":[{"type":"alert","level":"critical","text":"temperature out of range"}]}"#
+        } else {
+            r#"{"actions":[]}"#
+        }
+        .into())
+    })
+}
+
+#[tokio::test]
+async fn industrial_replay_diagnoses_each_day_and_alerts_maintenance() {
+    let rows = machine_rows();
+    assert_eq!(rows.len(), 22_695);
+    let llm = diagnosis_model();
+    let messages: Vec<(String, String)> = rows.into_iter().map(|(_, m)| m).collect();
+    let out = run(&pack("industrial").join("rules"), llm.clone(), &messages).await;
+    // One decision per day of readings (288), and the partial last day at shutdown.
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 22_695 / 288 + 1);
+    let LlmInput::Chat(m) = &requests[0].input else {
+        panic!("a chat request")
+    };
+    assert!(
+        m[1].content
+            .starts_with("Machine machine-1, last 288 readings in C: first 23.3"),
+        "{}",
+        m[1].content
+    );
+    assert!(matches!(
+        requests[0].params.constraint,
+        Constraint::JsonSchema(_)
+    ));
+    let alerts: Vec<Json> = out
+        .iter()
+        .filter(|o| o.topic == "ganglion/alert/machine-diagnosis/machine-1")
+        .map(|o| serde_json::from_slice(&o.payload).unwrap())
+        .collect();
+    assert!(
+        !alerts.is_empty() && alerts.len() < requests.len(),
+        "{} alerts",
+        alerts.len()
+    );
+    assert!(alerts.iter().all(|a| a["level"] == "critical"));
+    assert_eq!(out.len(), alerts.len(), "nothing but alerts: {out:?}");
 }

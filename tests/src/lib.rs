@@ -598,6 +598,27 @@ pub mod packs {
         llm: Arc<dyn LlmEngine>,
         messages: &[(String, String)],
     ) -> Vec<Outgoing> {
+        let (rt, mut out) = start(rules, llm).await;
+        for (topic, payload) in messages {
+            rt.push(topic.clone(), payload.clone().into_bytes())
+                .await
+                .unwrap();
+        }
+        rt.shutdown().await;
+        drop(rt);
+        let mut all = Vec::new();
+        while let Some(o) = out.recv().await {
+            all.push(o);
+        }
+        all
+    }
+
+    /// A runtime serving the rules in `rules` with the built example
+    /// plugins (no reload, no audit), outputs on the channel (4096 deep).
+    pub async fn start(
+        rules: &Path,
+        llm: Arc<dyn LlmEngine>,
+    ) -> (Runtime, tokio::sync::mpsc::Receiver<Outgoing>) {
         let mut config = GanglionConfig::default();
         config.plugins.dir = plugins_folder();
         config.plugins.cache_dir = None;
@@ -612,19 +633,50 @@ pub mod packs {
             .await
             .unwrap();
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-        let (rt, mut out) = loaded.serve_channel(4096);
-        for (topic, payload) in messages {
-            rt.push(topic.clone(), payload.clone().into_bytes())
-                .await
-                .unwrap();
-        }
-        rt.shutdown().await;
-        drop(rt);
-        let mut all = Vec::new();
-        while let Some(o) = out.recv().await {
-            all.push(o);
-        }
-        all
+        loaded.serve_channel(4096)
+    }
+
+    /// The industrial pack's replay: NAB machine temperature, one message
+    /// per row on `factory/machine-1/telemetry`, with each row's timestamp.
+    pub fn machine_rows() -> Vec<(String, (String, String))> {
+        let path = xtask::root().join("examples/data/nab/machine_temperature_system_failure.csv");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let stamps: Vec<String> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap_or_default().trim().to_owned())
+            .collect();
+        let source = ganglion::simulate::Source::Csv {
+            path,
+            topic: "factory/machine-1/telemetry".into(),
+            device: "machine-1".into(),
+            metric: "temperature".into(),
+            unit: "F".into(),
+        };
+        let messages = ganglion::simulate::messages(&source).unwrap();
+        stamps
+            .into_iter()
+            .zip(messages.map(|(t, p)| (t, String::from_utf8(p).unwrap())))
+            .collect()
+    }
+
+    /// The labelled failure windows of the industrial pack's data, as
+    /// (start, end) timestamps in the CSV's format.
+    pub fn failure_windows() -> Vec<(String, String)> {
+        let text =
+            std::fs::read_to_string(pack("industrial").join("data/failure-windows.json")).unwrap();
+        let v: Json = serde_json::from_str(&text).unwrap();
+        v["failure_windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w[0].as_str().unwrap().to_owned(),
+                    w[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
     }
 
     /// A speech reading said in `room`.
