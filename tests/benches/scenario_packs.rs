@@ -7,7 +7,8 @@
 
 use ganglion::llm::LlmEngine;
 use ganglion_tests::packs::{
-    failure_windows, machine_rows, pack, run_rules, say, start, utterances,
+    failure_windows, labelled_windows, machine_rows, occupancy_rows, pack, run_rules, say, start,
+    utterances,
 };
 use std::sync::Arc;
 
@@ -22,8 +23,81 @@ async fn main() {
             .expect("the default model (cargo run -p xtask -- model)")
             .0,
     );
-    industrial(engine.clone()).await;
-    smart_home(engine).await;
+    let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if run("industrial") {
+        industrial(engine.clone()).await;
+    }
+    if run("traffic") {
+        traffic(engine.clone()).await;
+    }
+    if run("smart-home") {
+        smart_home(engine).await;
+    }
+}
+
+/// The occupancy replay, an hour (12 readings) per classification: which
+/// hours got an advisory, by state, against the labelled anomaly window.
+async fn traffic(engine: Arc<dyn LlmEngine>) {
+    let (rt, mut out) = start(&pack("traffic").join("rules"), engine).await;
+    let labels = labelled_windows("traffic", "anomaly-windows.json", "anomaly_windows");
+    let rows = occupancy_rows();
+    let mut table: std::collections::BTreeMap<(String, &str), (u32, u32)> = Default::default();
+    let (mut hours, mut anomalous_hours) = (0, 0);
+    for hour in rows.chunks(12) {
+        for (_, (topic, payload)) in hour {
+            rt.push(topic.clone(), payload.clone().into_bytes())
+                .await
+                .unwrap();
+        }
+        if hour.len() < 12 {
+            break;
+        }
+        hours += 1;
+        let (first, last) = (&hour[0].0, &hour[hour.len() - 1].0);
+        let anomalous = labels
+            .iter()
+            .any(|(s, e)| first.as_str() <= e.as_str() && last.as_str() >= s.as_str());
+        anomalous_hours += u32::from(anomalous);
+        let mean: f64 = hour
+            .iter()
+            .filter_map(|(_, (_, p))| serde_json::from_str::<serde_json::Value>(p).ok())
+            .filter_map(|v| v["value"].as_f64())
+            .sum::<f64>()
+            / hour.len() as f64;
+        let band = if mean < 6.0 {
+            "under 6%"
+        } else if mean < 10.0 {
+            "6-10%"
+        } else {
+            "10% and over"
+        };
+        let mut state = "free flowing traffic (no advisory)".to_owned();
+        while let Ok(o) = out.try_recv() {
+            if o.topic.starts_with("signage/") {
+                let v: serde_json::Value = serde_json::from_slice(&o.payload).unwrap_or_default();
+                state = v["state"].as_str().unwrap_or("?").to_owned();
+            } else {
+                state = format!("dead letter on {}", o.topic);
+            }
+        }
+        let e = table.entry((state, band)).or_default();
+        e.0 += 1;
+        e.1 += u32::from(anomalous);
+    }
+    rt.shutdown().await;
+    println!("## traffic\n");
+    println!(
+        "{hours} hours classified, {anomalous_hours} of them overlapping the labelled anomaly window.\n"
+    );
+    println!(
+        "| the model's state | hour's mean occupancy | hours | of which in the anomaly window |"
+    );
+    println!("|---|---|---:|---:|");
+    for ((state, band), (n, a)) in &table {
+        println!("| {state} | {band} | {n} | {a} |");
+    }
+    println!();
 }
 
 /// The machine temperature replay, a day (288 readings) per decision: which

@@ -6,7 +6,9 @@
 use ganglion::llm::{FakeLlm, LlmEngine, LlmInput};
 use ganglion::rules::Outgoing;
 use ganglion::types::Constraint;
-use ganglion_tests::packs::{machine_rows, pack, run_rules as run, say, utterances};
+use ganglion_tests::packs::{
+    machine_rows, occupancy_rows, pack, run_rules as run, say, utterances,
+};
 use ganglion_tests::*;
 use serde_json::Value as Json;
 use std::sync::Arc;
@@ -217,4 +219,112 @@ async fn industrial_replay_diagnoses_each_day_and_alerts_maintenance() {
     );
     assert!(alerts.iter().all(|a| a["level"] == "critical"));
     assert_eq!(out.len(), alerts.len(), "nothing but alerts: {out:?}");
+}
+
+/// Classifies the advisory plugin's sentence by its mean occupancy: under
+/// 6% free flow, under 10% heavy, else a jam (this detector peaks near 14%). Generation is not used.
+struct OccupancyJudge {
+    texts: std::sync::Mutex<Vec<String>>,
+}
+
+impl LlmEngine for OccupancyJudge {
+    fn model_id(&self) -> String {
+        "occupancy-judge".into()
+    }
+    fn generate(
+        &self,
+        _: ganglion::llm::GenerateRequest,
+    ) -> ganglion::llm::LlmFuture<'_, ganglion::types::Completion> {
+        Box::pin(async { Err(ganglion::types::LlmError::InvalidInput("not used".into())) })
+    }
+    fn classify(
+        &self,
+        text: String,
+        labels: Vec<String>,
+    ) -> ganglion::llm::LlmFuture<'_, Vec<f32>> {
+        let occupancy: f64 = text
+            .split("occupancy ")
+            .nth(1)
+            .and_then(|r| r.split('%').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0);
+        self.texts.lock().unwrap().push(text);
+        let best = if occupancy < 6.0 {
+            0
+        } else if occupancy < 10.0 {
+            1
+        } else {
+            2
+        };
+        let scores = (0..labels.len())
+            .map(|i| if i == best { 0.8 } else { 0.1 })
+            .collect();
+        Box::pin(async move { Ok(scores) })
+    }
+    fn embed(&self, _: Vec<String>) -> ganglion::llm::LlmFuture<'_, Vec<Vec<f32>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn count_tokens(&self, text: String) -> ganglion::llm::LlmFuture<'_, u32> {
+        let n = text.split_whitespace().count() as u32;
+        Box::pin(async move { Ok(n) })
+    }
+}
+
+#[tokio::test]
+async fn traffic_replay_classifies_each_hour_and_advises_signage() {
+    let rows = occupancy_rows();
+    assert_eq!(rows.len(), 2_380);
+    let judge = Arc::new(OccupancyJudge {
+        texts: Default::default(),
+    });
+    let messages: Vec<(String, String)> = rows.iter().map(|(_, m)| m.clone()).collect();
+    let out = run(&pack("traffic").join("rules"), judge.clone(), &messages).await;
+    // One classification per hour (12 readings), the partial last hour at shutdown.
+    let texts = judge.texts.lock().unwrap().clone();
+    assert_eq!(texts.len(), 2_380 / 12 + 1);
+    assert!(
+        texts[0].starts_with("Road sensor 6005: lane occupancy ")
+            && texts[0].contains("over the last 12 readings"),
+        "{}",
+        texts[0]
+    );
+    let advisories: Vec<Json> = out
+        .iter()
+        .filter(|o| o.topic == "signage/6005")
+        .map(|o| serde_json::from_slice(&o.payload).unwrap())
+        .collect();
+    assert_eq!(
+        out.len(),
+        advisories.len(),
+        "nothing but advisories: {out:?}"
+    );
+    assert!(out.iter().all(|o| o.retain));
+    // The advisories are exactly the hours the judge called heavy or jammed.
+    let busy = texts
+        .iter()
+        .filter(|t| {
+            let occ: f64 = t
+                .split("occupancy ")
+                .nth(1)
+                .unwrap()
+                .split('%')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            occ >= 6.0
+        })
+        .count();
+    assert!(busy > 0 && busy < texts.len(), "{busy} of {}", texts.len());
+    assert_eq!(advisories.len(), busy);
+    for a in &advisories {
+        let occupancy = a["occupancy"].as_f64().unwrap();
+        let expected = if occupancy < 10.0 {
+            "heavy traffic"
+        } else {
+            "a traffic jam"
+        };
+        assert_eq!(a["state"], expected, "{a}");
+        assert!(!a["advice"].as_str().unwrap().is_empty());
+    }
 }

@@ -639,7 +639,35 @@ pub mod packs {
     /// The industrial pack's replay: NAB machine temperature, one message
     /// per row on `factory/machine-1/telemetry`, with each row's timestamp.
     pub fn machine_rows() -> Vec<(String, (String, String))> {
-        let path = xtask::root().join("examples/data/nab/machine_temperature_system_failure.csv");
+        nab_rows(
+            "machine_temperature_system_failure.csv",
+            "factory/machine-1/telemetry",
+            "machine-1",
+            "temperature",
+            "F",
+        )
+    }
+
+    /// The traffic pack's replay: NAB occupancy_6005, one message per row on
+    /// `traffic/6005/occupancy`, with each row's timestamp.
+    pub fn occupancy_rows() -> Vec<(String, (String, String))> {
+        nab_rows(
+            "occupancy_6005.csv",
+            "traffic/6005/occupancy",
+            "6005",
+            "occupancy",
+            "%",
+        )
+    }
+
+    fn nab_rows(
+        file: &str,
+        topic: &str,
+        device: &str,
+        metric: &str,
+        unit: &str,
+    ) -> Vec<(String, (String, String))> {
+        let path = xtask::root().join("examples/data/nab").join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         let stamps: Vec<String> = text
             .lines()
@@ -648,10 +676,10 @@ pub mod packs {
             .collect();
         let source = ganglion::simulate::Source::Csv {
             path,
-            topic: "factory/machine-1/telemetry".into(),
-            device: "machine-1".into(),
-            metric: "temperature".into(),
-            unit: "F".into(),
+            topic: topic.into(),
+            device: device.into(),
+            metric: metric.into(),
+            unit: unit.into(),
         };
         let messages = ganglion::simulate::messages(&source).unwrap();
         stamps
@@ -660,13 +688,12 @@ pub mod packs {
             .collect()
     }
 
-    /// The labelled failure windows of the industrial pack's data, as
-    /// (start, end) timestamps in the CSV's format.
-    pub fn failure_windows() -> Vec<(String, String)> {
-        let text =
-            std::fs::read_to_string(pack("industrial").join("data/failure-windows.json")).unwrap();
+    /// Labelled windows of a pack's data file (`data/<file>`, key `key`),
+    /// as (start, end) timestamps in the CSV's format.
+    pub fn labelled_windows(pack_name: &str, file: &str, key: &str) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(pack(pack_name).join("data").join(file)).unwrap();
         let v: Json = serde_json::from_str(&text).unwrap();
-        v["failure_windows"]
+        v[key]
             .as_array()
             .unwrap()
             .iter()
@@ -677,6 +704,11 @@ pub mod packs {
                 )
             })
             .collect()
+    }
+
+    /// The labelled failure windows of the industrial pack's data.
+    pub fn failure_windows() -> Vec<(String, String)> {
+        labelled_windows("industrial", "failure-windows.json", "failure_windows")
     }
 
     /// A speech reading said in `room`.

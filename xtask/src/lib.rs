@@ -24,8 +24,9 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 /// Example plugins, by crate directory under `plugins/`.
-pub const EXAMPLES: [&str; 5] = [
+pub const EXAMPLES: [&str; 6] = [
     "clean-readings",
+    "congestion-advisory",
     "prompt-template",
     "json-actions",
     "threshold-alert",
