@@ -158,6 +158,28 @@ impl Harness {
         e
     }
 
+    /// Writes `content` to `path` and checks that it is refused with an
+    /// error naming the file and `cause`.
+    async fn refused(
+        &mut self,
+        case: &str,
+        path: &Path,
+        content: &[u8],
+        kind: FileKind,
+        cause: &str,
+    ) {
+        std::fs::write(path, content).unwrap();
+        let e = self.next().await;
+        assert!(is(&e, kind, ReloadAction::Refused), "{case}: {e:?}");
+        let error = e.error.unwrap();
+        let file = path.file_name().unwrap().to_string_lossy();
+        assert!(
+            error.contains(file.as_ref()),
+            "{case}: names the file: {error}"
+        );
+        assert!(error.contains(cause), "{case}: names the cause: {error}");
+    }
+
     /// Waits for the next reload event, `secs` at most.
     async fn next_within(&mut self, secs: u64) -> ReloadEvent {
         tokio::time::timeout(Duration::from_secs(secs), self.events.recv())
@@ -409,18 +431,9 @@ async fn broken_plugins_leave_the_old_version_serving() {
         ),
     ];
     for (case, content, cause) in cases {
-        std::fs::write(h.plugin(), &content).unwrap();
-        let e = h.next().await;
-        assert!(
-            is(&e, FileKind::Plugin, ReloadAction::Refused),
-            "{case}: {e:?}"
-        );
-        let error = e.error.unwrap();
-        assert!(
-            error.contains("tagger.wasm"),
-            "{case}: names the file: {error}"
-        );
-        assert!(error.contains(cause), "{case}: names the cause: {error}");
+        let path = h.plugin();
+        h.refused(case, &path, &content, FileKind::Plugin, cause)
+            .await;
         assert_eq!(h.serving().await.0, "a", "{case}: the old version serves");
     }
     std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
@@ -454,18 +467,9 @@ async fn broken_rules_leave_the_old_version_serving() {
         ),
     ];
     for (case, text, cause) in cases {
-        std::fs::write(h.rule(), text).unwrap();
-        let e = h.next().await;
-        assert!(
-            is(&e, FileKind::Rule, ReloadAction::Refused),
-            "{case}: {e:?}"
-        );
-        let error = e.error.unwrap();
-        assert!(
-            error.contains("tagged.toml"),
-            "{case}: names the file: {error}"
-        );
-        assert!(error.contains(cause), "{case}: names the cause: {error}");
+        let path = h.rule();
+        h.refused(case, &path, text.as_bytes(), FileKind::Rule, cause)
+            .await;
         assert_eq!(h.serving().await, ("a".into(), "v0".into()), "{case}");
     }
     std::fs::write(h.rule(), tag_rule("v1")).unwrap();
