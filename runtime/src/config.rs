@@ -191,6 +191,7 @@ impl StateConfig {
 /// ```toml
 /// [rules]
 /// dir = "examples/rules"
+/// extra_dirs = ["examples/packs/traffic/rules"]
 /// lanes = 4            # concurrent messages per rule (ordered per topic)
 /// lane_capacity = 64   # queued messages per lane before intake waits
 /// ```
@@ -199,6 +200,9 @@ impl StateConfig {
 pub struct RulesConfig {
     /// Folder of rule files. Default `rules`.
     pub dir: PathBuf,
+    /// More folders of rule files (scenario packs, say), loaded and watched
+    /// like `dir`; rule names must be unique across all. Default none.
+    pub extra_dirs: Vec<PathBuf>,
     /// Messages a rule processes concurrently, ordered per topic; 0 counts as 1. Default 4.
     pub lanes: usize,
     /// Messages queued per lane before intake waits; 0 counts as 1. Default 64.
@@ -209,6 +213,7 @@ impl Default for RulesConfig {
     fn default() -> Self {
         RulesConfig {
             dir: PathBuf::from("rules"),
+            extra_dirs: Vec::new(),
             lanes: 4,
             lane_capacity: 64,
         }

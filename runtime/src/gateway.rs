@@ -41,6 +41,15 @@ pub struct RuleStats {
 /// What the gateway did, for a live view.
 #[derive(Debug, Clone)]
 pub enum GatewayEvent {
+    /// A message a rule took (sent only while someone listens).
+    Received {
+        /// The rule's name.
+        rule: String,
+        /// The message's topic.
+        topic: String,
+        /// The payload as text (lossy).
+        payload: String,
+    },
     /// A prompt a rule sent to the model.
     Prompt {
         /// The rule's name.
@@ -214,6 +223,13 @@ impl Gateway {
                 while let Some(job) = rx.recv().await {
                     stats.messages.fetch_add(1, Ordering::Relaxed);
                     let pipeline = current.load_full();
+                    if events.receiver_count() > 0 {
+                        let _ = events.send(GatewayEvent::Received {
+                            rule: pipeline.rule.name.clone(),
+                            topic: job.message.topic.clone(),
+                            payload: String::from_utf8_lossy(&job.message.payload).into_owned(),
+                        });
+                    }
                     let outcome = pipeline.process(&job.message).await;
                     let queued =
                         deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;

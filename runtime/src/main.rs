@@ -226,6 +226,59 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
     }
 }
 
+/// Replays of the scenario packs' sample data for `--simulate`, for the
+/// packs whose rules are loaded (paths relative to the repository root):
+/// the NAB machine temperature series as `machine-9` at half the synthetic
+/// rate, road occupancy for the traffic pack at a tenth of it, utterances
+/// for the smart-home pack every five seconds.
+fn pack_simulations(
+    rules: &[Arc<ganglion::rules::Rule>],
+    rate: f64,
+) -> Vec<(SimConfig, &'static str)> {
+    let takes = |topic: &str| rules.iter().any(|r| r.matches(topic));
+    let mut out = Vec::new();
+    let machine = PathBuf::from("examples/data/nab/machine_temperature_system_failure.csv");
+    if takes("factory/machine-9/telemetry") && machine.exists() {
+        let source = Source::Csv {
+            path: machine,
+            topic: "factory/machine-9/telemetry".into(),
+            device: "machine-9".into(),
+            metric: "temperature".into(),
+            unit: "F".into(),
+        };
+        out.push((sim_config(source, rate / 2.0), "ganglion-simulator-machine"));
+    }
+    let occupancy = PathBuf::from("examples/data/nab/occupancy_6005.csv");
+    if takes("traffic/6005/occupancy") && occupancy.exists() {
+        let source = Source::Csv {
+            path: occupancy,
+            topic: "traffic/6005/occupancy".into(),
+            device: "6005".into(),
+            metric: "occupancy".into(),
+            unit: "%".into(),
+        };
+        out.push((
+            sim_config(source, (rate / 10.0).max(0.5)),
+            "ganglion-simulator-traffic",
+        ));
+    }
+    let speech = PathBuf::from("examples/packs/smart-home/data/utterances.jsonl");
+    if takes("home/kitchen/say") && speech.exists() {
+        let source = Source::Speech { path: speech };
+        out.push((sim_config(source, 0.2), "ganglion-simulator-home"));
+    }
+    out
+}
+
+fn sim_config(source: Source, rate: f64) -> SimConfig {
+    SimConfig {
+        source,
+        rate,
+        count: None,
+        duration: None,
+    }
+}
+
 async fn run(
     config: GanglionConfig,
     sim: Option<SimConfig>,
@@ -280,13 +333,24 @@ async fn run(
         runtime.gateway().clone(),
         quiet,
     ));
-    let simulator = match (sim, simulate::host_port(&broker)) {
-        (Some(sim), Some((h, p))) => Some(tokio::spawn(async move {
-            if let Err(e) = simulate::run(&sim, &h, p, "ganglion-simulator").await {
-                tracing::error!(error = %e, "simulator stopped");
-            }
-        })),
-        _ => None,
+    let mut simulations: Vec<(SimConfig, &str)> = Vec::new();
+    if let Some(sim) = sim {
+        simulations.extend(pack_simulations(&rules, sim.rate));
+        simulations.push((sim, "ganglion-simulator"));
+    }
+    let simulator: Vec<_> = match simulate::host_port(&broker) {
+        Some((h, p)) => simulations
+            .into_iter()
+            .map(|(sim, client)| {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = simulate::run(&sim, &h, p, client).await {
+                        tracing::error!(error = %e, client, "simulator stopped");
+                    }
+                })
+            })
+            .collect(),
+        None => Vec::new(),
     };
     let stop = async {
         match duration {
@@ -296,7 +360,7 @@ async fn run(
             }
         }
         tracing::info!("stopping: draining in-flight messages");
-        if let Some(s) = &simulator {
+        for s in &simulator {
             s.abort();
         }
     };
@@ -329,6 +393,7 @@ async fn live_view(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut last: HashMap<String, u64> = HashMap::new();
+    let mut shown: HashMap<String, Instant> = HashMap::new();
     let started = Instant::now();
     loop {
         tokio::select! {
@@ -346,6 +411,13 @@ async fn live_view(
             },
             e = events.recv() => match e {
                 Ok(e) if !quiet => match e {
+                    // One reading per rule and second: enough to see what comes in.
+                    GatewayEvent::Received { rule, topic, payload } => {
+                        if shown.get(&rule).is_none_or(|t: &Instant| t.elapsed() >= Duration::from_secs(1)) {
+                            println!("[{rule}] reading     {topic}  {}", one_line(&payload));
+                            shown.insert(rule, Instant::now());
+                        }
+                    }
                     GatewayEvent::Prompt { rule, text } => println!("[{rule}] prompt      {}", one_line(&text)),
                     GatewayEvent::Completion { rule, text } => println!("[{rule}] completion  {}", one_line(&text)),
                     GatewayEvent::Published { rule, topic, payload } => println!("[{rule}] publish     {topic}  {}", one_line(&payload)),
@@ -411,6 +483,7 @@ async fn replay(config: GanglionConfig, log: PathBuf, export: Option<PathBuf>) -
     let host = PluginHost::new(config.plugins.clone(), StateStore::in_memory(), llm.clone())?;
     let (pipelines, problems) =
         ganglion::reload::Reloader::new(host, &config.plugins.dir, &config.rules.dir, llm)
+            .with_extra_rule_dirs(&config.rules.extra_dirs)
             .load_all()
             .await;
     for p in &problems {

@@ -141,7 +141,8 @@ pub struct Reloader {
     host: PluginHost,
     llm: Arc<dyn LlmEngine>,
     plugins_dir: PathBuf,
-    rules_dir: PathBuf,
+    /// The rules folder and any more (`[rules] extra_dirs`).
+    rules_dirs: Vec<PathBuf>,
     tracked: tokio::sync::Mutex<Tracked>,
     events: broadcast::Sender<ReloadEvent>,
     audit: Option<crate::audit::AuditLog>,
@@ -284,11 +285,18 @@ impl Reloader {
             host,
             llm,
             plugins_dir: plugins_dir.to_owned(),
-            rules_dir: rules_dir.to_owned(),
+            rules_dirs: vec![rules_dir.to_owned()],
             tracked: tokio::sync::Mutex::new(Tracked::default()),
             events,
             audit: None,
         }
+    }
+
+    /// Also loads and watches the rules in these folders (rule names must be
+    /// unique across all of them).
+    pub fn with_extra_rule_dirs(mut self, dirs: &[PathBuf]) -> Self {
+        self.rules_dirs.extend(dirs.iter().cloned());
+        self
     }
 
     /// Records the model decisions of every rule it binds in `audit`.
@@ -346,9 +354,11 @@ impl Reloader {
             }
         }
         let mut pipelines = Vec::new();
-        for (path, stat, bytes, hash) in
-            read_folder(&mut t, &self.rules_dir, "toml", "rules", &mut problems)
-        {
+        let mut files = Vec::new();
+        for dir in &self.rules_dirs {
+            files.extend(read_folder(&mut t, dir, "toml", "rules", &mut problems));
+        }
+        for (path, stat, bytes, hash) in files {
             match self.bind_rule(&t, &path, &bytes) {
                 Ok(p) => {
                     t.rules
@@ -452,17 +462,22 @@ impl Reloader {
         // A rule refused for want of a plugin is tried again once it loads.
         t.refused
             .retain(|_, r| !r.plugins.iter().any(|p| loaded.contains(p)));
-        let known: Vec<PathBuf> = t.rules.keys().cloned().collect();
-        let rules = t.settle(
-            &self.rules_dir,
-            scan(&self.rules_dir, "toml"),
-            &known,
-            &mut settled,
-        );
-        for (path, stat) in rules.present {
+        let (mut present, mut gone) = (Vec::new(), Vec::new());
+        for dir in &self.rules_dirs {
+            let known: Vec<PathBuf> = t
+                .rules
+                .keys()
+                .filter(|p| p.parent() == Some(dir.as_path()))
+                .cloned()
+                .collect();
+            let ready = t.settle(dir, scan(dir, "toml"), &known, &mut settled);
+            present.extend(ready.present);
+            gone.extend(ready.gone);
+        }
+        for (path, stat) in present {
             self.take_rule(t, gateway, &path, stat).await;
         }
-        for path in rules.gone {
+        for path in gone {
             if let Some((rule, _)) = t.rules.remove(&path) {
                 if let Err(e) = gateway.remove(&rule.name).await {
                     tracing::warn!(rule = %rule.name, error = %e, "rule not removed");
@@ -661,8 +676,8 @@ impl Reloader {
     pub fn watch(self: &Arc<Self>, gateway: Arc<Gateway>, config: &ReloadConfig) -> ReloadHandle {
         let (stop, mut stopped) = watch::channel(false);
         let (tx, rx) = mpsc::channel::<()>(1);
-        let dirs: Vec<PathBuf> = [&self.plugins_dir, &self.rules_dir]
-            .into_iter()
+        let dirs: Vec<PathBuf> = std::iter::once(&self.plugins_dir)
+            .chain(&self.rules_dirs)
             .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
             .collect();
         let mut watcher = FolderWatcher::new(dirs, tx);

@@ -120,6 +120,7 @@ impl RuntimeBuilder {
         let host = PluginHost::new(config.plugins.clone(), state.clone(), llm.clone())?;
         let reloader = Arc::new(
             Reloader::new(host, &config.plugins.dir, &config.rules.dir, llm.clone())
+                .with_extra_rule_dirs(&config.rules.extra_dirs)
                 .with_audit(audit),
         );
         let (pipelines, problems) = reloader.load_all().await;

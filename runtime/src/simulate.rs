@@ -8,6 +8,10 @@
 //! every `anomaly_every`-th reading of a device), and `room-<i>` publish
 //! `{"device","smoke":bool,"temperature"}` on `home/room-<i>/events` (smoke on
 //! the same schedule).
+//!
+//! Speech replays JSON lines `{"room":…,"text":…}` (the smart-home pack's
+//! `data/utterances.jsonl`) as `{"metric":"speech","value":text}` on
+//! `home/<room>/say`, over and over.
 
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use std::path::PathBuf;
@@ -37,6 +41,12 @@ pub enum Source {
         metric: String,
         /// Unit put in each payload.
         unit: String,
+    },
+    /// Free-text requests replayed in a loop: JSON lines with `room` and
+    /// `text`, each published as a speech reading on `home/<room>/say`.
+    Speech {
+        /// The JSON-lines file.
+        path: PathBuf,
     },
 }
 
@@ -135,6 +145,31 @@ pub fn messages(source: &Source) -> Result<Messages, SimError> {
                 out.push((topic.clone(), payload.to_string().into_bytes()));
             }
             Ok(Box::new(out.into_iter()))
+        }
+        Source::Speech { path } => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| SimError::Csv(path.clone(), e.to_string()))?;
+            let mut out = Vec::new();
+            for (n, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| SimError::Csv(path.clone(), format!("line {}: {e}", n + 1)))?;
+                let (Some(room), Some(said)) = (v["room"].as_str(), v["text"].as_str()) else {
+                    return Err(SimError::Csv(
+                        path.clone(),
+                        format!("line {}: expected {{\"room\":…,\"text\":…}}", n + 1),
+                    ));
+                };
+                let payload = serde_json::json!({"metric": "speech", "value": said});
+                out.push((format!("home/{room}/say"), payload.to_string().into_bytes()));
+            }
+            if out.is_empty() {
+                return Err(SimError::Csv(path, "no utterances".into()));
+            }
+            Ok(Box::new(out.into_iter().cycle()))
         }
     }
 }

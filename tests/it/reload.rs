@@ -631,6 +631,59 @@ async fn readings_waiting_in_a_window_carry_over_to_the_new_rule_version() {
     assert_eq!(dead["stage"], "window");
 }
 
+#[tokio::test]
+async fn extra_rule_folders_are_loaded_and_watched_with_unique_names() {
+    let root = scratch("reload-extra");
+    let (plugins, rules, pack) = (root.join("plugins"), root.join("rules"), root.join("pack"));
+    for d in [&plugins, &rules, &pack] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy(fixture("tag-a"), plugins.join("tagger.wasm")).unwrap();
+    std::fs::write(rules.join("tagged.toml"), tag_rule("v0")).unwrap();
+    std::fs::write(
+        pack.join("packed.toml"),
+        tag_rule("p").replace("reload/in/+", "reload/pack/+"),
+    )
+    .unwrap();
+    let reloader = Arc::new(
+        Reloader::new(host(), &plugins, &rules, Arc::new(NoModel))
+            .with_extra_rule_dirs(std::slice::from_ref(&pack)),
+    );
+    let (pipelines, problems) = reloader.load_all().await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(pipelines.len(), 2);
+    let gateway = Arc::new(Gateway::start(
+        pipelines,
+        Arc::new(RecordingPublisher::default()),
+        GatewayConfig::default(),
+    ));
+    let mut events = reloader.subscribe();
+    let _watch = reloader.watch(gateway.clone(), &ReloadConfig::default());
+    let next = async |events: &mut broadcast::Receiver<ReloadEvent>| {
+        tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    // A rule added to the extra folder is taken.
+    std::fs::write(
+        pack.join("more.toml"),
+        tag_rule("m").replace("reload/in/+", "reload/more/+"),
+    )
+    .unwrap();
+    let e = next(&mut events).await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Loaded), "{e:?}");
+    assert_eq!(e.name, "more");
+    // A name another folder already uses is refused.
+    std::fs::write(pack.join("tagged.toml"), tag_rule("dup")).unwrap();
+    let e = next(&mut events).await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Refused), "{e:?}");
+    assert!(e.error.unwrap().contains("already defines rule `tagged`"));
+    let mut names: Vec<String> = gateway.stats().into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    assert_eq!(names, ["more", "packed", "tagged"]);
+}
+
 /// What the stream test does between messages.
 #[derive(Debug, Clone, Copy)]
 enum Step {

@@ -191,6 +191,8 @@ fn main() -> Result<()> {
             xtask::ensure_mosquitto()?;
             xtask::fetch_model()?;
             xtask::fetch_embedding_model()?;
+            // The demo test runs the binary.
+            cargo(&["build", "--quiet", "-p", "ganglion"], &[] as &[&str])?;
             let none: &[String] = &[];
             let mut total = (0, 0);
             for (args, extra) in [
