@@ -54,7 +54,9 @@ fn default_advice() -> Vec<String> {
 impl Config {
     pub fn validate(self) -> Result<Self, PluginError> {
         if self.labels.len() < 2 {
-            return Err(PluginError::BadConfig("`labels` needs at least two states".into()));
+            return Err(PluginError::BadConfig(
+                "`labels` needs at least two states".into(),
+            ));
         }
         if self.advice.len() != self.labels.len() {
             return Err(PluginError::BadConfig(format!(
