@@ -585,14 +585,13 @@ impl RulePipeline {
                 let t = Instant::now();
                 let rendered = p.pool.render(context, window.clone()).await;
                 d.timings.prompt_ms = ms(t);
-                let rendered = match rendered {
+                let mut rendered = match rendered {
                     Ok(r) => r,
                     Err(e) => {
                         d.failure = Some(("prompt", e));
                         return d;
                     }
                 };
-                let mut rendered = rendered;
                 if self.rule.allow.constrain_model {
                     let schema = self.rule.allow.action_schema(
                         &self.rule.name,

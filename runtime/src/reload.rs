@@ -341,7 +341,11 @@ impl Reloader {
         for (path, stat, bytes, hash) in
             read_folder(&mut t, &self.plugins_dir, "wasm", "plugins", &mut problems)
         {
-            match self.host.load_bytes(&stem(&path), bytes, &path).await {
+            match self
+                .host
+                .load_hashed(&stem(&path), bytes, hash, &path)
+                .await
+            {
                 Ok(plugin) => {
                     t.plugins.insert(plugin.name.clone(), plugin);
                     t.plugin_files.insert(path, Applied { stat, hash });
@@ -542,7 +546,7 @@ impl Reloader {
             self.emit(event);
             None
         };
-        let plugin = match self.host.load_bytes(&name, bytes, path).await {
+        let plugin = match self.host.load_hashed(&name, bytes, hash, path).await {
             Ok(p) => p,
             Err(e) => return refuse(t, event, e.to_string()),
         };

@@ -5,8 +5,6 @@ use ganglion::audit::{self, AuditConfig, AuditLog, DecisionRecord};
 use ganglion::config::GanglionConfig;
 use ganglion::llm::{FakeLlm, LlmEngine};
 use ganglion::reload::Reloader;
-use ganglion::runtime::Runtime;
-use ganglion::state::StateStore;
 use ganglion_tests::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,19 +46,8 @@ async fn record_with(
     mut config: GanglionConfig,
     messages: &[(&str, &str)],
 ) -> Vec<DecisionRecord> {
-    config.plugins.dir = s.plugins.clone();
-    config.plugins.cache_dir = None;
-    config.rules.dir = s.rules.clone();
-    config.reload.enabled = false;
     config.audit.path = s.log.clone();
-    let loaded = Runtime::builder(config)
-        .llm(llm)
-        .state(StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-    let (rt, _outputs) = loaded.serve_channel(1024);
+    let (rt, _outputs) = ganglion_tests::packs::start_with(config, &s.plugins, &s.rules, llm).await;
     for (topic, payload) in messages {
         // Plain text is what someone said: a speech reading.
         let payload = if payload.starts_with('{') {

@@ -148,6 +148,14 @@ impl Harness {
             .expect("event channel open")
     }
 
+    /// Copies version `tag` of the tagger in and checks that it replaced
+    /// the old one and serves.
+    async fn swap_in(&mut self, tag: &str) {
+        std::fs::copy(fixture(&format!("tag-{tag}")), self.plugin()).unwrap();
+        self.expect(FileKind::Plugin, ReloadAction::Replaced).await;
+        assert_eq!(self.serving().await.0, tag);
+    }
+
     /// The next reload event, which must be `kind` / `action`.
     async fn expect(&mut self, kind: FileKind, action: ReloadAction) -> ReloadEvent {
         let e = self.next().await;
@@ -263,9 +271,7 @@ async fn a_slow_writer_never_gets_a_half_written_plugin_served() {
 #[tokio::test]
 async fn a_plugin_copied_in_replaces_the_old_one() {
     let mut h = Harness::start().await;
-    std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
-    h.expect(FileKind::Plugin, ReloadAction::Replaced).await;
-    assert_eq!(h.serving().await.0, "b");
+    h.swap_in("b").await;
     // The same content again is no change.
     std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
     h.quiet(300).await;
@@ -371,9 +377,7 @@ async fn a_whole_folder_replaced_is_loaded_and_watched_again() {
     std::fs::rename(&staged, &h.plugins).unwrap();
     h.expect(FileKind::Plugin, ReloadAction::Replaced).await;
     assert_eq!(h.serving().await.0, "b");
-    std::fs::copy(fixture("tag-a"), h.plugin()).unwrap();
-    h.expect(FileKind::Plugin, ReloadAction::Replaced).await;
-    assert_eq!(h.serving().await.0, "a");
+    h.swap_in("a").await;
 }
 
 #[tokio::test]
@@ -436,9 +440,7 @@ async fn broken_plugins_leave_the_old_version_serving() {
             .await;
         assert_eq!(h.serving().await.0, "a", "{case}: the old version serves");
     }
-    std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
-    h.expect(FileKind::Plugin, ReloadAction::Replaced).await;
-    assert_eq!(h.serving().await.0, "b");
+    h.swap_in("b").await;
 }
 
 #[tokio::test]

@@ -620,12 +620,24 @@ pub mod packs {
         llm: Arc<dyn LlmEngine>,
     ) -> (Runtime, tokio::sync::mpsc::Receiver<Outgoing>) {
         let mut config = GanglionConfig::default();
-        config.plugins.dir = plugins_folder();
+        config.audit.enabled = false;
+        start_with(config, &plugins_folder(), rules, llm).await
+    }
+
+    /// A runtime serving `plugins` and `rules` from `config` (compile cache
+    /// and watching off, generous model timeout), in-memory state, outputs
+    /// on the channel (4096 deep).
+    pub async fn start_with(
+        mut config: GanglionConfig,
+        plugins: &Path,
+        rules: &Path,
+        llm: Arc<dyn LlmEngine>,
+    ) -> (Runtime, tokio::sync::mpsc::Receiver<Outgoing>) {
+        config.plugins.dir = plugins.to_owned();
         config.plugins.cache_dir = None;
         config.plugins.limits.llm_timeout_ms = 120_000;
         config.rules.dir = rules.to_owned();
         config.reload.enabled = false;
-        config.audit.enabled = false;
         let loaded = Runtime::builder(config)
             .llm(llm)
             .state(StateStore::in_memory())

@@ -410,6 +410,19 @@ impl PluginHost {
         bytes: Vec<u8>,
         path: &Path,
     ) -> Result<Arc<Plugin>, LoadError> {
+        let hash = blake3::hash(&bytes);
+        self.load_hashed(name, bytes, hash, path).await
+    }
+
+    /// Like [`PluginHost::load_bytes`], for a caller that already hashed the
+    /// bytes (blake3), so a large component is not hashed twice.
+    pub async fn load_hashed(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        hash: blake3::Hash,
+        path: &Path,
+    ) -> Result<Arc<Plugin>, LoadError> {
         let path = path.to_owned();
         if name.is_empty()
             || !name
@@ -421,7 +434,7 @@ impl PluginHost {
                 name: name.to_owned(),
             });
         }
-        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let hash = hash.to_hex().to_string();
         let size = bytes.len();
         let inner = self.inner.clone();
         let hash2 = hash.clone();
