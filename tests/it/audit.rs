@@ -66,7 +66,16 @@ async fn replay(
     llm: Arc<dyn LlmEngine>,
     records: &[DecisionRecord],
 ) -> Vec<audit::Comparison> {
-    let host = host_with(Default::default(), llm.clone());
+    replay_with(s, Default::default(), llm, records).await
+}
+
+async fn replay_with(
+    s: &Setup,
+    limits: ganglion::config::Limits,
+    llm: Arc<dyn LlmEngine>,
+    records: &[DecisionRecord],
+) -> Vec<audit::Comparison> {
+    let host = host_with(limits, llm.clone());
     let (pipelines, problems) = Reloader::new(host, &s.plugins, &s.rules, llm)
         .load_all()
         .await;
@@ -263,8 +272,13 @@ async fn replay_with_the_default_model_and_greedy_decoding_changes_nothing() {
     );
     assert_ne!(rule, VOICE_RULE);
     let s = setup(&[("voice", &rule)]);
+    // The test binary runs other model tests beside this one on two cores:
+    // a generous deadline keeps a slow machine from turning into a diff.
     let mut runtime_config = GanglionConfig::default();
     runtime_config.model.path = Some(model.clone());
+    runtime_config.plugins.limits.llm_timeout_ms = 600_000;
+    runtime_config.plugins.limits.call_timeout_ms = 10_000;
+    let limits = runtime_config.plugins.limits.clone();
     let records = record_with(
         &s,
         engine.clone(),
@@ -283,7 +297,11 @@ async fn replay_with_the_default_model_and_greedy_decoding_changes_nothing() {
         assert_eq!(r.model.hash.as_deref(), Some(hash.as_str()));
         assert_eq!(r.model.id, "SmolLM2-135M-Instruct.Q4_1");
         assert!(r.completion.completion_tokens > 0, "{r:?}");
+        assert_eq!(r.completion.error, None, "{r:?}");
     }
-    let again = replay(&s, engine, &records).await;
-    assert!(again.iter().all(|c| c.changed.is_empty()), "{again:?}");
+    let again = replay_with(&s, limits, engine, &records).await;
+    assert!(
+        again.iter().all(|c| c.changed.is_empty()),
+        "{again:?}\nrecorded: {records:?}"
+    );
 }
