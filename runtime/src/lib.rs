@@ -25,6 +25,8 @@
 //! - [`runtime`]: the embedding API ([`runtime::Runtime`]): build from
 //!   config, push messages from any transport, take outputs on a channel,
 //!   install and remove rules.
+//! - [`harness`]: calling one stage of a plugin on JSON cases (`ganglion
+//!   call`), for testing plugins alone and comparing them across languages.
 //! - [`simulate`]: simulated sensors (synthetic or CSV replay) over MQTT.
 
 #![warn(missing_docs)]
@@ -34,6 +36,7 @@ pub mod bindings;
 pub mod broker;
 pub mod config;
 pub mod gateway;
+pub mod harness;
 pub mod host;
 pub mod llm;
 pub mod mqtt;

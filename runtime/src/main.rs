@@ -102,6 +102,52 @@ enum Command {
         #[arg(long)]
         export_finetune: Option<PathBuf>,
     },
+    /// Start a plugin project: sources for the stage in the language, the
+    /// WIT, a manifest and test input; `ganglion build` builds it.
+    New {
+        /// Plugin name (lowercase, digits, dashes): the component's file
+        /// stem, which rules refer to.
+        name: String,
+        /// rust, python, js or c.
+        #[arg(long, default_value = "rust")]
+        lang: String,
+        /// preprocessor, prompt-template, postprocessor or rule.
+        #[arg(long, default_value = "preprocessor")]
+        stage: String,
+        /// Folder to create (default: ./<name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The Ganglion SDK folder, for Rust (default: the one this binary
+        /// was built beside).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin project (made by `ganglion new`) into <name>.wasm.
+    Build {
+        /// The project folder.
+        #[arg(default_value = ".")]
+        project: PathBuf,
+    },
+    /// Call one stage of a plugin on JSON cases (one per line) and print one
+    /// outcome per line: how to test a plugin without a broker or rule.
+    Call {
+        /// The component.
+        file: PathBuf,
+        /// JSON lines, one case each (see docs/plugins.md); `-` reads stdin.
+        #[arg(long)]
+        cases: PathBuf,
+        /// The plugin's settings, as the rule's `config` table would give
+        /// them, as a JSON object.
+        #[arg(long, default_value = "{}")]
+        settings: String,
+        /// preprocess, template, postprocess or handler; needed only when the
+        /// plugin implements more than one.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Load the configured model, for plugins that call `llm`.
+        #[arg(long)]
+        model: bool,
+    },
     /// Report what components implement and whether they load under the configured limits.
     Check {
         /// Component files.
@@ -111,6 +157,11 @@ enum Command {
 }
 
 fn load_config(path: &Path) -> Result<GanglionConfig> {
+    if path.to_string_lossy().trim_start().starts_with('{') {
+        bail!(
+            "--config takes the path of ganglion.toml; give a plugin's settings as JSON with `call --settings`"
+        );
+    }
     if path.exists() {
         Ok(GanglionConfig::load(path)?)
     } else {
@@ -145,6 +196,57 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
         .init();
     match cli.command {
         Command::Check { files } => check(config, files).await,
+        Command::New {
+            name,
+            lang,
+            stage,
+            dir,
+            sdk,
+        } => {
+            let options = ganglion_tools::project::NewOptions {
+                dir: dir.unwrap_or_else(|| PathBuf::from(&name)),
+                name,
+                lang: lang.parse()?,
+                world: stage.parse()?,
+                sdk,
+            };
+            let files = ganglion_tools::project::new_project(&options)?;
+            println!(
+                "created {} ({} {}):",
+                options.dir.display(),
+                options.lang,
+                options.world
+            );
+            for f in files {
+                println!("  {}", f.display());
+            }
+            println!(
+                "next: cd {} && ganglion build && ganglion call {}.wasm --cases test-input.jsonl",
+                options.dir.display(),
+                options.name
+            );
+            Ok(())
+        }
+        Command::Build { project } => {
+            let built = tokio::task::spawn_blocking(move || ganglion_tools::build::build(&project))
+                .await??;
+            println!(
+                "built {} ({} {}, {} bytes) in {:.1?}",
+                built.component.display(),
+                built.manifest.lang,
+                built.manifest.world,
+                built.size,
+                built.time
+            );
+            Ok(())
+        }
+        Command::Call {
+            file,
+            cases,
+            settings,
+            stage,
+            model,
+        } => call(config, file, cases, settings, stage, model).await,
         Command::Replay {
             log,
             export_finetune,
@@ -505,6 +607,45 @@ async fn replay(config: GanglionConfig, log: PathBuf, export: Option<PathBuf>) -
         results.len(),
         changed.len()
     );
+    Ok(())
+}
+
+async fn call(
+    config: GanglionConfig,
+    file: PathBuf,
+    cases: PathBuf,
+    settings: String,
+    stage: Option<String>,
+    model: bool,
+) -> Result<()> {
+    use ganglion::harness;
+    let settings: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&settings).context("--settings must be a JSON object")?;
+    let text = if cases.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(&cases).with_context(|| format!("reading {}", cases.display()))?
+    };
+    let llm: Arc<dyn ganglion::llm::LlmEngine> = if model {
+        ganglion::llm::load_configured(&config.model).await
+    } else {
+        Arc::new(NoModel)
+    };
+    let host = PluginHost::new(config.plugins, StateStore::in_memory(), llm)?;
+    let plugin = host.load_file(&file).await?;
+    let stage = harness::stage_to_call(&plugin.stages, stage.as_deref())?;
+    let pool = host.pool(&plugin, "call", settings);
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let case: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", cases.display(), n + 1))?;
+        let outcome = harness::run_case(&pool, stage, &case)
+            .await
+            .with_context(|| format!("{} line {}", cases.display(), n + 1))?;
+        println!("{outcome}");
+    }
     Ok(())
 }
 

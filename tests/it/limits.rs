@@ -101,6 +101,31 @@ async fn memory_hog_is_stopped_by_its_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_memory_keeps_growing_is_retired_before_it_faults() {
+    let (bad, _healthy) = setup(Limits {
+        max_memory_mib: 16,
+        ..Limits::default()
+    })
+    .await;
+    // Each call keeps 1 MiB: one instance would hit the 16 MiB cap within
+    // 16 calls.
+    for i in 0..48 {
+        let r = bad
+            .preprocess(&msg("mode=leak"), ReadingBatch::default())
+            .await;
+        assert!(r.is_ok(), "call {i}: {r:?}");
+    }
+    let stats = bad.stats();
+    assert_eq!(stats.discarded, 0, "{stats:?}");
+    assert!(stats.retired >= 3, "{stats:?}");
+    assert_eq!(
+        stats.created,
+        stats.retired + stats.idle as u64,
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trapping_instance_is_replaced() {
     let (bad, healthy) = setup(Limits::default()).await;
     let r = beside_healthy(

@@ -12,4 +12,5 @@ mod loading;
 mod mqtt;
 mod packs;
 mod pipeline;
+mod polyglot;
 mod reload;

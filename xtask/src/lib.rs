@@ -172,6 +172,159 @@ pub fn build_python_fixture() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Where the Python, JavaScript and C examples are built.
+pub fn polyglot_dir() -> PathBuf {
+    root().join("target/polyglot")
+}
+
+/// Installed packages and build output, not sources.
+const SKIP: [&str; 3] = ["node_modules", "build", "__pycache__"];
+
+/// The newest modification time of the files under `dir`, leaving out
+/// installed packages and build output.
+fn newest_under(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if SKIP.iter().any(|skip| name == *skip) {
+            continue;
+        }
+        let time = if path.is_dir() {
+            newest_under(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(time);
+    }
+    newest
+}
+
+/// Whether `out` is missing or older than anything under `sources` or the WIT.
+fn stale(out: &Path, sources: &[PathBuf]) -> bool {
+    let built = std::fs::metadata(out).and_then(|m| m.modified()).ok();
+    let newest = sources
+        .iter()
+        .filter_map(|s| newest_under(s))
+        .chain(
+            std::fs::metadata(root().join("wit/ganglion.wit"))
+                .and_then(|m| m.modified())
+                .ok(),
+        )
+        .max();
+    match (built, newest) {
+        (Some(b), Some(n)) => b <= n,
+        _ => true,
+    }
+}
+
+/// The C toolchain for wasm32-wasip1 (clang, wasm-ld, the WASI libc and
+/// compiler-rt builtins): Debian's packages, installed when missing and this
+/// runs as root with apt-get; otherwise say what to install.
+pub fn ensure_c_toolchain() -> Result<()> {
+    let has = |p: &str| Path::new(p).exists();
+    if ganglion_tools::c::find_clang().is_ok()
+        && (has("/usr/lib/wasm32-wasi") || has("/usr/include/wasm32-wasi"))
+    {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    if !root || !has("/usr/bin/apt-get") {
+        bail!(
+            "the C plugins need clang for wasm32: install it (Debian: apt-get install -y {C_PACKAGES})"
+        );
+    }
+    for args in [vec!["update", "-qq"], {
+        let mut v = vec!["install", "-y", "-qq"];
+        v.extend(C_PACKAGES.split(' '));
+        v
+    }] {
+        let status = Command::new("apt-get")
+            .args(&args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed", args.join(" "));
+        }
+    }
+    Ok(())
+}
+
+/// Debian's packages for C plugins.
+pub const C_PACKAGES: &str = "clang lld wasi-libc libclang-rt-dev-wasm32";
+
+/// Builds the Python, JavaScript and C example plugins into
+/// [`polyglot_dir`] (`py-*.wasm`, `js-*.wasm`, `c-*.wasm`). Python and
+/// JavaScript builds are not reproducible, so a component newer than its
+/// sources is kept: every rebuild would be a new plugin version to compile.
+pub fn build_polyglot() -> Result<PathBuf> {
+    let root = root();
+    let out = polyglot_dir();
+    std::fs::create_dir_all(&out)?;
+    // The scaffolding test builds with these toolchains too, so their absence
+    // makes a build due even when the components are fresh.
+    for (lang, prefix, names, toolchain) in [
+        (
+            "python",
+            "py",
+            &["clean-readings", "json-actions"][..],
+            root.join("target/py-venv/bin/componentize-py"),
+        ),
+        (
+            "js",
+            "js",
+            &["clean-readings", "json-actions"][..],
+            root.join("plugins/js/node_modules/.bin/jco"),
+        ),
+    ] {
+        let dir = root.join("plugins").join(lang);
+        let shared: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| !SKIP.iter().any(|skip| p.ends_with(skip)))
+            .filter(|p| p.is_file() || !names.iter().any(|n| p.ends_with(n)))
+            .collect();
+        let stale_names: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| {
+                if !toolchain.exists() {
+                    return true;
+                }
+                let mut sources = shared.clone();
+                sources.push(dir.join(n));
+                stale(&out.join(format!("{prefix}-{n}.wasm")), &sources)
+            })
+            .collect();
+        if stale_names.is_empty() {
+            continue;
+        }
+        let status = Command::new("bash")
+            .arg(dir.join("build.sh"))
+            .args(&stale_names)
+            .status()
+            .with_context(|| format!("running plugins/{lang}/build.sh"))?;
+        if !status.success() {
+            bail!("building the {lang} examples failed (plugins/{lang}/build.sh)");
+        }
+    }
+    ensure_c_toolchain()?;
+    let c = root.join("plugins/c/clean-readings");
+    ganglion_tools::c::build(
+        &c,
+        &root.join("wit"),
+        "preprocessor",
+        &out.join("c-clean-readings.wasm"),
+    )
+    .context("building plugins/c/clean-readings")?;
+    Ok(out)
+}
+
 /// Copies only when the content differs, so watchers and caches see no
 /// change when nothing changed.
 fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {

@@ -188,6 +188,7 @@ fn main() -> Result<()> {
         "test" => {
             xtask::build_plugins()?;
             xtask::build_python_fixture()?;
+            xtask::build_polyglot()?;
             xtask::ensure_mosquitto()?;
             xtask::fetch_model()?;
             xtask::fetch_embedding_model()?;
@@ -300,6 +301,14 @@ fn main() -> Result<()> {
             )
         }
         "bench-llm" => bench_llm(rest),
+        "bench-polyglot" => {
+            xtask::build_plugins()?;
+            xtask::build_polyglot()?;
+            cargo(
+                &["bench", "-p", "ganglion-tests", "--bench", "polyglot"],
+                rest,
+            )
+        }
         "bench-reload" => {
             xtask::build_plugins()?;
             xtask::build_python_fixture()?;
@@ -327,7 +336,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt | bench-llm | bench-reload"
+                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt | bench-llm | bench-reload | bench-polyglot"
             );
             if task == "help" {
                 Ok(())

@@ -147,6 +147,15 @@ impl Instance {
         Ok(instance)
     }
 
+    /// True once a memory of the instance has grown past three quarters of
+    /// the cap. Garbage-collected guests (JavaScript, Python) never give
+    /// memory back, so such an instance would sooner or later fault on some
+    /// message; it is retired after its call instead.
+    pub fn is_worn(&self) -> bool {
+        let limiter = &self.store.data().limiter;
+        limiter.largest > limiter.max_bytes / 4 * 3
+    }
+
     /// True once the instance trapped or was stopped: it must not be reused.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned

@@ -68,6 +68,8 @@ pub(crate) struct CallClock {
 pub(crate) struct MemoryLimiter {
     pub max_bytes: usize,
     pub denied: Option<usize>,
+    /// The largest size any memory of the instance has grown to.
+    pub largest: usize,
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
@@ -81,6 +83,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             self.denied = Some(desired);
             return Ok(false);
         }
+        self.largest = self.largest.max(desired);
         Ok(true)
     }
 
@@ -134,6 +137,7 @@ impl HostState {
             limiter: MemoryLimiter {
                 max_bytes,
                 denied: None,
+                largest: 0,
             },
             clock: CallClock {
                 started: Instant::now(),

@@ -565,6 +565,7 @@ impl PluginHost {
             permits: Semaphore::new(max),
             created: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
+            retired: AtomicU64::new(0),
         }
     }
 }
@@ -592,6 +593,7 @@ pub struct InstancePool {
     permits: Semaphore,
     created: AtomicU64,
     discarded: AtomicU64,
+    retired: AtomicU64,
 }
 
 /// Counters of a pool, for tests and metrics.
@@ -601,6 +603,9 @@ pub struct PoolStats {
     pub created: u64,
     /// Instances dropped after a fault.
     pub discarded: u64,
+    /// Instances dropped after a successful call because their memory grew
+    /// past three quarters of `max_memory_mib`.
+    pub retired: u64,
     /// Instances waiting for a call now.
     pub idle: usize,
     /// Log lines dropped by the per-call cap.
@@ -618,6 +623,7 @@ impl InstancePool {
         PoolStats {
             created: self.created.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),
+            retired: self.retired.load(Ordering::Relaxed),
             idle: self.idle.lock().unwrap_or_else(|e| e.into_inner()).len(),
             suppressed_logs: self.binding.suppressed_logs(),
         }
@@ -650,6 +656,10 @@ impl InstancePool {
             self.discarded.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(plugin = %self.plugin.name, version = %self.plugin.version, rule = %self.binding.rule,
                 error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "instance discarded after a fault");
+        } else if instance.is_worn() {
+            self.retired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(plugin = %self.plugin.name, version = %self.plugin.version, rule = %self.binding.rule,
+                "instance retired: its memory grew past 3/4 of the cap");
         } else {
             self.idle
                 .lock()
