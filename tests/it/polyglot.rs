@@ -234,6 +234,33 @@ async fn postprocessors_in_three_languages_give_identical_actions() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn every_instance_slot_holds_a_python_component() {
+    // One slot: the Python component's 14 core instances must fit in it.
+    let config = ganglion::config::PluginConfig {
+        cache_dir: None,
+        limits: limits(),
+        total_instances: 1,
+        ..Default::default()
+    };
+    let host = ganglion::plugin::PluginHost::new(
+        config,
+        ganglion::state::StateStore::in_memory(),
+        Arc::new(NoModel),
+    )
+    .unwrap();
+    let plugin = host
+        .load_file(&polyglot("py-clean-readings"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pool = host.pool(&plugin, "polyglot", settings("clean-readings"));
+    let case = json!({ "topic": "f/m1/t", "payload": r#"{"metric":"temperature","value":1}"# });
+    let outcome = harness::run_case(&pool, Stage::Preprocessor, &case)
+        .await
+        .unwrap();
+    assert_eq!(outcome["ok"][0]["device"], "m1", "{outcome}");
+}
+
 fn ganglion(dir: &Path, args: &[&str]) -> String {
     let bin = xtask::root().join("target/debug/ganglion");
     assert!(

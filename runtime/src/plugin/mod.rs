@@ -282,11 +282,15 @@ fn engine_config(config: &PluginConfig) -> Config {
     let mut pool = PoolingAllocationConfig::default();
     let total = config.total_instances.max(1);
     pool.total_component_instances(total)
-        // Python and JavaScript components hold dozens of core instances.
+        // A componentize-py component instantiates 14 core modules (CPython,
+        // its libc, adapters), a jco one 4 to 8; every component slot gets
+        // room for 16, so the pool holds `total` Python instances as well as
+        // Rust ones. Slots are counted, not reserved, so this costs nothing
+        // until used.
         .max_core_instances_per_component(64)
         .max_memories_per_component(16)
         .max_tables_per_component(64)
-        .total_core_instances(total * 8)
+        .total_core_instances(total * 16)
         .total_memories(total * 2)
         .total_tables(total * 8)
         .total_stacks(total)
