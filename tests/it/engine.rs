@@ -237,3 +237,57 @@ async fn embed_puts_related_sentences_closer() {
         "related {related} vs unrelated {unrelated}"
     );
 }
+
+#[tokio::test]
+async fn the_default_model_gives_the_same_answer_on_a_prefix_cache_hit() {
+    let model = xtask::model_path();
+    assert!(
+        model.exists(),
+        "the default model is missing: `cargo run -p xtask -- model`"
+    );
+    let load = |mib: usize| {
+        let config = EngineConfig {
+            path: Some(model.clone()),
+            prefix_cache_mib: mib,
+            ..Default::default()
+        };
+        Engine::load_with_progress(&config, false).unwrap().0
+    };
+    let (cached, plain) = (load(64), load(0));
+    let system = "You are the controller of a smart home. Devices: living-room lamp, \
+                  kitchen fan, hall thermostat, garage door. Answer with one short \
+                  sentence naming the device to act on and the action.";
+    let request = |user: &str| GenerateRequest {
+        input: LlmInput::Chat(vec![
+            ChatMessage {
+                role: Role::System,
+                content: system.into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: user.into(),
+            },
+        ]),
+        params: GenerationParams {
+            max_tokens: 24,
+            ..Default::default()
+        },
+        rule: "prefix".into(),
+    };
+    let system_tokens = cached.count_tokens(system).unwrap();
+    let first = LlmEngine::generate(&cached, request("it is too dark in here"))
+        .await
+        .unwrap();
+    assert_eq!(first.usage.cached_tokens, 0);
+    for user in [
+        "the kitchen smells of smoke",
+        "open the garage please",
+        "it is too dark in here",
+    ] {
+        let hit = LlmEngine::generate(&cached, request(user)).await.unwrap();
+        let miss = LlmEngine::generate(&plain, request(user)).await.unwrap();
+        assert!(hit.usage.cached_tokens >= system_tokens, "{user}: {hit:?}");
+        assert_eq!(miss.usage.cached_tokens, 0);
+        assert_eq!(hit.text, miss.text, "{user}");
+    }
+}

@@ -6,6 +6,7 @@ use crate::constraint::Constraints;
 use crate::embed::Embedder;
 use crate::gguf::{GgufFile, LoadError};
 use crate::model::{KvCache, Model, Step, log_softmax};
+use crate::prefix::PrefixCache;
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 use crate::types::{
@@ -36,6 +37,7 @@ const PREFILL_CHUNK: usize = 256;
 /// threads = 2
 /// queue = 64
 /// context = 2048
+/// prefix_cache_mib = 64   # KV state of recent prompts, reused by prompts that share their start
 /// ```
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -53,6 +55,9 @@ pub struct EngineConfig {
     pub context: usize,
     /// Deadline for requests that set none, in milliseconds.
     pub default_deadline_ms: u64,
+    /// KV state of recent prompts kept for reuse by later prompts that
+    /// start the same way, in MiB; 0 turns prefix reuse off.
+    pub prefix_cache_mib: usize,
     /// `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
     pub device: String,
 }
@@ -66,6 +71,7 @@ impl Default for EngineConfig {
             queue: 64,
             context: 2048,
             default_deadline_ms: 60_000,
+            prefix_cache_mib: 64,
             device: "cpu".into(),
         }
     }
@@ -126,6 +132,7 @@ struct Worker {
     embedder: Option<Embedder>,
     model_id: String,
     context: usize,
+    prefixes: PrefixCache,
 }
 
 /// A handle to the engine; cheap to clone. The worker stops when the last
@@ -232,6 +239,7 @@ impl Engine {
             embedder,
             model_id,
             context,
+            prefixes: PrefixCache::new(config.prefix_cache_mib << 20),
         };
         std::thread::Builder::new()
             .name("ganglion-llm".into())
@@ -400,8 +408,9 @@ impl Worker {
         let max_tokens = (p.max_tokens as usize).min(self.context - ids.len());
         let mut matcher = constraints.matcher(&p.constraint)?;
         let mut sampler = Sampler::new(p.temperature, p.top_k, p.top_p, p.repeat_penalty, p.seed);
-        let mut cache = KvCache::default();
-        let mut logits = Self::prefill(model, &ids, &mut cache)?;
+        let (cached, mut cache) = self.prefixes.lookup(&ids).map_err(internal)?;
+        let mut logits = Self::prefill(model, &ids[cached..], &mut cache)?;
+        self.prefixes.insert(&ids, &cache);
         let mut history = ids.clone();
         let mut generated: Vec<u32> = Vec::new();
         let stops: Vec<&str> = p
@@ -474,7 +483,7 @@ impl Worker {
             usage: Usage {
                 prompt_tokens: ids.len() as u32,
                 completion_tokens: generated.len() as u32,
-                cached_tokens: 0,
+                cached_tokens: cached as u32,
             },
             model: self.model_id.clone(),
         })

@@ -6,6 +6,8 @@
 //! - [`model`]: the llama-family forward pass (llama, qwen2, qwen3) over
 //!   quantized GGUF weights, batched over sequences with per-sequence KV
 //!   caches.
+//! - [`prefix`]: prompt-prefix KV reuse, bounded in bytes, least recently
+//!   used out first.
 //! - [`gguf`]: opening and checking GGUF files; [`LoadError`].
 //! - [`tokenizer`]: the tokenizer from GGUF metadata or `tokenizer.json`, and
 //!   the chat template.
@@ -20,6 +22,7 @@ pub mod embed;
 pub mod engine;
 pub mod gguf;
 pub mod model;
+pub mod prefix;
 pub mod sampling;
 pub mod testing;
 pub mod tokenizer;

@@ -79,6 +79,23 @@ impl KvCache {
         self.len == 0
     }
 
+    /// The state of the first `n` positions, in tensors of its own (the
+    /// cached entry it came from stays as it is).
+    pub fn prefix(&self, n: usize) -> Result<KvCache> {
+        let n = n.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.narrow(1, 0, n)?.contiguous()?,
+                    v.narrow(1, 0, n)?.contiguous()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers, len: n })
+    }
+
     /// Bytes held, for memory accounting.
     pub fn bytes(&self) -> usize {
         self.layers

@@ -532,3 +532,117 @@ fn a_tokenizer_json_beside_the_model_is_used() {
     assert_eq!(t.decode(&ids), text);
     assert_eq!(t.encode("<|im_end|>").unwrap(), vec![2]);
 }
+
+fn chat_with_system(system: &str, user: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: LlmInput::Chat(vec![
+            ChatMessage {
+                role: Role::System,
+                content: system.into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: user.into(),
+            },
+        ]),
+        params: greedy(max_tokens),
+        rule: "test".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_prefix_cache_hit_gives_the_same_tokens_as_a_miss() {
+    let dir = tempdir::Dir::new();
+    let path = model_file(dir.path(), &TinySpec::default());
+    let load = |mib: usize| {
+        let config = EngineConfig {
+            path: Some(path.clone()),
+            prefix_cache_mib: mib,
+            ..Default::default()
+        };
+        Engine::load_with_progress(&config, false).unwrap().0
+    };
+    let (cached, plain) = (load(64), load(0));
+    let system = "You watch the machines of a factory floor: presses, lathes and ovens. \
+                  Answer with one JSON action for the device named in the reading.";
+    let system_tokens = cached.count_tokens(system).unwrap() as usize;
+    let first = cached
+        .generate(chat_with_system(system, "press-1 is at 93 C", 16))
+        .await
+        .unwrap();
+    assert_eq!(first.usage.cached_tokens, 0);
+    for user in [
+        "lathe-2 is at 40 C",
+        "oven-3 door open",
+        "press-1 is at 93 C",
+    ] {
+        let hit = cached
+            .generate(chat_with_system(system, user, 16))
+            .await
+            .unwrap();
+        let miss = plain
+            .generate(chat_with_system(system, user, 16))
+            .await
+            .unwrap();
+        assert_eq!(miss.usage.cached_tokens, 0);
+        assert!(
+            hit.usage.cached_tokens as usize >= system_tokens,
+            "{user}: {} cached of a {system_tokens}-token system message",
+            hit.usage.cached_tokens
+        );
+        assert!(hit.usage.cached_tokens < hit.usage.prompt_tokens);
+        assert_eq!(hit.text, miss.text, "{user}");
+        assert_eq!(hit.usage.completion_tokens, miss.usage.completion_tokens);
+    }
+    // The same prompt again reuses all of it but the last token.
+    let again = cached
+        .generate(chat_with_system(system, "press-1 is at 93 C", 16))
+        .await
+        .unwrap();
+    assert_eq!(again.usage.cached_tokens + 1, again.usage.prompt_tokens);
+    assert_eq!(again.text, first.text);
+}
+
+#[test]
+fn the_prefix_cache_stays_within_its_bound() {
+    let dir = tempdir::Dir::new();
+    let path = model_file(dir.path(), &TinySpec::default());
+    let mut gguf = gguf::GgufFile::open(&path).unwrap();
+    let model = model::Model::load(&mut gguf, &candle_core::Device::Cpu, |_, _| {}).unwrap();
+    let prompt = |first: u32| -> Vec<u32> { (first..first + 40).collect() };
+    let kv = |ids: &[u32]| {
+        let mut cache = model::KvCache::default();
+        model
+            .forward(&mut [model::Step {
+                tokens: ids,
+                cache: &mut cache,
+            }])
+            .unwrap();
+        cache
+    };
+    let one = kv(&prompt(10)).bytes();
+    // Room for two and a half prompts.
+    let mut prefixes = prefix::PrefixCache::new(one * 5 / 2);
+    for first in [10, 60, 110, 160] {
+        let ids = prompt(first);
+        prefixes.insert(&ids, &kv(&ids));
+        assert!(prefixes.bytes() <= one * 5 / 2, "{}", prefixes.bytes());
+    }
+    assert_eq!(prefixes.len(), 2);
+    // The oldest went first: 10.. and 60.. are gone, 110.. and 160.. hit.
+    assert_eq!(prefixes.lookup(&prompt(10)).unwrap().0, 0);
+    assert_eq!(prefixes.lookup(&prompt(110)).unwrap().0, 39);
+    // A partial hit keeps the shared part as an entry of its own, still
+    // within the bound (the least recently used full prompt makes room).
+    let mut shared = prompt(160)[..20].to_vec();
+    shared.extend(500..520);
+    let (n, cache) = prefixes.lookup(&shared).unwrap();
+    assert_eq!((n, cache.len()), (20, 20));
+    assert!(prefixes.bytes() <= one * 5 / 2, "{}", prefixes.bytes());
+    let (n, _) = prefixes.lookup(&shared).unwrap();
+    assert_eq!(n, 20);
+    // Off means nothing is kept.
+    let mut off = prefix::PrefixCache::new(0);
+    off.insert(&prompt(10), &kv(&prompt(10)));
+    assert!(off.is_empty());
+}
