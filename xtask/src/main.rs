@@ -171,6 +171,25 @@ fn bench_llm(rest: &[String]) -> Result<()> {
             ed / ld
         );
     }
+    // Time to first token with the rule's system message cached or not
+    // (prompt-prefix KV reuse).
+    let model = std::path::absolute(&model)?;
+    let ttft = json(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args([
+                "bench",
+                "-q",
+                "-p",
+                "ganglion-llm",
+                "--bench",
+                "prefix_ttft",
+                "--",
+            ])
+            .arg(&model)
+            .output()?,
+    )?;
+    println!("\nprefix reuse, time to first token: {ttft}");
     Ok(())
 }
 
