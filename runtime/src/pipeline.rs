@@ -4,12 +4,10 @@
 //! (the gateway) publishes, and acknowledges the message afterwards.
 
 use crate::audit::{AuditLog, DecisionRecord, Replayed};
-use crate::llm::{GenerateRequest, LlmEngine, LlmInput};
+use crate::llm::{GenerateRequest, LlmEngine};
 use crate::plugin::{CallError, InstancePool, Plugin, PluginHost};
 use crate::rules::{CsvSpec, Outgoing, PayloadFormat, PluginRef, Rule, Stages, WindowSpec};
-use crate::types::{
-    Action, ChatMessage, Completion, Context, LlmError, Message, ReadingBatch, Role, Stage, Value,
-};
+use crate::types::{Action, Completion, Context, LlmError, Message, ReadingBatch, Stage, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -714,20 +712,12 @@ impl RulePipeline {
     /// Asks the engine; `overloaded` waits and retries within the timeout,
     /// which holds the message (backpressure) instead of dropping it.
     async fn generate(&self, prompt: crate::types::Prompt) -> Result<Completion, LlmError> {
-        let request = GenerateRequest {
-            input: LlmInput::Chat(vec![
-                ChatMessage {
-                    role: Role::System,
-                    content: prompt.system,
-                },
-                ChatMessage {
-                    role: Role::User,
-                    content: prompt.user,
-                },
-            ]),
-            params: prompt.params,
-            rule: self.rule.name.clone(),
-        };
+        let request = GenerateRequest::system_and_user(
+            prompt.system,
+            prompt.user,
+            prompt.params,
+            self.rule.name.clone(),
+        );
         let limit = request.params.deadline_ms.map_or(self.llm_timeout, |ms| {
             self.llm_timeout.min(Duration::from_millis(u64::from(ms)))
         });

@@ -260,22 +260,12 @@ async fn the_default_model_gives_the_same_answer_on_a_prefix_cache_hit() {
     let system = "You are the controller of a smart home. Devices: living-room lamp, \
                   kitchen fan, hall thermostat, garage door. Answer with one short \
                   sentence naming the device to act on and the action.";
-    let request = |user: &str| GenerateRequest {
-        input: LlmInput::Chat(vec![
-            ChatMessage {
-                role: Role::System,
-                content: system.into(),
-            },
-            ChatMessage {
-                role: Role::User,
-                content: user.into(),
-            },
-        ]),
-        params: GenerationParams {
+    let request = |user: &str| {
+        let params = GenerationParams {
             max_tokens: 24,
             ..Default::default()
-        },
-        rule: "prefix".into(),
+        };
+        GenerateRequest::system_and_user(system, user, params, "prefix")
     };
     let system_tokens = cached.count_tokens(system).unwrap();
     let first = LlmEngine::generate(&cached, request("it is too dark in here"))

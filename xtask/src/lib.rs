@@ -76,18 +76,25 @@ pub fn ensure_mosquitto() -> Result<()> {
     {
         return Ok(());
     }
+    apt_install("the MQTT tests need mosquitto", &["mosquitto"])
+}
+
+/// Installs Debian packages when this runs as root with apt-get; otherwise
+/// fails saying what `why` needs installed.
+fn apt_install(why: &str, packages: &[&str]) -> Result<()> {
     let root = Command::new("id")
         .arg("-u")
         .output()
         .map(|o| o.stdout.starts_with(b"0"))
         .unwrap_or(false);
     if !root || !Path::new("/usr/bin/apt-get").exists() {
-        bail!("the MQTT tests need mosquitto: install it (Debian: apt-get install -y mosquitto)");
+        bail!(
+            "{why}: install it (Debian: apt-get install -y {})",
+            packages.join(" ")
+        );
     }
-    for args in [
-        &["update", "-qq"][..],
-        &["install", "-y", "-qq", "mosquitto"][..],
-    ] {
+    let install = [&["install", "-y", "-qq"][..], packages].concat();
+    for args in [&["update", "-qq"][..], &install[..]] {
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -228,35 +235,11 @@ pub fn ensure_c_toolchain() -> Result<()> {
     {
         return Ok(());
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    if !root || !has("/usr/bin/apt-get") {
-        bail!(
-            "the C plugins need clang for wasm32: install it (Debian: apt-get install -y {C_PACKAGES})"
-        );
-    }
-    for args in [vec!["update", "-qq"], {
-        let mut v = vec!["install", "-y", "-qq"];
-        v.extend(C_PACKAGES.split(' '));
-        v
-    }] {
-        let status = Command::new("apt-get")
-            .args(&args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        if !status.success() {
-            bail!("apt-get {} failed", args.join(" "));
-        }
-    }
-    Ok(())
+    apt_install("the C plugins need clang for wasm32", &C_PACKAGES)
 }
 
 /// Debian's packages for C plugins.
-pub const C_PACKAGES: &str = "clang lld wasi-libc libclang-rt-dev-wasm32";
+pub const C_PACKAGES: [&str; 4] = ["clang", "lld", "wasi-libc", "libclang-rt-dev-wasm32"];
 
 /// Builds the Python, JavaScript and C example plugins into
 /// [`polyglot_dir`] (`py-*.wasm`, `js-*.wasm`, `c-*.wasm`). Python and

@@ -9,29 +9,15 @@
 //! Prints one JSON line: median milliseconds to the first token of each, the
 //! ratio, and the prompt and cached token counts.
 
-use ganglion_llm::{
-    ChatMessage, Engine, EngineConfig, GenerateRequest, GenerationParams, LlmInput, Role,
-};
+use ganglion_llm::{Engine, EngineConfig, GenerateRequest, GenerationParams};
 use std::time::Instant;
 
 fn request(system: &str, user: &str) -> GenerateRequest {
-    GenerateRequest {
-        input: LlmInput::Chat(vec![
-            ChatMessage {
-                role: Role::System,
-                content: system.into(),
-            },
-            ChatMessage {
-                role: Role::User,
-                content: user.into(),
-            },
-        ]),
-        params: GenerationParams {
-            max_tokens: 1,
-            ..Default::default()
-        },
-        rule: "bench".into(),
-    }
+    let params = GenerationParams {
+        max_tokens: 1,
+        ..Default::default()
+    };
+    GenerateRequest::system_and_user(system, user, params, "bench")
 }
 
 fn system_message(engine: &Engine, tokens: u32) -> String {

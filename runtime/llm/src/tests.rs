@@ -534,20 +534,7 @@ fn a_tokenizer_json_beside_the_model_is_used() {
 }
 
 fn chat_with_system(system: &str, user: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: LlmInput::Chat(vec![
-            ChatMessage {
-                role: Role::System,
-                content: system.into(),
-            },
-            ChatMessage {
-                role: Role::User,
-                content: user.into(),
-            },
-        ]),
-        params: greedy(max_tokens),
-        rule: "test".into(),
-    }
+    GenerateRequest::system_and_user(system, user, greedy(max_tokens), "test")
 }
 
 #[tokio::test]

@@ -121,3 +121,30 @@ pub struct GenerateRequest {
     /// The rule on whose behalf the call is made (for fair scheduling).
     pub rule: String,
 }
+
+impl GenerateRequest {
+    /// A chat of one system and one user message, as a prompt template
+    /// renders it: the system part, fixed per rule, comes first, so it is
+    /// the prefix the engine can reuse.
+    pub fn system_and_user(
+        system: impl Into<String>,
+        user: impl Into<String>,
+        params: GenerationParams,
+        rule: impl Into<String>,
+    ) -> GenerateRequest {
+        GenerateRequest {
+            input: LlmInput::Chat(vec![
+                ChatMessage {
+                    role: Role::System,
+                    content: system.into(),
+                },
+                ChatMessage {
+                    role: Role::User,
+                    content: user.into(),
+                },
+            ]),
+            params,
+            rule: rule.into(),
+        }
+    }
+}
