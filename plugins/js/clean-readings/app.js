@@ -15,21 +15,12 @@
 //   config = { device_from_topic = 1, units = { temperature = "C" }, ranges = { temperature = [-40.0, 150.0] } }
 
 import { log } from 'ganglion:plugin/log@0.1.0';
-import { getJson } from 'ganglion:plugin/config@0.1.0';
 import { get as stateGet, set as stateSet } from 'ganglion:plugin/state@0.1.0';
-import { array, bool, f64, map, option, parseStruct, string, usize } from '../lib/config.js';
-import { JsonError } from '../lib/serde-json.js';
+import { array, bool, f64, map, option, string, usize } from '../lib/config.js';
+import { cachedSettings, PluginError } from '../lib/plugin.js';
 import { i64FromLeBytes, i64ToLeBytes, parseF64, trim } from '../lib/rust.js';
 import { BadPayload, optionsFromTopic, parseJson } from '../lib/telemetry.js';
 import { convert } from '../lib/units.js';
-
-/** Thrown to return the `err` case: the bindings send `payload` as the plugin-error. */
-class PluginError extends Error {
-  constructor(tag, message) {
-    super(message);
-    this.payload = { tag, val: message };
-  }
-}
 
 const CONFIG_FIELDS = {
   device_from_topic: option(usize),
@@ -39,30 +30,13 @@ const CONFIG_FIELDS = {
   drop_stale: bool,
 };
 
-function readConfig() {
-  try {
-    const c = parseStruct(getJson(), CONFIG_FIELDS);
-    return {
-      deviceFromTopic: c.device_from_topic,
-      ranges: c.ranges ?? new Map(),
-      units: c.units ?? new Map(),
-      numericText: c.numeric_text ?? true,
-      dropStale: c.drop_stale ?? false,
-    };
-  } catch (e) {
-    if (e instanceof JsonError) return new PluginError('bad-config', e.message);
-    throw e;
-  }
-}
-
-// An instance serves one rule, so the settings (or their error) are read once.
-let cachedConfig;
-
-function config() {
-  cachedConfig ??= readConfig();
-  if (cachedConfig instanceof PluginError) throw cachedConfig;
-  return cachedConfig;
-}
+const config = cachedSettings(CONFIG_FIELDS, (c) => ({
+  deviceFromTopic: c.device_from_topic,
+  ranges: c.ranges ?? new Map(),
+  units: c.units ?? new Map(),
+  numericText: c.numeric_text ?? true,
+  dropStale: c.drop_stale ?? false,
+}));
 
 /** Appends readings to a batch, storing each distinct name once (the SDK's BatchBuilder). */
 class BatchBuilder {

@@ -17,41 +17,16 @@
 //   plugin = "js-json-actions"
 //   config = { max_actions = 8 }
 
-import { getJson } from 'ganglion:plugin/config@0.1.0';
-import { parseStruct, usize } from '../lib/config.js';
+import { usize } from '../lib/config.js';
+import { cachedSettings, PluginError } from '../lib/plugin.js';
 import { asciiLowercase, compareStr, trim } from '../lib/rust.js';
 import { JsonError, Reader, stringify, utf8 } from '../lib/serde-json.js';
-
-/** Thrown to return the `err` case: the bindings send `payload` as the plugin-error. */
-class PluginError extends Error {
-  constructor(tag, message) {
-    super(message);
-    this.payload = { tag, val: message };
-  }
-}
 
 function bad(message) {
   return new PluginError('bad-completion', message);
 }
 
-function readConfig() {
-  try {
-    const c = parseStruct(getJson(), { max_actions: usize });
-    return { maxActions: c.max_actions ?? 16 };
-  } catch (e) {
-    if (e instanceof JsonError) return new PluginError('bad-config', e.message);
-    throw e;
-  }
-}
-
-// An instance serves one rule, so the settings (or their error) are read once.
-let cachedConfig;
-
-function config() {
-  cachedConfig ??= readConfig();
-  if (cachedConfig instanceof PluginError) throw cachedConfig;
-  return cachedConfig;
-}
+const config = cachedSettings({ max_actions: usize }, (c) => ({ maxActions: c.max_actions ?? 16 }));
 
 /** The first JSON value in `text`, skipping anything before it and ignoring anything after. */
 function extractJson(text) {

@@ -223,21 +223,27 @@ export class Reader {
     this.i += 1;
   }
 
+  /** Moves to the next quote, backslash or control byte of a string and returns it. */
+  toStringStop() {
+    const b = this.b;
+    let i = this.i;
+    while (i < b.length) {
+      const c = b[i];
+      if (c === 0x22 || c === 0x5c || c < 0x20) break;
+      i++;
+    }
+    this.i = i;
+    if (i >= b.length) this.fail('EOF while parsing a string');
+    return b[i];
+  }
+
   /** SliceRead::parse_str after the opening quote: validated UTF-8, paired surrogates. */
   parseStrBody() {
-    const b = this.b;
     let out = '';
     let start = this.i;
     for (;;) {
-      let i = this.i;
-      while (i < b.length) {
-        const c = b[i];
-        if (c === 0x22 || c === 0x5c || c < 0x20) break;
-        i++;
-      }
-      this.i = i;
-      if (i >= b.length) this.fail('EOF while parsing a string');
-      const c = b[i];
+      const c = this.toStringStop();
+      const i = this.i;
       if (c === 0x22) {
         out += this.decode(start, i);
         this.i = i + 1;
@@ -324,15 +330,8 @@ export class Reader {
   ignoreStrBody() {
     const b = this.b;
     for (;;) {
-      let i = this.i;
-      while (i < b.length) {
-        const c = b[i];
-        if (c === 0x22 || c === 0x5c || c < 0x20) break;
-        i++;
-      }
-      this.i = i;
-      if (i >= b.length) this.fail('EOF while parsing a string');
-      const c = b[i];
+      const c = this.toStringStop();
+      const i = this.i;
       if (c === 0x22) {
         this.i = i + 1;
         return;

@@ -22,11 +22,11 @@ import re
 import struct
 
 from componentize_py_types import Err
-from serde_json_compat import JsonError, Reader, shape_error
+from plugin_settings import RUST_WHITESPACE, cached_settings, read_settings
+from serde_json_compat import JsonError, Num, Reader, shape_error
 from wit_world import exports
-from wit_world.imports import config, log, state
+from wit_world.imports import log, state
 from wit_world.imports.types import (
-    PluginError_BadConfig,
     PluginError_BadPayload,
     PluginError_Other,
     Reading,
@@ -38,13 +38,6 @@ from wit_world.imports.types import (
 
 I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
-
-# Rust's `str::trim` removes Unicode White_Space, which is not Python's
-# `str.isspace` (that also takes U+001C..U+001F).
-RUST_WHITESPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
-    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-)
 
 # What Rust's `str::parse::<f64>` accepts; Python's `float` also takes
 # `1_000`, surrounding whitespace and non-ASCII digits.
@@ -163,42 +156,37 @@ def bad_payload(message):
     return Err(PluginError_BadPayload(message))
 
 
-def de_scalar(r):
-    """`Scalar`: any JSON value; arrays and objects are skipped over."""
-    c = r.ws()
-    if c is None:
-        raise JsonError("EOF while parsing a value")
-    if c == ord("n"):
-        r.eat()
-        r.ident(b"ull")
-        return NULL
-    if c == ord("t"):
-        r.eat()
-        r.ident(b"rue")
-        return (BOOL, True)
-    if c == ord("f"):
-        r.eat()
-        r.ident(b"alse")
-        return (BOOL, False)
-    if c == 0x2D or 0x30 <= c <= 0x39:
-        return (NUMBER, r.parse_number().as_f64())
-    if c == 0x22:
-        r.eat()
-        return (TEXT, r.parse_str())
+def skip_nested(r, c):
+    """Skips the array or object whose first byte `c` was peeked. Unlike
+    `ignore_value` on the whole, this level counts toward the depth limit."""
+    r.open()
     if c == 0x5B:
-        r.open()
         for _ in r.seq():
             r.ignore_value()
-        r.close(c)
-        return (NESTED, "an array")
-    if c == 0x7B:
-        r.open()
+    else:
         for _ in r.entries():
             r.colon()
             r.ignore_value()
-        r.close(c)
+    r.close(c)
+
+
+def de_scalar(r):
+    """`Scalar`: any JSON value; arrays and objects are skipped over."""
+    c = r.ws()
+    if c == 0x5B:
+        skip_nested(r, c)
+        return (NESTED, "an array")
+    if c == 0x7B:
+        skip_nested(r, c)
         return (NESTED, "an object")
-    raise JsonError("expected value")
+    v = r.parse_value()
+    if v is None:
+        return NULL
+    if isinstance(v, bool):
+        return (BOOL, v)
+    if isinstance(v, Num):
+        return (NUMBER, v.as_f64())
+    return (TEXT, v)
 
 
 class Obj:
@@ -263,25 +251,26 @@ def de_units(r):
         r.close(c)
         return units
     if c == ord("n"):
-        r.eat()
-        r.ident(b"ull")
+        r.literal(c)
         return []
     raise r.wrong_type("an object of units")
+
+
+def de_object(r):
+    """A telemetry object whose `{` was peeked."""
+    r.open()
+    o = de_object_fields(r)
+    r.close(0x7B)
+    return o
 
 
 def de_item(r):
     """An array element: ("object", Obj) or ("other", what it is)."""
     c = r.ws()
     if c == 0x7B:
-        r.open()
-        o = de_object_fields(r)
-        r.close(c)
-        return ("object", o)
+        return ("object", de_object(r))
     if c == 0x5B:
-        r.open()
-        for _ in r.seq():
-            r.ignore_value()
-        r.close(c)
+        skip_nested(r, c)
         return ("other", "an array")
     scalar = de_scalar(r)
     return ("other", kind_of(scalar))
@@ -308,11 +297,7 @@ def de_readings(r):
         r.close(c)
         return result
     if c == 0x7B:
-        r.open()
-        for _ in r.entries():
-            r.colon()
-            r.ignore_value()
-        r.close(c)
+        skip_nested(r, c)
         return "`readings` is not an array"
     raise r.wrong_type("a list of readings")
 
@@ -321,10 +306,7 @@ def de_doc(r):
     """The whole payload: one object, or an array of them."""
     c = r.ws()
     if c == 0x7B:
-        r.open()
-        o = de_object_fields(r)
-        r.close(c)
-        return [o]
+        return [de_object(r)]
     if c == 0x5B:
         r.open()
         objects = []
@@ -522,39 +504,22 @@ class Config:
 
 
 def parse_config(text):
-    r = Reader(text.encode("utf-8"))
-    try:
-        fields = r.de_struct(
-            {
-                "device_from_topic": lambda: r.de_option(r.de_usize),
-                "ranges": lambda: r.de_map(lambda: r.de_array(2, r.de_f64)),
-                "units": lambda: r.de_map(r.de_string),
-                "numeric_text": lambda: r.de_option(r.de_bool),
-                "drop_stale": r.de_bool,
-            },
-            optional={"device_from_topic", "numeric_text"},
-            defaulted={"ranges": {}, "units": {}, "drop_stale": False},
-        )
-        r.end()
-    except JsonError as e:
-        raise Err(PluginError_BadConfig(str(e))) from None
+    fields = read_settings(
+        text,
+        lambda r: {
+            "device_from_topic": lambda: r.de_option(r.de_usize),
+            "ranges": lambda: r.de_map(lambda: r.de_array(2, r.de_f64)),
+            "units": lambda: r.de_map(r.de_string),
+            "numeric_text": lambda: r.de_option(r.de_bool),
+            "drop_stale": r.de_bool,
+        },
+        optional={"device_from_topic", "numeric_text"},
+        defaulted={"ranges": {}, "units": {}, "drop_stale": False},
+    )
     return Config(fields)
 
 
-_config = None
-
-
-def cached_config():
-    """Settings are parsed once: an instance serves one rule for its life."""
-    global _config
-    if _config is None:
-        try:
-            _config = parse_config(config.get_json())
-        except Err as e:
-            _config = e
-    if isinstance(_config, Err):
-        raise Err(_config.value)
-    return _config
+cached_config = cached_settings(parse_config)
 
 
 def state_error_text(e):

@@ -16,9 +16,9 @@ Settings: max_actions (default 16). Unknown settings are a bad-config error.
 """
 
 from componentize_py_types import Err
+from plugin_settings import RUST_WHITESPACE, cached_settings, read_settings
 from serde_json_compat import JsonError, Num, Reader, write_value
 from wit_world import exports
-from wit_world.imports import config
 from wit_world.imports.types import (
     Action_Alert,
     Action_Command,
@@ -33,13 +33,6 @@ from wit_world.imports.types import (
     Value_Boolean,
     Value_Number,
     Value_Text,
-)
-
-# Rust's `str::trim` removes Unicode White_Space, which is not Python's
-# `str.isspace` (that also takes U+001C..U+001F).
-RUST_WHITESPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
-    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
 
 _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
@@ -182,33 +175,16 @@ def parse_actions(text, device, max_actions):
 
 
 def parse_config(text):
-    r = Reader(text.encode("utf-8"))
-    try:
-        fields = r.de_struct(
-            {"max_actions": r.de_usize},
-            optional=set(),
-            defaulted={"max_actions": 16},
-        )
-        r.end()
-    except JsonError as e:
-        raise Err(PluginError_BadConfig(str(e))) from None
+    fields = read_settings(
+        text,
+        lambda r: {"max_actions": r.de_usize},
+        optional=set(),
+        defaulted={"max_actions": 16},
+    )
     return fields["max_actions"]
 
 
-_config = None
-
-
-def cached_max_actions():
-    """Settings are parsed once: an instance serves one rule for its life."""
-    global _config
-    if _config is None:
-        try:
-            _config = parse_config(config.get_json())
-        except Err as e:
-            _config = e
-    if isinstance(_config, Err):
-        raise Err(_config.value)
-    return _config
+cached_max_actions = cached_settings(parse_config)
 
 
 class Postprocess(exports.Postprocess):

@@ -35,6 +35,7 @@ _SIMPLE_ESCAPES = {
     ord("t"): b"\t",
 }
 _HEX = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+_LITERALS = {ord("n"): (b"ull", None), ord("t"): (b"rue", True), ord("f"): (b"alse", False)}
 
 
 class JsonError(Exception):
@@ -113,6 +114,13 @@ class Reader:
             raise JsonError("expected ident")
         self.i += len(rest)
 
+    def literal(self, c):
+        """`null`, `true` or `false`, from its first byte `c` (peeked)."""
+        rest, value = _LITERALS[c]
+        self.eat()
+        self.ident(rest)
+        return value
+
     def enter(self):
         """`check_recursion!`: serde_json refuses nesting 128 deep."""
         self.remaining_depth -= 1
@@ -167,18 +175,23 @@ class Reader:
             raise JsonError("lone leading surrogate in hex escape")
         out += chr((((n - 0xD800) << 10) | (n2 - 0xDC00)) + 0x10000).encode("utf-8")
 
+    def _string_stop(self):
+        """Where the string goes on from the next quote, backslash or control
+        byte: its position and the byte."""
+        m = _STR_STOP.search(self.b, self.i)
+        if m is None:
+            self.i = self.n
+            raise JsonError("EOF while parsing a string")
+        j = m.start()
+        return j, self.b[j]
+
     def parse_str(self):
         """`parse_str` after the opening quote: escapes decoded, UTF-8 checked."""
         b = self.b
         out = bytearray()
         start = self.i
         while True:
-            m = _STR_STOP.search(b, self.i)
-            if m is None:
-                self.i = self.n
-                raise JsonError("EOF while parsing a string")
-            j = m.start()
-            c = b[j]
+            j, c = self._string_stop()
             if c == 0x22:
                 out += b[start:j]
                 self.i = j + 1
@@ -198,14 +211,8 @@ class Reader:
 
     def ignore_str(self):
         """`ignore_str`: escapes checked for form only, bytes not UTF-8 checked."""
-        b = self.b
         while True:
-            m = _STR_STOP.search(b, self.i)
-            if m is None:
-                self.i = self.n
-                raise JsonError("EOF while parsing a string")
-            j = m.start()
-            c = b[j]
+            j, c = self._string_stop()
             self.i = j + 1
             if c == 0x22:
                 return
@@ -287,10 +294,7 @@ class Reader:
             exponent_after -= 1
         if exponent_after == 0:
             raise JsonError("invalid number")
-        exponent = exponent_before + exponent_after
-        if self.peek() in (0x65, 0x45):
-            return self._parse_exponent(positive, significand, exponent)
-        return self._f64_from_parts(positive, significand, exponent)
+        return self._exponent_or_end(positive, significand, exponent_before + exponent_after)
 
     def _parse_exponent(self, positive, significand, starting_exp):
         self.eat()
@@ -344,6 +348,9 @@ class Reader:
     def _parse_decimal_overflow(self, positive, significand, exponent):
         while _is_digit(self.peek()):
             self.eat()
+        return self._exponent_or_end(positive, significand, exponent)
+
+    def _exponent_or_end(self, positive, significand, exponent):
         if self.peek() in (0x65, 0x45):
             return self._parse_exponent(positive, significand, exponent)
         return self._f64_from_parts(positive, significand, exponent)
@@ -418,15 +425,8 @@ class Reader:
             if c is None:
                 raise JsonError("EOF while parsing a value")
             frame = None
-            if c == ord("n"):
-                self.eat()
-                self.ident(b"ull")
-            elif c == ord("t"):
-                self.eat()
-                self.ident(b"rue")
-            elif c == ord("f"):
-                self.eat()
-                self.ident(b"alse")
+            if c in _LITERALS:
+                self.literal(c)
             elif c == 0x2D:
                 self.eat()
                 self._ignore_integer()
@@ -495,12 +495,7 @@ class Reader:
             if first:
                 first = False
             elif c == 0x2C:
-                self.eat()
-                c = self.ws()
-                if c == 0x5D:
-                    raise JsonError("trailing comma")
-                if c is None:
-                    raise JsonError("EOF while parsing a value")
+                self._after_comma(0x5D)
             else:
                 raise JsonError("expected `,` or `]`")
             yield
@@ -520,17 +515,21 @@ class Reader:
                 if c != 0x22:
                     raise JsonError("key must be a string")
             elif c == 0x2C:
-                self.eat()
-                c = self.ws()
-                if c == 0x7D:
-                    raise JsonError("trailing comma")
-                if c is None:
-                    raise JsonError("EOF while parsing a value")
-                if c != 0x22:
+                if self._after_comma(0x7D) != 0x22:
                     raise JsonError("key must be a string")
             else:
                 raise JsonError("expected `,` or `}`")
             yield self.parse_key()
+
+    def _after_comma(self, close):
+        """Eats a `,` between elements; the byte that starts the next one."""
+        self.eat()
+        c = self.ws()
+        if c == close:
+            raise JsonError("trailing comma")
+        if c is None:
+            raise JsonError("EOF while parsing a value")
+        return c
 
     def colon(self):
         """`parse_object_colon`."""
@@ -567,18 +566,8 @@ class Reader:
         c = self.ws()
         if c is None:
             raise JsonError("EOF while parsing a value")
-        if c == ord("n"):
-            self.eat()
-            self.ident(b"ull")
-            return None
-        if c == ord("t"):
-            self.eat()
-            self.ident(b"rue")
-            return True
-        if c == ord("f"):
-            self.eat()
-            self.ident(b"alse")
-            return False
+        if c in _LITERALS:
+            return self.literal(c)
         if c == 0x2D or _is_digit(c):
             return self.parse_number()
         if c == 0x22:
@@ -592,13 +581,7 @@ class Reader:
             self.close(c)
             return items
         if c == 0x7B:
-            self.open()
-            obj = {}
-            for key in self.entries():
-                self.colon()
-                obj[key] = self.parse_value()
-            self.close(c)
-            return obj
+            return self._map_body(self.parse_value)
         raise JsonError("expected value")
 
     # -- typed values (serde's impls for Rust types) -------------------------
@@ -632,14 +615,8 @@ class Reader:
 
     def de_bool(self):
         c = self.ws()
-        if c == ord("t"):
-            self.eat()
-            self.ident(b"rue")
-            return True
-        if c == ord("f"):
-            self.eat()
-            self.ident(b"alse")
-            return False
+        if c == ord("t") or c == ord("f"):
+            return self.literal(c)
         raise self.wrong_type("a boolean")
 
     def de_string(self):
@@ -654,9 +631,7 @@ class Reader:
         if c is None:
             raise JsonError("EOF while parsing a value")
         if c == ord("n"):
-            self.eat()
-            self.ident(b"ull")
-            return None
+            return self.literal(c)
         return inner()
 
     def de_map(self, value):
@@ -664,12 +639,16 @@ class Reader:
         c = self.ws()
         if c != 0x7B:
             raise self.wrong_type("a map")
+        return self._map_body(value)
+
+    def _map_body(self, value):
+        """The object whose `{` was peeked, each value read by `value`."""
         self.open()
         out = {}
         for key in self.entries():
             self.colon()
             out[key] = value()
-        self.close(c)
+        self.close(0x7B)
         return out
 
     def de_array(self, length, item):

@@ -1,6 +1,5 @@
 #include "config.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -15,17 +14,7 @@ typedef struct {
     str error;
 } reader;
 
-static bool fail(reader *r, const char *fmt, ...) {
-    char buf[200];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    if (n < 0) n = 0;
-    if ((size_t)n >= sizeof buf) n = sizeof buf - 1;
-    if (!r->error.p) r->error = arena_str(r->j.a, buf, (size_t)n);
-    return json_fail(&r->j, "data error");
-}
+#define fail(r, ...) json_data_error(&(r)->j, &(r)->error, __VA_ARGS__)
 
 static const char *found(int c) {
     switch (c) {
@@ -72,12 +61,17 @@ static bool read_pair(reader *r, range_setting *s) {
     return json_end_array(j);
 }
 
+// The `{` of a `HashMap` setting.
+static bool begin_map(reader *r) {
+    int p = json_peek(&r->j);
+    if (p == -1) return json_fail(&r->j, "EOF while parsing a value");
+    if (p != '{') return fail(r, "invalid type: %s, expected a map", found(p));
+    return json_enter(&r->j);
+}
+
 static bool read_ranges(reader *r, config *c) {
     json *j = &r->j;
-    int p = json_peek(j);
-    if (p == -1) return json_fail(j, "EOF while parsing a value");
-    if (p != '{') return fail(r, "invalid type: %s, expected a map", found(p));
-    if (!json_enter(j)) return false;
+    if (!begin_map(r)) return false;
     bool first = true, more;
     for (;;) {
         range_setting s;
@@ -93,16 +87,13 @@ static bool read_ranges(reader *r, config *c) {
 
 static bool read_units(reader *r, config *c) {
     json *j = &r->j;
-    int p = json_peek(j);
-    if (p == -1) return json_fail(j, "EOF while parsing a value");
-    if (p != '{') return fail(r, "invalid type: %s, expected a map", found(p));
-    if (!json_enter(j)) return false;
+    if (!begin_map(r)) return false;
     bool first = true, more;
     for (;;) {
         unit_setting s;
         if (!json_next_key(j, &first, &more, &s.metric)) return false;
         if (!more) break;
-        p = json_peek(j);
+        int p = json_peek(j);
         if (p == -1) return json_fail(j, "EOF while parsing a value");
         if (p != '"') return fail(r, "invalid type: %s, expected a string", found(p));
         if (!json_string(j, &s.unit)) return false;

@@ -1,5 +1,7 @@
 #include "json.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 
 // 1e0 ..= 1e308, as serde_json's POW10 table.
@@ -602,4 +604,41 @@ bool json_end_object(json *j) {
 bool json_end(json *j) {
     if (json_peek(j) != -1) return json_fail(j, "trailing characters");
     return true;
+}
+
+bool json_data_error(json *j, str *error, const char *fmt, ...) {
+    char buf[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0) n = 0;
+    if ((size_t)n >= sizeof buf) n = sizeof buf - 1;
+    if (!error->p) *error = arena_str(j->a, buf, (size_t)n);
+    return json_fail(j, "data error");
+}
+
+bool json_skip_array(json *j) {
+    if (!json_enter(j)) return false;
+    bool first = true, more;
+    for (;;) {
+        if (!json_next_element(j, &first, &more)) return false;
+        if (!more) break;
+        if (!json_skip(j)) return false;
+    }
+    json_leave(j);
+    return json_end_array(j);
+}
+
+bool json_skip_object(json *j) {
+    if (!json_enter(j)) return false;
+    bool first = true, more;
+    str key;
+    for (;;) {
+        if (!json_next_key(j, &first, &more, &key)) return false;
+        if (!more) break;
+        if (!json_skip(j)) return false;
+    }
+    json_leave(j);
+    return json_end_object(j);
 }

@@ -39,6 +39,9 @@ void json_init(json *j, const void *text, size_t n, arena *a);
 int json_peek(json *j);
 // Records an error (the first one wins) and returns false.
 bool json_fail(json *j, const char *msg);
+// Stops the parse on well-formed JSON of the wrong shape, keeping the first
+// such message (printf-style) in *error for the caller to report.
+bool json_data_error(json *j, str *error, const char *fmt, ...);
 
 bool json_literal(json *j, const char *word); // null, true, false
 bool json_number(json *j, jnum *out);
@@ -47,6 +50,10 @@ bool json_number(json *j, jnum *out);
 bool json_string(json *j, str *out);
 // Skips any one value (serde's IgnoredAny).
 bool json_skip(json *j);
+// The rest of an array or object whose first byte was peeked, its elements
+// skipped; unlike `json_skip`, it counts toward the nesting limit.
+bool json_skip_array(json *j);
+bool json_skip_object(json *j);
 
 // Opens `[` or `{` at the cursor, counting it against the depth limit.
 bool json_enter(json *j);

@@ -1,7 +1,6 @@
 #include "telemetry.h"
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -42,17 +41,7 @@ typedef struct {
     str error; // a data error (the JSON itself was fine)
 } parser;
 
-static bool data_error(parser *p, const char *fmt, ...) {
-    char buf[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    if (n < 0) n = 0;
-    if ((size_t)n >= sizeof buf) n = sizeof buf - 1;
-    if (!p->error.p) p->error = arena_str(p->j.a, buf, (size_t)n);
-    return json_fail(&p->j, "data error");
-}
+#define data_error(p, ...) json_data_error(&(p)->j, &(p)->error, __VA_ARGS__)
 
 static const char *kind_name(scalar_kind k) {
     switch (k) {
@@ -84,31 +73,12 @@ static bool read_scalar(parser *p, scalar *out) {
     case '"':
         out->kind = SC_TEXT;
         return json_string(j, &out->text);
-    case '[': {
+    case '[':
         out->kind = SC_ARRAY;
-        if (!json_enter(j)) return false;
-        bool first = true, more;
-        for (;;) {
-            if (!json_next_element(j, &first, &more)) return false;
-            if (!more) break;
-            if (!json_skip(j)) return false;
-        }
-        json_leave(j);
-        return json_end_array(j);
-    }
-    case '{': {
+        return json_skip_array(j);
+    case '{':
         out->kind = SC_OBJECT;
-        if (!json_enter(j)) return false;
-        bool first = true, more;
-        str key;
-        for (;;) {
-            if (!json_next_key(j, &first, &more, &key)) return false;
-            if (!more) break;
-            if (!json_skip(j)) return false;
-        }
-        json_leave(j);
-        return json_end_object(j);
-    }
+        return json_skip_object(j);
     default:
         if (c == '-' || (c >= '0' && c <= '9')) {
             jnum n;
@@ -182,16 +152,8 @@ static bool read_item(parser *p, object **obj, const char **other) {
         return json_end_object(j);
     }
     if (c == '[') {
-        if (!json_enter(j)) return false;
-        bool first = true, more;
-        for (;;) {
-            if (!json_next_element(j, &first, &more)) return false;
-            if (!more) break;
-            if (!json_skip(j)) return false;
-        }
-        json_leave(j);
         *other = "an array";
-        return json_end_array(j);
+        return json_skip_array(j);
     }
     scalar s;
     if (!read_scalar(p, &s)) return false;
@@ -207,17 +169,8 @@ static bool read_readings(parser *p, object *o) {
     o->readings.v = NULL;
     o->readings.n = o->readings.cap = 0;
     if (c == '{') {
-        if (!json_enter(j)) return false;
-        bool first = true, more;
-        str key;
-        for (;;) {
-            if (!json_next_key(j, &first, &more, &key)) return false;
-            if (!more) break;
-            if (!json_skip(j)) return false;
-        }
-        json_leave(j);
         o->readings_error = "`readings` is not an array";
-        return json_end_object(j);
+        return json_skip_object(j);
     }
     if (c != '[') return invalid_type(p, "a list of readings");
     if (!json_enter(j)) return false;
