@@ -8,8 +8,6 @@
 # Works from any directory; writes nothing outside the repository.
 set -euo pipefail
 
-COMPONENTIZE_PY_VERSION=0.25.1
-
 if [[ $# -eq 0 ]]; then
     echo "usage: $0 <plugin-dir-name>..." >&2
     exit 2
@@ -17,16 +15,8 @@ fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-venv="$root/target/py-venv"
 outdir="$root/target/polyglot"
-
-export PIP_CACHE_DIR="$root/target/pip-cache"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-
-if [[ "$("$venv/bin/componentize-py" --version 2>/dev/null || true)" != "componentize-py $COMPONENTIZE_PY_VERSION" ]]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --no-cache-dir --quiet "componentize-py==$COMPONENTIZE_PY_VERSION"
-fi
+source "$root/plugins/python/toolchain.sh"
 
 # componentize-py adds a site-packages folder to the app's path: $VIRTUAL_ENV's,
 # else pipenv's, else the host Python's (whose listing then ends up in the

@@ -193,17 +193,7 @@ pub struct DecisionRecord {
 impl DecisionRecord {
     /// The recorded window as a batch for the plugins.
     pub fn window_batch(&self) -> ReadingBatch {
-        let mut b = ReadingBatch::default();
-        for r in &self.window {
-            let value = match &r.value {
-                serde_json::Value::Bool(v) => Value::Boolean(*v),
-                serde_json::Value::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
-                serde_json::Value::String(s) => Value::Text(s.clone()),
-                other => Value::Text(other.to_string()),
-            };
-            b.push(&r.device, &r.metric, value, &r.unit, r.timestamp);
-        }
-        b
+        recorded_batch(&self.window)
     }
 
     /// The recorded context for the plugins.
@@ -215,6 +205,22 @@ impl DecisionRecord {
             window_end: self.window_end,
         }
     }
+}
+
+/// Recorded readings as a batch for the plugins, names interned in order of
+/// appearance (the inverse of [`record_window`]).
+pub fn recorded_batch(readings: &[RecordedReading]) -> ReadingBatch {
+    let mut b = ReadingBatch::default();
+    for r in readings {
+        let value = match &r.value {
+            serde_json::Value::Bool(v) => Value::Boolean(*v),
+            serde_json::Value::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+            serde_json::Value::String(s) => Value::Text(s.clone()),
+            other => Value::Text(other.to_string()),
+        };
+        b.push(&r.device, &r.metric, value, &r.unit, r.timestamp);
+    }
+    b
 }
 
 /// The window as recorded.

@@ -16,7 +16,7 @@
 //! the same readings from plugins that lay out their name tables differently
 //! compare equal.
 
-use crate::audit::{RecordedReading, record_prompt, record_window};
+use crate::audit::{RecordedReading, record_prompt, record_window, recorded_batch};
 use crate::plugin::{CallError, InstancePool};
 use crate::types::{
     Action, AlertLevel, Completion, Context, FinishReason, Message, PluginError, Qos, ReadingBatch,
@@ -117,21 +117,6 @@ impl Case {
     }
 }
 
-/// The batch holding `readings`, names interned in order of appearance.
-pub fn batch_of(readings: &[RecordedReading]) -> ReadingBatch {
-    let mut b = ReadingBatch::default();
-    for r in readings {
-        let value = match &r.value {
-            Json::Bool(v) => Value::Boolean(*v),
-            Json::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
-            Json::String(s) => Value::Text(s.clone()),
-            other => Value::Text(other.to_string()),
-        };
-        b.push(&r.device, &r.metric, value, &r.unit, r.timestamp);
-    }
-    b
-}
-
 /// The readings of a batch as JSON, names resolved. A number that JSON cannot
 /// hold (NaN, infinity) is written as its text, so it shows up in a diff.
 pub fn readings_json(batch: &ReadingBatch) -> Json {
@@ -222,18 +207,22 @@ pub async fn run_case(pool: &InstancePool, stage: Stage, case: &Json) -> Result<
     let case: Case = serde_json::from_value(case.clone()).map_err(|e| CaseError(e.to_string()))?;
     let result = match stage {
         Stage::Preprocessor => pool
-            .preprocess(&case.message()?, batch_of(&case.readings))
+            .preprocess(&case.message()?, recorded_batch(&case.readings))
             .await
             .map(|b| readings_json(&b)),
         Stage::PromptTemplate => pool
-            .render(&case.context(), batch_of(&case.window))
+            .render(&case.context(), recorded_batch(&case.window))
             .await
             .map(|p| serde_json::to_value(record_prompt(&p)).unwrap_or(Json::Null)),
         Stage::Postprocessor => {
             let completion = case.completion()?;
-            pool.postprocess(&case.context(), batch_of(&case.window), completion.as_ref())
-                .await
-                .map(|a| actions_json(&a))
+            pool.postprocess(
+                &case.context(),
+                recorded_batch(&case.window),
+                completion.as_ref(),
+            )
+            .await
+            .map(|a| actions_json(&a))
         }
         Stage::Rule => {
             let rule = case.rule.clone().unwrap_or_else(|| "case".into());

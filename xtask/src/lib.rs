@@ -161,6 +161,7 @@ pub fn build_python_fixture() -> Result<PathBuf> {
         .iter()
         .filter_map(|f| modified(&src.join(f)))
         .chain(modified(&root.join("wit/ganglion.wit")))
+        .chain(modified(&root.join("plugins/python/toolchain.sh")))
         .max();
     if let (Some(built), Some(source)) = (modified(&out), newest_source)
         && built > source

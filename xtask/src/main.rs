@@ -76,12 +76,24 @@ fn cargo_test(args: &[&str], rest: &[String]) -> Result<(u64, u64)> {
 /// The engine beside llama.cpp on the same GGUF, in one run: each thread
 /// count alternates the two, three rounds, and the table shows the best of
 /// each and their ratio (engine ÷ llama.cpp).
+/// `cargo bench -q -p ganglion-llm --bench <bench> -- <model>`, run from the
+/// repository root.
+fn engine_bench(bench: &str, model: &std::path::Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(xtask::root())
+        .args(["bench", "-q", "-p", "ganglion-llm", "--bench", bench, "--"])
+        .arg(model);
+    cmd
+}
+
 fn bench_llm(rest: &[String]) -> Result<()> {
     let root = xtask::root();
     let model = match rest.first() {
         Some(p) => std::path::PathBuf::from(p),
         None => xtask::fetch_model()?,
     };
+    // cargo runs benchmarks in the package folder.
+    let model = std::path::absolute(&model)?;
     let venv = root.join("target/llamacpp");
     let python = venv.join("bin/python");
     if !python.exists() {
@@ -138,19 +150,8 @@ fn bench_llm(rest: &[String]) -> Result<()> {
         let (mut ep, mut ed, mut lp, mut ld) = (0f64, 0f64, 0f64, 0f64);
         for _ in 0..3 {
             let ours = json(
-                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                    .current_dir(&root)
+                engine_bench("llm_speed", &model)
                     .env("CANDLE_NUM_THREADS", threads.to_string())
-                    .args([
-                        "bench",
-                        "-q",
-                        "-p",
-                        "ganglion-llm",
-                        "--bench",
-                        "llm_speed",
-                        "--",
-                    ])
-                    .arg(&model)
                     .output()?,
             )?;
             let theirs = json(
@@ -173,22 +174,7 @@ fn bench_llm(rest: &[String]) -> Result<()> {
     }
     // Time to first token with the rule's system message cached or not
     // (prompt-prefix KV reuse).
-    let model = std::path::absolute(&model)?;
-    let ttft = json(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "bench",
-                "-q",
-                "-p",
-                "ganglion-llm",
-                "--bench",
-                "prefix_ttft",
-                "--",
-            ])
-            .arg(&model)
-            .output()?,
-    )?;
+    let ttft = json(engine_bench("prefix_ttft", &model).output()?)?;
     println!("\nprefix reuse, time to first token: {ttft}");
     Ok(())
 }
