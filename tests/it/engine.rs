@@ -285,3 +285,61 @@ async fn the_default_model_gives_the_same_answer_on_a_prefix_cache_hit() {
         assert_eq!(hit.text, miss.text, "{user}");
     }
 }
+
+#[tokio::test]
+async fn eight_concurrent_requests_to_the_default_model_match_running_alone() {
+    let model = xtask::model_path();
+    assert!(
+        model.exists(),
+        "the default model is missing: `cargo run -p xtask -- model`"
+    );
+    let config = EngineConfig {
+        path: Some(model),
+        // A hit would take another path through the model than a miss.
+        prefix_cache_mib: 0,
+        default_deadline_ms: 600_000,
+        ..Default::default()
+    };
+    let engine = Engine::load_with_progress(&config, false).unwrap().0;
+    let readings = [
+        "kitchen smoke 0.31, temperature 48 C",
+        "garage door open for 40 minutes",
+        "hall thermostat 12 C at night",
+        "living-room lamp on, nobody home",
+        "cellar humidity 91 percent",
+        "front door lock battery 4 percent",
+        "bedroom CO2 1900 ppm",
+        "freezer temperature -2 C",
+    ];
+    let request = |r: &str| {
+        let params = GenerationParams {
+            max_tokens: 20,
+            ..Default::default()
+        };
+        GenerateRequest::system_and_user(
+            "You watch a smart home. Reply with one short sentence: the device and the action.",
+            r,
+            params,
+            "batch",
+        )
+    };
+    let mut alone = Vec::new();
+    for r in readings {
+        alone.push(engine.generate(request(r)).await.unwrap());
+    }
+    let together: Vec<_> = readings
+        .iter()
+        .map(|r| engine.generate(request(r)))
+        .collect();
+    let mut results = Vec::new();
+    for f in together {
+        results.push(f.await.unwrap());
+    }
+    let stats = engine.stats();
+    assert!(stats.largest_batch >= 4, "{stats:?}");
+    for ((r, a), t) in readings.iter().zip(&alone).zip(&results) {
+        assert_ne!(a.finish_reason, FinishReason::Deadline, "{a:?}");
+        assert_eq!(t.text, a.text, "{r}");
+        assert_eq!(t.usage, a.usage, "{r}");
+    }
+}

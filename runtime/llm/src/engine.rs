@@ -1,32 +1,29 @@
-//! The engine: one worker thread owns the model and runs jobs from a
-//! bounded queue; callers get futures. A full queue answers `overloaded`
-//! at once, so the pipeline can turn it into backpressure.
+//! The engine: one worker thread owns the model; callers get futures.
+//! Generation requests join one running batch (`scheduler`); classify and
+//! embed jobs run whole between its steps. Requests not yet running are
+//! bounded by `queue`: beyond it a request is `overloaded` at once, so the
+//! pipeline can turn it into backpressure.
 
 use crate::constraint::Constraints;
 use crate::embed::Embedder;
 use crate::gguf::{GgufFile, LoadError};
 use crate::model::{KvCache, Model, Step, log_softmax};
 use crate::prefix::PrefixCache;
-use crate::sampling::Sampler;
+use crate::scheduler::{EngineStats, Limits, Scheduler, SharedStats};
 use crate::tokenizer::Tokenizer;
-use crate::types::{
-    ChatMessage, Completion, FinishReason, GenerateRequest, LlmError, LlmInput, Role, Usage,
-};
+use crate::types::{ChatMessage, Completion, GenerateRequest, LlmError, Role};
 use candle_core::Device;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// The input whose label scores `classify` subtracts, so that what the
 /// model prefers with no evidence at all does not count as evidence.
 const CONTENT_FREE: &str = "N/A";
-
-/// Prompt tokens per forward call during prefill: bounds the attention
-/// score matrix (`heads × chunk × context` floats).
-const PREFILL_CHUNK: usize = 256;
 
 /// `[model]` in `ganglion.toml`.
 ///
@@ -38,6 +35,9 @@ const PREFILL_CHUNK: usize = 256;
 /// queue = 64
 /// context = 2048
 /// prefix_cache_mib = 64   # KV state of recent prompts, reused by prompts that share their start
+/// max_batch = 8           # generation requests decoded together
+/// kv_cache_mib = 256      # KV state of the running requests, reserved at admission
+/// prefill_chunk = 64      # prompt tokens per step: a new prompt delays the others by this much
 /// ```
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -49,8 +49,16 @@ pub struct EngineConfig {
     /// Model threads; default: cores − 1 on more than 2 cores, else all.
     /// The compute pool is process-wide, so the first engine sets it.
     pub threads: Option<usize>,
-    /// Requests waiting for the model beyond the one running.
+    /// Requests waiting for the model beyond those running.
     pub queue: usize,
+    /// Generation requests in the running batch at most.
+    pub max_batch: usize,
+    /// Bound on the KV state of running requests, in MiB. A request
+    /// reserves its prompt plus `max-tokens` when it starts.
+    pub kv_cache_mib: usize,
+    /// Prompt tokens fed per forward pass, in all: a long prompt is fed in
+    /// chunks of this size, between the decode steps of the others.
+    pub prefill_chunk: usize,
     /// Longest sequence (prompt + completion) in tokens; capped by the model's own.
     pub context: usize,
     /// Deadline for requests that set none, in milliseconds.
@@ -69,6 +77,9 @@ impl Default for EngineConfig {
             embedding: None,
             threads: None,
             queue: 64,
+            max_batch: 8,
+            kv_cache_mib: 256,
+            prefill_chunk: 64,
             context: 2048,
             default_deadline_ms: 60_000,
             prefix_cache_mib: 64,
@@ -130,16 +141,21 @@ enum Job {
 struct Worker {
     model: Option<(Model, Arc<Tokenizer>, Constraints)>,
     embedder: Option<Embedder>,
-    model_id: String,
     context: usize,
+    prefill_chunk: usize,
     prefixes: PrefixCache,
+    batch: Scheduler,
+    stats: Arc<SharedStats>,
 }
 
 /// A handle to the engine; cheap to clone. The worker stops when the last
 /// handle is dropped.
 #[derive(Clone)]
 pub struct Engine {
-    jobs: SyncSender<Job>,
+    jobs: Sender<Job>,
+    queue: usize,
+    stats: Arc<SharedStats>,
+    kv_bound: usize,
     tokenizer: Option<Arc<Tokenizer>>,
     model_id: String,
     has_embedder: bool,
@@ -226,20 +242,35 @@ impl Engine {
         let model_id = summary.as_ref().map(|s| s.id.clone()).unwrap_or_default();
         let tokenizer = model.as_ref().map(|(_, t, _)| t.clone());
         let context = summary.as_ref().map_or(config.context, |s| s.context);
-        let (jobs, rx) = std::sync::mpsc::sync_channel(config.queue.max(1));
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(SharedStats::default());
+        let kv_bound = config.kv_cache_mib << 20;
+        let bytes_per_token = model.as_ref().map_or(0, |(m, _, _)| m.kv_bytes_per_token());
+        let prefill_chunk = config.prefill_chunk.max(1);
         let engine = Engine {
             jobs,
+            queue: config.queue.max(1),
+            stats: stats.clone(),
+            kv_bound,
             tokenizer,
             model_id: model_id.clone(),
             has_embedder: embedder.is_some(),
             default_deadline: Duration::from_millis(config.default_deadline_ms),
         };
+        let limits = Limits {
+            max_batch: config.max_batch.max(1),
+            kv_bytes: kv_bound,
+            prefill_chunk,
+            context,
+        };
         let worker = Worker {
             model,
             embedder,
-            model_id,
             context,
+            prefill_chunk,
             prefixes: PrefixCache::new(config.prefix_cache_mib << 20),
+            batch: Scheduler::new(limits, bytes_per_token, stats.clone(), model_id),
+            stats,
         };
         std::thread::Builder::new()
             .name("ganglion-llm".into())
@@ -253,6 +284,11 @@ impl Engine {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// The running batch and its KV memory, as of the last step.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.snapshot(self.kv_bound)
     }
 
     fn deadline(&self, ms: Option<u32>) -> Instant {
@@ -269,14 +305,17 @@ impl Engine {
     ) -> impl Future<Output = Result<T, LlmError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let stopped = || LlmError::Internal("the model worker has stopped".into());
+        let pending = &self.stats.pending;
         let sent = if !ready {
             Err(LlmError::ModelNotLoaded)
+        } else if pending.fetch_add(1, Ordering::Relaxed) >= self.queue {
+            pending.fetch_sub(1, Ordering::Relaxed);
+            Err(LlmError::Overloaded)
         } else {
-            match self.jobs.try_send(job(tx)) {
-                Ok(()) => Ok(()),
-                Err(TrySendError::Full(_)) => Err(LlmError::Overloaded),
-                Err(TrySendError::Disconnected(_)) => Err(stopped()),
-            }
+            self.jobs.send(job(tx)).map_err(|_| {
+                pending.fetch_sub(1, Ordering::Relaxed);
+                stopped()
+            })
         };
         async move {
             sent?;
@@ -331,162 +370,68 @@ fn internal(e: impl std::fmt::Display) -> LlmError {
     LlmError::Internal(e.to_string())
 }
 
+fn expired(deadline: Instant) -> Result<(), LlmError> {
+    if Instant::now() >= deadline {
+        Err(LlmError::DeadlineExceeded)
+    } else {
+        Ok(())
+    }
+}
+
 impl Worker {
+    /// Takes in jobs between steps of the running batch; blocks only when
+    /// there is nothing to run. Stops when every handle is gone and the
+    /// batch has finished.
     fn run(mut self, rx: Receiver<Job>) {
-        while let Ok(job) = rx.recv() {
-            match job {
-                Job::Generate(req, deadline, tx) => {
-                    let r = self
-                        .expired(deadline)
-                        .and_then(|_| self.generate(req, deadline));
-                    let _ = tx.send(r);
+        let mut open = true;
+        loop {
+            if self.batch.is_idle() {
+                match rx.recv() {
+                    Ok(job) => self.take(job),
+                    Err(_) => return,
                 }
-                Job::Classify(text, labels, deadline, tx) => {
-                    let r = self
-                        .expired(deadline)
-                        .and_then(|_| self.classify(&text, &labels));
-                    let _ = tx.send(r);
+            }
+            while open {
+                match rx.try_recv() {
+                    Ok(job) => self.take(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
                 }
-                Job::Embed(texts, deadline, tx) => {
-                    let r = self.expired(deadline).and_then(|_| self.embed(&texts));
-                    let _ = tx.send(r);
-                }
+            }
+            if let Some((model, tokenizer, _)) = &self.model {
+                self.batch.step(model, tokenizer, &mut self.prefixes);
+            }
+            if !open && self.batch.is_idle() {
+                return;
             }
         }
     }
 
-    fn expired(&self, deadline: Instant) -> Result<(), LlmError> {
-        if Instant::now() >= deadline {
-            Err(LlmError::DeadlineExceeded)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn prompt_ids(tokenizer: &Tokenizer, input: &LlmInput) -> Result<Vec<u32>, LlmError> {
-        let text = match input {
-            LlmInput::Raw(text) => text.clone(),
-            LlmInput::Chat(messages) => {
-                if messages.is_empty() {
-                    return Err(LlmError::InvalidInput("no chat messages".into()));
+    /// A generation request joins the batch's queue; classify and embed run
+    /// now, between steps.
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Generate(req, deadline, tx) => match &self.model {
+                Some((_, tokenizer, constraints)) => {
+                    self.batch
+                        .enqueue(tokenizer, constraints, req, deadline, tx)
                 }
-                tokenizer
-                    .apply_chat_template(messages)
-                    .map_err(LlmError::InvalidInput)?
-            }
-        };
-        let ids = tokenizer.encode(&text).map_err(LlmError::InvalidInput)?;
-        if ids.is_empty() {
-            return Err(LlmError::InvalidInput("the prompt is empty".into()));
-        }
-        Ok(ids)
-    }
-
-    /// Feeds `ids` into `cache` in chunks; the logits after the last token.
-    fn prefill(model: &Model, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, LlmError> {
-        let mut out = Self::prefill_many(model, &[ids], std::slice::from_mut(cache))?;
-        out.pop()
-            .ok_or_else(|| LlmError::InvalidInput("the prompt is empty".into()))
-    }
-
-    fn generate(
-        &mut self,
-        req: GenerateRequest,
-        deadline: Instant,
-    ) -> Result<Completion, LlmError> {
-        let (model, tokenizer, constraints) =
-            self.model.as_ref().ok_or(LlmError::ModelNotLoaded)?;
-        let p = &req.params;
-        let ids = Self::prompt_ids(tokenizer, &req.input)?;
-        if ids.len() >= self.context {
-            return Err(LlmError::InvalidInput(format!(
-                "the prompt has {} tokens; the context holds {}",
-                ids.len(),
-                self.context
-            )));
-        }
-        let max_tokens = (p.max_tokens as usize).min(self.context - ids.len());
-        let mut matcher = constraints.matcher(&p.constraint)?;
-        let mut sampler = Sampler::new(p.temperature, p.top_k, p.top_p, p.repeat_penalty, p.seed);
-        let (cached, mut cache) = self.prefixes.lookup(&ids).map_err(internal)?;
-        let mut logits = Self::prefill(model, &ids[cached..], &mut cache)?;
-        self.prefixes.insert(&ids, &cache);
-        let mut history = ids.clone();
-        let mut generated: Vec<u32> = Vec::new();
-        let stops: Vec<&str> = p
-            .stop
-            .iter()
-            .map(String::as_str)
-            .filter(|s| !s.is_empty())
-            .collect();
-        // Set when a stop string cut the text; otherwise decoded at the end.
-        let mut text: Option<String> = None;
-        let mut finish = FinishReason::Length;
-        while generated.len() < max_tokens {
-            if Instant::now() >= deadline {
-                finish = FinishReason::Deadline;
-                break;
-            }
-            let token = match &mut matcher {
-                Some(m) => {
-                    if m.is_stopped() {
-                        finish = FinishReason::ConstraintComplete;
-                        break;
-                    }
-                    let mask = m
-                        .compute_mask()
-                        .map_err(|e| LlmError::ConstraintUnsatisfiable(e.to_string()))?;
-                    let allowed = |t: u32| mask.is_allowed(t);
-                    sampler.sample(&mut logits, &history, Some(&allowed))
+                None => {
+                    self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+                    let _ = tx.send(Err(LlmError::ModelNotLoaded));
                 }
-                None => sampler.sample(&mut logits, &history, None),
-            }
-            .ok_or_else(|| {
-                LlmError::ConstraintUnsatisfiable("no token can continue the output".into())
-            })?;
-            if tokenizer.is_end_of_generation(token) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let Some(m) = &mut matcher {
-                m.consume_token(token)
-                    .map_err(|e| LlmError::ConstraintUnsatisfiable(e.to_string()))?;
-            }
-            generated.push(token);
-            history.push(token);
-            if !stops.is_empty() {
-                let so_far = tokenizer.decode(&generated);
-                if let Some(cut) = stops.iter().filter_map(|s| so_far.find(s)).min() {
-                    text = Some(so_far[..cut].to_owned());
-                    finish = FinishReason::Stop;
-                    break;
-                }
-            }
-            if matcher.as_ref().is_some_and(|m| m.is_stopped()) {
-                finish = FinishReason::ConstraintComplete;
-                break;
-            }
-            if generated.len() == max_tokens {
-                break;
-            }
-            logits = model
-                .forward(&mut [Step {
-                    tokens: &[token],
-                    cache: &mut cache,
-                }])
-                .and_then(|t| t.squeeze(0)?.to_vec1::<f32>())
-                .map_err(internal)?;
-        }
-        Ok(Completion {
-            text: text.unwrap_or_else(|| tokenizer.decode(&generated)),
-            finish_reason: finish,
-            usage: Usage {
-                prompt_tokens: ids.len() as u32,
-                completion_tokens: generated.len() as u32,
-                cached_tokens: cached as u32,
             },
-            model: self.model_id.clone(),
-        })
+            Job::Classify(text, labels, deadline, tx) => {
+                self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+                let r = expired(deadline).and_then(|_| self.classify(&text, &labels));
+                let _ = tx.send(r);
+            }
+            Job::Embed(texts, deadline, tx) => {
+                self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+                let r = expired(deadline).and_then(|_| self.embed(&texts));
+                let _ = tx.send(r);
+            }
+        }
     }
 
     /// Scores each label as the assistant's answer after `Category:`, the
@@ -547,7 +492,7 @@ impl Worker {
         }
         let mut caches = vec![KvCache::default(); 4];
         let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let firsts = Self::prefill_many(model, &prompts, &mut caches)?
+        let firsts = Self::prefill_many(model, &prompts, &mut caches, self.prefill_chunk)?
             .into_iter()
             .map(|l| {
                 candle_core::Tensor::new(l, model.device())
@@ -609,12 +554,13 @@ impl Worker {
         Ok(exp.into_iter().map(|e| e / sum).collect())
     }
 
-    /// Prefills several prompts together, `PREFILL_CHUNK` tokens of each per
+    /// Prefills several prompts together, `chunk` tokens of each per
     /// forward call; the logits after each prompt's last token.
     fn prefill_many(
         model: &Model,
         prompts: &[&[u32]],
         caches: &mut [KvCache],
+        chunk: usize,
     ) -> Result<Vec<Vec<f32>>, LlmError> {
         let mut out: Vec<Option<Vec<f32>>> = vec![None; prompts.len()];
         let mut offset = 0;
@@ -628,7 +574,7 @@ impl Worker {
             let mut steps: Vec<Step<'_>> = Vec::with_capacity(active.len());
             for (i, cache) in caches.iter_mut().enumerate() {
                 if active.contains(&i) {
-                    let end = (offset + PREFILL_CHUNK).min(prompts[i].len());
+                    let end = (offset + chunk).min(prompts[i].len());
                     steps.push(Step {
                         tokens: &prompts[i][offset..end],
                         cache,
@@ -637,7 +583,7 @@ impl Worker {
             }
             let logits = model.forward(&mut steps).map_err(internal)?;
             for (row, &i) in active.iter().enumerate() {
-                if offset + PREFILL_CHUNK >= prompts[i].len() {
+                if offset + chunk >= prompts[i].len() {
                     out[i] = Some(
                         logits
                             .get(row)
@@ -646,7 +592,7 @@ impl Worker {
                     );
                 }
             }
-            offset += PREFILL_CHUNK;
+            offset += chunk;
         }
         out.into_iter()
             .map(|o| o.ok_or_else(|| LlmError::InvalidInput("the prompt is empty".into())))

@@ -6,6 +6,9 @@
 //! - [`model`]: the llama-family forward pass (llama, qwen2, qwen3) over
 //!   quantized GGUF weights, batched over sequences with per-sequence KV
 //!   caches.
+//! - [`scheduler`]: continuous batching of generation requests: one running
+//!   batch, chunked prefill, fair admission across rules, deadlines, a bound
+//!   on KV memory.
 //! - [`prefix`]: prompt-prefix KV reuse, bounded in bytes, least recently
 //!   used out first.
 //! - [`gguf`]: opening and checking GGUF files; [`LoadError`].
@@ -24,12 +27,14 @@ pub mod gguf;
 pub mod model;
 pub mod prefix;
 pub mod sampling;
+pub mod scheduler;
 pub mod testing;
 pub mod tokenizer;
 pub mod types;
 
 pub use engine::{Engine, EngineConfig, ModelSummary};
 pub use gguf::LoadError;
+pub use scheduler::EngineStats;
 pub use types::*;
 #[cfg(test)]
 mod tests;

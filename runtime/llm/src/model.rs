@@ -455,6 +455,12 @@ impl Model {
     pub fn device(&self) -> &Device {
         &self.device
     }
+
+    /// Bytes of KV state one token of one sequence takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        c.layers * 2 * c.kv_heads * c.head_dim * 4
+    }
 }
 
 /// candle 0.11 has no SIMD dot product for Q4_1, Q5_0 and Q5_1 (its scalar
