@@ -11,7 +11,11 @@ fn main() -> anyhow::Result<()> {
     let mut gguf = GgufFile::open(std::path::Path::new(path))?;
     let model = Model::load(&mut gguf, &candle_core::Device::Cpu, |_, _| {})?;
     let vocab = model.config.vocab as u32;
-    for batch in [1usize, 4, 8] {
+    let batches: Vec<usize> = std::env::var("BATCHES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or(vec![1, 4, 8]);
+    for batch in batches {
         let mut caches = vec![KvCache::default(); batch];
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|b| {
@@ -50,3 +54,6 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[allow(dead_code)]
+fn kernel_only() {}

@@ -11,6 +11,8 @@
 //!   on KV memory.
 //! - [`prefix`]: prompt-prefix KV reuse, bounded in bytes, least recently
 //!   used out first.
+//! - [`kernels`]: the engine's own Q8_0 matrix product for the CPU, tiled
+//!   over weight and activation rows, batch-invariant.
 //! - [`gguf`]: opening and checking GGUF files; [`LoadError`].
 //! - [`tokenizer`]: the tokenizer from GGUF metadata or `tokenizer.json`, and
 //!   the chat template.
@@ -20,10 +22,12 @@
 //! - [`testing`]: tiny random-weight GGUF models for tests.
 //! - [`types`]: requests and results.
 
+mod attention;
 pub mod constraint;
 pub mod embed;
 pub mod engine;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod prefix;
 pub mod sampling;

@@ -7,11 +7,18 @@
 //! attention is done per sequence, against that sequence's own KV cache with
 //! its own positions. The token embedding stays quantized; rows are
 //! dequantized on lookup, and a tied output projection shares the same bytes.
+//!
+//! On the CPU, attention and rotary embedding are the engine's own
+//! (`attention`) and the KV cache is plain memory, appended in place; every
+//! operation then computes a token's row from that row alone, so a
+//! sequence's logits are the same bits alone or batched, whole or chunked,
+//! with or without a cached prefix. Other devices use candle's operations.
 
+use crate::attention;
 use crate::gguf::{GgufFile, LoadError};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{D, DType, Device, Module, Tensor};
-use std::sync::Arc;
+use crate::kernels::{Embedding, Linear};
+use candle_core::quantized::QTensor;
+use candle_core::{D, DType, Device, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -37,37 +44,45 @@ pub struct ModelConfig {
 
 struct Layer {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    out: QMatMul,
+    out: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 pub struct Model {
     pub config: ModelConfig,
-    embedding: Arc<QTensor>,
+    embedding: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The same tables in host memory, `[context][head_dim / 2]`.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     device: Device,
 }
 
-/// One sequence's keys and values, per layer `[kv_heads, positions, head_dim]`.
+/// One sequence's keys and values. On the CPU, per layer, token-major
+/// `[positions][kv_heads][head_dim]` in plain memory; on other devices, per
+/// layer `[kv_heads, positions, head_dim]` tensors.
 #[derive(Clone, Default)]
 pub struct KvCache {
+    host: Vec<(Vec<f32>, Vec<f32>)>,
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
+    /// Positions to make room for at the first append (host memory).
+    reserve: usize,
 }
 
 impl KvCache {
@@ -79,10 +94,18 @@ impl KvCache {
         self.len == 0
     }
 
-    /// The state of the first `n` positions, in tensors of its own (the
+    /// The state of the first `n` positions, in memory of its own (the
     /// cached entry it came from stays as it is).
     pub fn prefix(&self, n: usize) -> Result<KvCache> {
         let n = n.min(self.len);
+        let host = self
+            .host
+            .iter()
+            .map(|(k, v)| {
+                let row = k.len() / self.len.max(1);
+                (k[..n * row].to_vec(), v[..n * row].to_vec())
+            })
+            .collect();
         let layers = self
             .layers
             .iter()
@@ -93,15 +116,40 @@ impl KvCache {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers, len: n })
+        Ok(KvCache {
+            host,
+            layers,
+            len: n,
+            reserve: 0,
+        })
+    }
+
+    /// Makes room for `positions` in all, so that a sequence whose memory
+    /// was reserved up front does not grow past it.
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserve = positions;
+        let len = self.len.max(1);
+        for (k, v) in &mut self.host {
+            let row = k.len() / len;
+            let want = positions * row;
+            k.reserve_exact(want.saturating_sub(k.len()));
+            v.reserve_exact(want.saturating_sub(v.len()));
+        }
     }
 
     /// Bytes held, for memory accounting.
     pub fn bytes(&self) -> usize {
-        self.layers
+        let host: usize = self
+            .host
+            .iter()
+            .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+            .sum();
+        let device: usize = self
+            .layers
             .iter()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
-            .sum()
+            .sum();
+        host + device
     }
 }
 
@@ -177,13 +225,16 @@ impl Model {
                 progress(done.min(total), total);
                 Ok(t)
             };
-        let embedding = Arc::new(next(gguf, "token_embd.weight")?);
+        let embedding = next(gguf, "token_embd.weight")?;
         if embedding.shape().dims() != [vocab, width] {
             return Err(gguf.invalid(format!(
                 "token_embd.weight has shape {:?}, expected [{vocab}, {width}]",
                 embedding.shape().dims()
             )));
         }
+        let embedding = widen_for_simd(embedding, device)
+            .and_then(Embedding::new)
+            .map_err(|e| gguf.invalid(format!("token_embd.weight: {e}")))?;
         let dense = |t: QTensor, gguf: &GgufFile, name: &str| {
             t.dequantize(device)
                 .map_err(|e| gguf.invalid(format!("{name}: {e}")))
@@ -196,7 +247,7 @@ impl Model {
                 )));
             }
             let t = widen_for_simd(t, device).map_err(|e| gguf.invalid(format!("{name}: {e}")))?;
-            QMatMul::from_qtensor(t).map_err(|e| gguf.invalid(format!("{name}: {e}")))
+            Linear::new(t).map_err(|e| gguf.invalid(format!("{name}: {e}")))
         };
         let q_width = heads * head_dim;
         let kv_width = kv_heads * head_dim;
@@ -256,7 +307,8 @@ impl Model {
             mat(t, gguf, "output.weight", vocab, width)?
         } else {
             progress(total, total);
-            QMatMul::from_arc(embedding.clone())
+            embedding
+                .as_output()
                 .map_err(|e| gguf.invalid(format!("token_embd.weight as output: {e}")))?
         };
         let freq_factors = if gguf.has_tensor("rope_freqs.weight") {
@@ -271,6 +323,12 @@ impl Model {
         };
         let (cos, sin) = rope_tables(&config, freq_factors.as_deref(), device)
             .map_err(|e| gguf.invalid(format!("rotary tables: {e}")))?;
+        let host = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| gguf.invalid(format!("rotary tables: {e}")))
+        };
+        let (cos_host, sin_host) = (host(&cos)?, host(&sin)?);
         Ok(Model {
             config,
             embedding,
@@ -279,6 +337,8 @@ impl Model {
             output,
             cos,
             sin,
+            cos_host,
+            sin_host,
             device: device.clone(),
         })
     }
@@ -321,14 +381,23 @@ impl Model {
         }
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
-        let positions = Tensor::from_vec(positions, n, &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
-        let mut x = self.embedding.embedding(&ids)?;
+        let (cos, sin) = if self.device.is_cpu() {
+            (None, None)
+        } else {
+            let positions = Tensor::from_vec(positions, n, &self.device)?;
+            (
+                Some(self.cos.index_select(&positions, 0)?),
+                Some(self.sin.index_select(&positions, 0)?),
+            )
+        };
+        let mut x = self.embedding.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let attn = self.attention(li, layer, &h, &cos, &sin, steps)?;
+            let attn = match (&cos, &sin) {
+                (Some(cos), Some(sin)) => self.attention(li, layer, &h, cos, sin, steps)?,
+                _ => self.attention_host(li, layer, &h, steps)?,
+            };
             let x1 = (residual + attn)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, c.rms_eps)?;
             let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
@@ -351,6 +420,102 @@ impl Model {
         candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps)
     }
 
+    /// Projections, rotary embedding, the KV append and attention on the
+    /// CPU (see the module docs).
+    fn attention_host(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        steps: &mut [Step<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let n = h.dim(0)?;
+        let d = c.head_dim;
+        let project = |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads| {
+            let y = m.forward(h)?;
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            let y = match norm {
+                Some(w) => candle_nn::ops::rms_norm(&y.reshape((n, heads, d))?, w, c.rms_eps)?,
+                None => y,
+            };
+            y.flatten_all()?.to_vec1::<f32>()
+        };
+        let mut q = project(&layer.q, &layer.q_bias, &layer.q_norm, c.heads)?;
+        let mut k = project(&layer.k, &layer.k_bias, &layer.k_norm, c.kv_heads)?;
+        let v = project(&layer.v, &layer.v_bias, &None, c.kv_heads)?;
+        let (q_row, kv_row) = (c.heads * d, c.kv_heads * d);
+        let half = d / 2;
+        let interleaved = c.family == Family::Llama;
+        let mut t = 0;
+        for s in steps.iter_mut() {
+            let past = s.cache.len;
+            for p in past..past + s.tokens.len() {
+                let (cos, sin) = (
+                    &self.cos_host[p * half..(p + 1) * half],
+                    &self.sin_host[p * half..(p + 1) * half],
+                );
+                attention::rope(&mut q[t * q_row..(t + 1) * q_row], d, cos, sin, interleaved);
+                attention::rope(
+                    &mut k[t * kv_row..(t + 1) * kv_row],
+                    d,
+                    cos,
+                    sin,
+                    interleaved,
+                );
+                t += 1;
+            }
+        }
+        let mut t = 0;
+        for s in steps.iter_mut() {
+            let len = s.tokens.len();
+            let cache = &mut *s.cache;
+            if cache.host.len() <= li {
+                let room = cache.reserve.max(cache.len + len) * kv_row;
+                cache
+                    .host
+                    .push((Vec::with_capacity(room), Vec::with_capacity(room)));
+            }
+            let (kc, vc) = &mut cache.host[li];
+            kc.extend_from_slice(&k[t * kv_row..(t + len) * kv_row]);
+            vc.extend_from_slice(&v[t * kv_row..(t + len) * kv_row]);
+            t += len;
+        }
+        let mut queries = Vec::with_capacity(n);
+        for s in steps.iter() {
+            let (kc, vc) = &s.cache.host[li];
+            for p in s.cache.len..s.cache.len + s.tokens.len() {
+                queries.push(attention::Query {
+                    keys: &kc[..(p + 1) * kv_row],
+                    values: &vc[..(p + 1) * kv_row],
+                });
+            }
+        }
+        let mut out = vec![0f32; n * q_row];
+        attention::attend(
+            &q,
+            &queries,
+            attention::Heads {
+                heads: c.heads,
+                kv_heads: c.kv_heads,
+                head_dim: d,
+            },
+            &mut out,
+        );
+        drop(queries);
+        if li + 1 == self.layers.len() {
+            for s in steps.iter_mut() {
+                s.cache.len += s.tokens.len();
+            }
+        }
+        layer
+            .out
+            .forward(&Tensor::from_vec(out, (n, q_row), &self.device)?)
+    }
+
     fn attention(
         &self,
         li: usize,
@@ -362,7 +527,7 @@ impl Model {
     ) -> Result<Tensor> {
         let c = &self.config;
         let n = h.dim(0)?;
-        let project = |m: &QMatMul, bias: &Option<Tensor>| -> Result<Tensor> {
+        let project = |m: &Linear, bias: &Option<Tensor>| -> Result<Tensor> {
             let y = m.forward(h)?;
             match bias {
                 Some(b) => y.broadcast_add(b),

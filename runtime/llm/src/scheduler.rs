@@ -344,7 +344,7 @@ impl Scheduler {
             self.tick += 1;
             self.admitted.insert(rule.clone(), self.tick);
             self.reserved += w.reserve;
-            let (cached, cache) = match prefixes.lookup(&w.ids) {
+            let (cached, mut cache) = match prefixes.lookup(&w.ids) {
                 Ok(hit) => hit,
                 Err(e) => {
                     self.reserved -= w.reserve;
@@ -352,6 +352,7 @@ impl Scheduler {
                     continue;
                 }
             };
+            cache.reserve(w.ids.len() + w.max_tokens);
             self.running.push(Sequence {
                 rule,
                 history: w.ids.clone(),
