@@ -12,8 +12,6 @@
 //! a prompt fed whole, in chunks, after a cached prefix or next to other
 //! sequences gives the same bits.
 
-use rayon::prelude::*;
-
 /// Rotary position embedding of one token's heads in place: `pairs`
 /// rotations per head, from the `cos`/`sin` rows of its position.
 /// `interleaved`: pairs are adjacent elements (GGUF llama); otherwise the
@@ -55,17 +53,25 @@ pub(crate) struct Heads {
 pub(crate) fn attend(q: &[f32], queries: &[Query<'_>], h: Heads, out: &mut [f32]) {
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     let group = h.heads / h.kv_heads;
-    out.par_chunks_mut(h.head_dim)
-        .enumerate()
-        .with_min_len(4)
-        .for_each_init(Vec::new, |scores, (i, o)| {
+    let d = h.head_dim;
+    let items = out.len() / d;
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        let out_ptr = &out_ptr;
+        let mut scores = Vec::new();
+        for i in range {
             let (t, head) = (i / h.heads, i % h.heads);
-            let query = &queries[t];
-            let qh = &q[i * h.head_dim..(i + 1) * h.head_dim];
-            let kv = head / group;
-            attend_one(qh, query, kv, h, scale, scores, o);
-        });
+            let qh = &q[i * d..(i + 1) * d];
+            // SAFETY: each (token, head) item is written by one range only.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(i * d), d) };
+            attend_one(qh, &queries[t], head / group, h, scale, &mut scores, o);
+        }
+    });
 }
+
+struct OutPtr(*mut f32);
+// SAFETY: used only to hand disjoint rows of one buffer to the pool.
+unsafe impl Sync for OutPtr {}
 
 fn attend_one(
     q: &[f32],

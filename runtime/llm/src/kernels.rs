@@ -19,7 +19,6 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Weights per quantisation block.
@@ -163,19 +162,16 @@ impl Q8Matrix {
         let a = quantize_rows(x, m, self.k);
         let mut out = vec![0f32; m * self.n];
         let groups = self.n.div_ceil(TILE_ROWS);
-        // Enough pieces for every thread, each a run of whole row groups.
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = groups.div_ceil(threads * 4).max(1);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..groups.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                let first = task * per_task * TILE_ROWS;
-                let last = ((task + 1) * per_task * TILE_ROWS).min(self.n);
-                let out_ptr = &out_ptr;
-                // SAFETY: tasks write disjoint weight rows (output columns).
-                unsafe { self.rows_into(&a, m, first, last, out_ptr.0) };
-            });
+        // candle's pool, which runs candle's own operations too: one set of
+        // compute threads, the caller among them.
+        candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+            let first = range.start * TILE_ROWS;
+            let last = (range.end * TILE_ROWS).min(self.n);
+            let out_ptr = &out_ptr;
+            // SAFETY: ranges write disjoint weight rows (output columns).
+            unsafe { self.rows_into(&a, m, first, last, out_ptr.0) };
+        });
         out
     }
 
@@ -379,7 +375,8 @@ fn path() -> Path {
     Path::Avx2
 }
 
-pub(crate) fn avx512() -> bool {
+#[cfg(test)]
+fn avx512() -> bool {
     path() == Path::Avx512
 }
 
