@@ -343,3 +343,54 @@ async fn eight_concurrent_requests_to_the_default_model_match_running_alone() {
         assert_eq!(t.usage, a.usage, "{r}");
     }
 }
+
+#[tokio::test]
+async fn thirty_two_concurrent_requests_to_the_default_model_stay_within_the_kv_bound() {
+    let model = xtask::model_path();
+    assert!(
+        model.exists(),
+        "the default model is missing: `cargo run -p xtask -- model`"
+    );
+    let config = EngineConfig {
+        path: Some(model),
+        queue: 16,
+        max_batch: 32,
+        // About 45 KiB per token: three ~50-token requests fit.
+        kv_cache_mib: 8,
+        ..Default::default()
+    };
+    let engine = Engine::load_with_progress(&config, false).unwrap().0;
+    let requests: Vec<_> = (0..32)
+        .map(|i| {
+            let params = GenerationParams {
+                max_tokens: 8,
+                deadline_ms: Some([30, 300, 120_000][i % 3]),
+                ..Default::default()
+            };
+            engine.generate(GenerateRequest::system_and_user(
+                "You watch a smart home. Reply with one short sentence.",
+                format!("sensor {i} reads {} C", 20 + i),
+                params,
+                format!("rule-{}", i % 4),
+            ))
+        })
+        .collect();
+    let mut outcomes = (0, 0, 0);
+    for f in requests {
+        match f.await {
+            Ok(c) if c.finish_reason == FinishReason::Deadline => outcomes.1 += 1,
+            Ok(_) => outcomes.0 += 1,
+            Err(LlmError::DeadlineExceeded) => outcomes.1 += 1,
+            Err(LlmError::Overloaded) => outcomes.2 += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let stats = engine.stats();
+    assert!(stats.kv_peak_bytes <= 8 << 20, "{stats:?}");
+    assert!(stats.kv_peak_bytes > 2 << 20, "{stats:?}");
+    assert!(stats.largest_batch <= 3, "{stats:?}");
+    let (ok, late, refused) = outcomes;
+    assert_eq!(ok + late + refused, 32);
+    assert!(ok > 0 && late > 0 && refused > 0, "{outcomes:?}");
+    assert_eq!((stats.running, stats.waiting, stats.kv_bytes), (0, 0, 0));
+}

@@ -103,13 +103,9 @@ fn bench_llm(rest: &[String]) -> Result<()> {
         .args(["-c", "import llama_cpp"])
         .status()?;
     if !probe.success() {
-        // From source, for this CPU's AVX2/AVX-512 but not AMX: AMX tile
-        // instructions fault on hosts that advertise but do not enable it.
+        // From source, with the same CPU flags as the batched bench.
         run(Command::new(venv.join("bin/pip"))
-            .env(
-                "CMAKE_ARGS",
-                "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF",
-            )
+            .env("CMAKE_ARGS", LLAMA_CPU_FLAGS)
             .args([
                 "install",
                 "--no-cache-dir",
@@ -176,8 +172,162 @@ fn bench_llm(rest: &[String]) -> Result<()> {
     // (prompt-prefix KV reuse).
     let ttft = json(engine_bench("prefix_ttft", &model).output()?)?;
     println!("\nprefix reuse, time to first token: {ttft}");
+    batched(&model, &venv)
+}
+
+/// Aggregate decode speed at 1, 4 and 8 sequences: the engine's forward
+/// pass and its scheduler against llama.cpp's `llama-batched-bench`, built
+/// from the same llama.cpp as the single-stream comparison.
+fn batched(model: &std::path::Path, venv: &std::path::Path) -> Result<()> {
+    let root = xtask::root();
+    let src = root.join("target/llamacpp-src");
+    let tool = src.join("build/bin/llama-batched-bench");
+    if !tool.exists() {
+        let tree = src.join("llama.cpp");
+        if !tree.join("CMakeLists.txt").exists() {
+            std::fs::create_dir_all(&src)?;
+            run(Command::new(venv.join("bin/pip"))
+                .args([
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    "llama-cpp-python",
+                    "llama-cpp-python==0.3.36",
+                    "-d",
+                ])
+                .arg(&src))?;
+            run(Command::new("tar")
+                .arg("xzf")
+                .arg(src.join("llama_cpp_python-0.3.36.tar.gz"))
+                .arg("-C")
+                .arg(&src)
+                .arg("--strip-components=2")
+                .arg("llama_cpp_python-0.3.36/vendor/llama.cpp"))?;
+        }
+        run(Command::new(venv.join("bin/pip")).args(["install", "cmake", "ninja"]))?;
+        let path = format!(
+            "{}:{}",
+            venv.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new(venv.join("bin/cmake"))
+            .env("PATH", &path)
+            .arg("-S")
+            .arg(&tree)
+            .arg("-B")
+            .arg(src.join("build"))
+            .args([
+                "-G",
+                "Ninja",
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF",
+                "-DLLAMA_BUILD_TOOLS=ON",
+            ])
+            .args(LLAMA_CPU_FLAGS.split(' ')))?;
+        run(Command::new(venv.join("bin/cmake"))
+            .env("PATH", &path)
+            .arg("--build")
+            .arg(src.join("build"))
+            .args(["--target", "llama-batched-bench", "-j2"]))?;
+    }
+    cargo(
+        &[
+            "bench",
+            "-p",
+            "ganglion-llm",
+            "--bench",
+            "batch_decode",
+            "--no-run",
+        ],
+        &[] as &[&str],
+    )?;
+    let lines = |out: std::process::Output| -> Result<Vec<serde_json::Value>> {
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    };
+    let batches = [1u64, 4, 8];
+    let (mut forward, mut engine, mut llama) = ([0f64; 3], [0f64; 3], [0f64; 3]);
+    let slot = |b: u64| batches.iter().position(|&x| x == b);
+    // Alternating rounds, best of each: the machine is shared.
+    for _ in 0..3 {
+        for v in lines(
+            engine_bench("batch_decode", model)
+                .args(["128", "64", "1,4,8", "1"])
+                .output()?,
+        )? {
+            let Some(i) = v["batch"].as_u64().and_then(slot) else {
+                continue;
+            };
+            match v["kind"].as_str() {
+                Some("forward") => {
+                    forward[i] = forward[i].max(v["decode_tps"].as_f64().unwrap_or(0.0))
+                }
+                Some("engine") => engine[i] = engine[i].max(v["tps"].as_f64().unwrap_or(0.0)),
+                _ => {}
+            }
+        }
+        for v in lines(
+            Command::new(&tool)
+                .arg("-m")
+                .arg(model)
+                .args([
+                    "-c",
+                    "2048",
+                    "-b",
+                    "2048",
+                    "-ub",
+                    "512",
+                    "-npp",
+                    "128",
+                    "-ntg",
+                    "64",
+                    "-npl",
+                    "1,4,8",
+                    "-t",
+                    "2",
+                    "-tb",
+                    "2",
+                    "--output-format",
+                    "jsonl",
+                ])
+                .output()?,
+        )? {
+            if let Some(i) = v["pl"].as_u64().and_then(slot) {
+                llama[i] = llama[i].max(v["speed_tg"].as_f64().unwrap_or(0.0));
+            }
+        }
+    }
+    println!(
+        "\n| sequences | engine forward decode tok/s | engine scheduler tok/s | llama-batched-bench S_TG tok/s | forward ÷ llama.cpp | forward ÷ own single stream |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (i, b) in batches.iter().enumerate() {
+        println!(
+            "| {b} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            forward[i],
+            engine[i],
+            llama[i],
+            forward[i] / llama[i],
+            forward[i] / forward[0]
+        );
+    }
     Ok(())
 }
+
+/// llama.cpp's CPU build flags: this CPU's AVX2/AVX-512/VNNI but not AMX,
+/// whose tile instructions fault on hosts that advertise but do not enable
+/// it.
+const LLAMA_CPU_FLAGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

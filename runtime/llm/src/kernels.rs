@@ -50,6 +50,38 @@ impl Linear {
         }
     }
 
+    /// `x · Wᵀ` for several matrices that read the same input (q, k, v;
+    /// gate and up): on the engine's kernel the input is quantised once.
+    pub fn forward_each(each: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let ours: Option<Vec<&Q8Matrix>> = each
+            .iter()
+            .map(|l| match l {
+                Linear::Q8(m) => Some(m.as_ref()),
+                Linear::Candle(_) => None,
+            })
+            .collect();
+        let Some(ours) = ours.filter(|o| o.iter().all(|m| m.k == o[0].k)) else {
+            return each.iter().map(|l| l.forward(x)).collect();
+        };
+        let Some(k) = ours.first().map(|m| m.k) else {
+            return Ok(Vec::new());
+        };
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("activations {dims:?} do not end in {k}");
+        }
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let m = data.len() / k;
+        let a = quantize_rows(&data, m, k);
+        ours.iter()
+            .map(|w| {
+                let mut shape = dims.clone();
+                *shape.last_mut().expect("checked above") = w.n;
+                Tensor::from_vec(w.matmul_quantized(&a, m), shape, x.device())
+            })
+            .collect()
+    }
+
     /// `x · Wᵀ` for `x` of shape `[.., k]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -116,8 +148,44 @@ impl Embedding {
 pub struct Q8Matrix {
     n: usize,
     k: usize,
-    qs: Vec<i8>,
+    qs: Aligned,
     d: Vec<f32>,
+}
+
+/// Bytes on 64-byte boundaries, so that a row whose length is a multiple of
+/// 64 never has a two-block load straddle cache lines.
+struct Aligned {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(align(64))]
+struct Line(#[allow(dead_code, reason = "read through `as_slice`")] [i8; 64]);
+
+impl Aligned {
+    fn new(bytes: impl ExactSizeIterator<Item = i8>) -> Aligned {
+        let len = bytes.len();
+        let mut lines = vec![Line([0; 64]); len.div_ceil(64)];
+        // SAFETY: `lines` holds at least `len` bytes, contiguous.
+        let flat = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut i8, len) };
+        for (d, s) in flat.iter_mut().zip(bytes) {
+            *d = s;
+        }
+        Aligned { lines, len }
+    }
+
+    fn as_slice(&self) -> &[i8] {
+        // SAFETY: `lines` holds at least `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const i8, self.len) }
+    }
+}
+
+impl std::ops::Index<std::ops::Range<usize>> for Aligned {
+    type Output = [i8];
+    fn index(&self, r: std::ops::Range<usize>) -> &[i8] {
+        &self.as_slice()[r]
+    }
 }
 
 /// Activations quantised like the weights, row by row.
@@ -143,23 +211,35 @@ impl Q8Matrix {
         if !k.is_multiple_of(BLOCK) || bytes.len() != n * k / BLOCK * 34 {
             candle_core::bail!("Q8_0 matrix of {n}×{k} cannot be {} bytes", bytes.len());
         }
-        let mut qs = Vec::with_capacity(n * k);
-        let mut d = Vec::with_capacity(n * k / BLOCK);
-        for block in bytes.chunks_exact(34) {
-            d.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-            qs.extend(block[2..].iter().map(|&b| b as i8));
-        }
+        let d = bytes
+            .chunks_exact(34)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        let qs = Aligned::new(
+            bytes
+                .chunks_exact(34)
+                .flat_map(|b| b[2..].iter().map(|&q| q as i8))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
         Ok(Q8Matrix { n, k, qs, d })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.qs.len() + self.d.len() * 4
+        self.lines_bytes() + self.d.len() * 4
+    }
+
+    fn lines_bytes(&self) -> usize {
+        self.qs.lines.len() * 64
     }
 
     /// `out[i][j] = Σ x[i] · w[j]` for `m` rows of `x`, row-major `[m, n]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let a = quantize_rows(x, m, self.k);
+        self.matmul_quantized(&quantize_rows(x, m, self.k), m)
+    }
+
+    fn matmul_quantized(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
         let mut out = vec![0f32; m * self.n];
         let groups = self.n.div_ceil(TILE_ROWS);
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -170,7 +250,7 @@ impl Q8Matrix {
             let last = (range.end * TILE_ROWS).min(self.n);
             let out_ptr = &out_ptr;
             // SAFETY: ranges write disjoint weight rows (output columns).
-            unsafe { self.rows_into(&a, m, first, last, out_ptr.0) };
+            unsafe { self.rows_into(a, m, first, last, out_ptr.0) };
         });
         out
     }
@@ -222,7 +302,8 @@ impl Q8Matrix {
         out: *mut f32,
     ) {
         let kb = self.k / BLOCK;
-        let w_qs: [&[i8]; R] = std::array::from_fn(|i| &self.qs[(r + i) * self.k..][..self.k]);
+        let w_qs: [&[i8]; R] =
+            std::array::from_fn(|i| &self.qs[(r + i) * self.k..(r + i + 1) * self.k]);
         let w_d: [&[f32]; R] = std::array::from_fn(|i| &self.d[(r + i) * kb..][..kb]);
         let a_qs: [&[i8]; C] = std::array::from_fn(|j| &a.qs[(c + j) * self.k..][..self.k]);
         let a_d: [&[f32]; C] = std::array::from_fn(|j| &a.d[(c + j) * kb..][..kb]);
@@ -467,36 +548,52 @@ mod x86 {
         a_d: &[&[f32]; C],
     ) -> [[f32; R]; C] {
         let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        // The scales of blocks b and b + 1, each over its eight lanes.
-        let pair = |d: &[f32], b: usize, both: bool| -> __m512 {
-            let hi = if both { d[b + 1] } else { 0.0 };
+        let w_q: [*const i8; R] = std::array::from_fn(|i| w_qs[i].as_ptr());
+        let a_q: [*const i8; C] = std::array::from_fn(|j| a_qs[j].as_ptr());
+        let w_s: [*const f32; R] = std::array::from_fn(|i| w_d[i].as_ptr());
+        let a_s: [*const f32; C] = std::array::from_fn(|j| a_d[j].as_ptr());
+        let zero = _mm512_setzero_si512();
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        // One step: blocks b and b + 1 (`mask` all ones), or the odd last
+        // block alone (low 32 bytes; its scale's high half is 0).
+        macro_rules! step {
+            ($b:expr, $load:expr, $scales:expr) => {{
+                let b = $b;
+                let a: [__m512i; C] = std::array::from_fn(|j| unsafe { $load(a_q[j].add(b * 32)) });
+                let neg: [__m512i; C] = std::array::from_fn(|j| _mm512_sub_epi8(zero, a[j]));
+                let ad: [__m512; C] = std::array::from_fn(|j| unsafe { $scales(a_s[j].add(b)) });
+                for i in 0..R {
+                    let w = unsafe { $load(w_q[i].add(b * 32)) };
+                    let aw = _mm512_abs_epi8(w);
+                    let negative = _mm512_movepi8_mask(w);
+                    let wd = unsafe { $scales(w_s[i].add(b)) };
+                    for j in 0..C {
+                        let sa = _mm512_mask_blend_epi8(negative, a[j], neg[j]);
+                        let dot = _mm512_dpbusd_epi32(zero, aw, sa);
+                        let q = _mm512_cvtepi32_ps(dot);
+                        acc[j][i] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[j]), q, acc[j][i]);
+                    }
+                }
+            }};
+        }
+        let both = |p: *const i8| unsafe { _mm512_loadu_si512(p as *const __m512i) };
+        let pair = |p: *const f32| unsafe {
             _mm512_permutexvar_ps(
                 halves,
-                _mm512_castps128_ps512(_mm_set_ps(0.0, 0.0, hi, d[b])),
+                _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(p as *const f64))),
             )
         };
-        let mut acc = [[_mm512_setzero_ps(); R]; C];
         let mut b = 0;
-        while b < kb {
-            let both = b + 1 < kb;
-            let mask: __mmask64 = if both { !0 } else { 0xFFFF_FFFF };
-            let a: [__m512i; C] = std::array::from_fn(|j| unsafe {
-                _mm512_maskz_loadu_epi8(mask, a_qs[j].as_ptr().add(b * 32))
-            });
-            let ad: [__m512; C] = std::array::from_fn(|j| pair(a_d[j], b, both));
-            for i in 0..R {
-                let w = unsafe { _mm512_maskz_loadu_epi8(mask, w_qs[i].as_ptr().add(b * 32)) };
-                let aw = _mm512_abs_epi8(w);
-                let negative = _mm512_movepi8_mask(w);
-                let wd = pair(w_d[i], b, both);
-                for j in 0..C {
-                    let sa = _mm512_mask_sub_epi8(a[j], negative, _mm512_setzero_si512(), a[j]);
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sa);
-                    let q = _mm512_cvtepi32_ps(dot);
-                    acc[j][i] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[j]), q, acc[j][i]);
-                }
-            }
+        while b + 1 < kb {
+            step!(b, both, pair);
             b += 2;
+        }
+        if b < kb {
+            let low = |p: *const i8| unsafe { _mm512_maskz_loadu_epi8(0xFFFF_FFFF, p) };
+            let single = |p: *const f32| unsafe {
+                _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_load_ss(p)))
+            };
+            step!(b, low, single);
         }
         let mut out = [[0f32; R]; C];
         for j in 0..C {
@@ -527,7 +624,7 @@ mod tests {
                 let s: i32 = (0..4)
                     .map(|e| {
                         let at = b * BLOCK + l * 4 + e;
-                        w.qs[j * k + at] as i32 * a.qs[i * k + at] as i32
+                        w.qs.as_slice()[j * k + at] as i32 * a.qs[i * k + at] as i32
                     })
                     .sum();
                 *lane = d.mul_add(s as f32, *lane);

@@ -400,8 +400,10 @@ impl Model {
             };
             let x1 = (residual + attn)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, c.rms_eps)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let up = layer.up.forward(&h)?;
+            let [gate, up]: [Tensor; 2] = Linear::forward_each(&[&layer.gate, &layer.up], &h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
+            let gate = candle_nn::ops::silu(&gate)?;
             let mlp = layer.down.forward(&(gate * up)?)?;
             x = (x1 + mlp)?;
         }
@@ -432,8 +434,10 @@ impl Model {
         let c = &self.config;
         let n = h.dim(0)?;
         let d = c.head_dim;
-        let project = |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads| {
-            let y = m.forward(h)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_each(&[&layer.q, &layer.k, &layer.v], h)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
+        let project = |y: Tensor, bias: &Option<Tensor>, norm: &Option<Tensor>, heads| {
             let y = match bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -444,9 +448,9 @@ impl Model {
             };
             y.flatten_all()?.to_vec1::<f32>()
         };
-        let mut q = project(&layer.q, &layer.q_bias, &layer.q_norm, c.heads)?;
-        let mut k = project(&layer.k, &layer.k_bias, &layer.k_norm, c.kv_heads)?;
-        let v = project(&layer.v, &layer.v_bias, &None, c.kv_heads)?;
+        let mut q = project(q, &layer.q_bias, &layer.q_norm, c.heads)?;
+        let mut k = project(k, &layer.k_bias, &layer.k_norm, c.kv_heads)?;
+        let v = project(v, &layer.v_bias, &None, c.kv_heads)?;
         let (q_row, kv_row) = (c.heads * d, c.kv_heads * d);
         let half = d / 2;
         let interleaved = c.family == Family::Llama;

@@ -871,24 +871,3 @@ async fn a_caller_that_goes_away_frees_its_place() {
     let stats = engine.stats();
     assert!(stats.steps - before < n - 10, "{n} tokens, {stats:?}");
 }
-
-#[tokio::test]
-#[ignore]
-async fn scratch_real_determinism() {
-    let path = std::env::var("REAL_MODEL").unwrap();
-    for mib in [0, 64] {
-        let config = EngineConfig {
-            path: Some(path.clone().into()),
-            prefix_cache_mib: mib,
-            ..Default::default()
-        };
-        let engine = Engine::load_with_progress(&config, false).unwrap().0;
-        for _ in 0..3 {
-            let r = engine
-                .generate(chat("Name one colour.", greedy(16)))
-                .await
-                .unwrap();
-            eprintln!("mib {mib}: {:?} cached {}", r.text, r.usage.cached_tokens);
-        }
-    }
-}
