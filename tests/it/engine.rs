@@ -355,7 +355,8 @@ async fn thirty_two_concurrent_requests_to_the_default_model_stay_within_the_kv_
         path: Some(model),
         queue: 16,
         max_batch: 32,
-        // About 45 KiB per token: three ~50-token requests fit.
+        // 45 KiB per token: a request (a prompt of at least 20 tokens and
+        // 8 to generate) reserves at least 1.26 MiB, so at most 6 fit.
         kv_cache_mib: 8,
         ..Default::default()
     };
@@ -388,7 +389,7 @@ async fn thirty_two_concurrent_requests_to_the_default_model_stay_within_the_kv_
     let stats = engine.stats();
     assert!(stats.kv_peak_bytes <= 8 << 20, "{stats:?}");
     assert!(stats.kv_peak_bytes > 2 << 20, "{stats:?}");
-    assert!(stats.largest_batch <= 3, "{stats:?}");
+    assert!((2..=6).contains(&stats.largest_batch), "{stats:?}");
     let (ok, late, refused) = outcomes;
     assert_eq!(ok + late + refused, 32);
     assert!(ok > 0 && late > 0 && refused > 0, "{outcomes:?}");
