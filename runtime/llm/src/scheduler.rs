@@ -288,7 +288,13 @@ impl Scheduler {
                 let r = if s.generated.is_empty() {
                     Err(LlmError::DeadlineExceeded)
                 } else {
-                    Ok(self.completion(tokenizer, &s, None, FinishReason::Deadline))
+                    Ok(completion(
+                        tokenizer,
+                        &s,
+                        None,
+                        FinishReason::Deadline,
+                        &self.model_id,
+                    ))
                 };
                 self.finish(s, r);
             } else {
@@ -448,7 +454,7 @@ impl Scheduler {
             }
         };
         let mut done: Vec<(usize, Result<Completion, LlmError>)> = Vec::new();
-        for ((&(i, _, len), mut row), fed) in plan.iter().zip(logits).zip(&tokens) {
+        for (&(i, _, len), mut row) in plan.iter().zip(logits) {
             let s = &mut self.running[i];
             if s.next.take().is_none() {
                 s.fed += len;
@@ -457,7 +463,6 @@ impl Scheduler {
                 }
                 prefixes.insert(&s.w.ids, &s.cache);
             }
-            debug_assert!(!fed.is_empty());
             match advance(s, tokenizer, &mut row, &self.model_id) {
                 Outcome::Continue(t) => s.next = Some(t),
                 Outcome::Done(r) => done.push((i, r)),
@@ -470,16 +475,6 @@ impl Scheduler {
         }
         self.publish_and_answer();
         true
-    }
-
-    fn completion(
-        &self,
-        tokenizer: &Tokenizer,
-        s: &Sequence,
-        text: Option<String>,
-        finish: FinishReason,
-    ) -> Completion {
-        completion(tokenizer, s, text, finish, &self.model_id)
     }
 
     fn publish(&self) {
