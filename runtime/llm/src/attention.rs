@@ -124,14 +124,20 @@ macro_rules! attend_body {
                 let k = &query.keys[j * row + kv * d..][..d];
                 let mut lanes = [0f32; 8];
                 let mut tail = 0f32;
-                let chunks = d / 8;
-                for c in 0..chunks {
-                    for l in 0..8 {
-                        lanes[l] = madd(q[c * 8 + l], k[c * 8 + l], lanes[l]);
+                // Fixed-size chunks: the eight lanes become one vector.
+                let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
+                let rest = qc.remainder().iter().zip(kc.remainder());
+                for (qa, ka) in qc.zip(kc) {
+                    let (qa, ka): (&[f32; 8], &[f32; 8]) = (
+                        qa.try_into().expect("chunks of 8"),
+                        ka.try_into().expect("chunks of 8"),
+                    );
+                    for ((lane, &x), &y) in lanes.iter_mut().zip(qa).zip(ka) {
+                        *lane = madd(x, y, *lane);
                     }
                 }
-                for e in chunks * 8..d {
-                    tail = madd(q[e], k[e], tail);
+                for (&x, &y) in rest {
+                    tail = madd(x, y, tail);
                 }
                 let s = (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
                     + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
