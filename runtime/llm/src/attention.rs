@@ -89,7 +89,7 @@ fn attend_one(
             return unsafe { fma_path::attend_one(q, query, kv, h, scale, scores, out) };
         }
     }
-    plain::attend_one(q, query, kv, h, scale, scores, out)
+    plain::body(q, query, kv, h, scale, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -190,16 +190,4 @@ mod fma_path {
 mod plain {
     use super::{Heads, Query};
     attend_body!(|a: f32, b: f32, c: f32| a * b + c);
-
-    pub(super) fn attend_one(
-        q: &[f32],
-        query: &Query<'_>,
-        kv: usize,
-        h: Heads,
-        scale: f32,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
-        body(q, query, kv, h, scale, scores, out)
-    }
 }

@@ -445,6 +445,8 @@ fn path() -> Path {
             && is_x86_feature_detected!("avx512vl")
         {
             Path::Avx512
+        } else if is_x86_feature_detected!("avxvnni") {
+            Path::Vnni256
         } else {
             Path::Avx2
         }
@@ -526,15 +528,16 @@ mod x86 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), _mm256_set1_epi16(1))
     }
 
-    /// The same sums in one VNNI instruction.
+    /// The same sums in one AVX-VNNI instruction (CPUs with VNNI but no
+    /// AVX-512).
     #[inline]
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    #[target_feature(enable = "avx2,fma,avxvnni")]
     fn dot_vnni(aw: __m256i, sa: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sa)
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sa)
     }
 
     dot_tile!(dot_tile_avx2, "avx2,fma", dot_avx2);
-    dot_tile!(dot_tile_vnni, "avx2,fma,avx512vnni,avx512vl", dot_vnni);
+    dot_tile!(dot_tile_vnni, "avx2,fma,avxvnni", dot_vnni);
 
     /// Two blocks per instruction: lanes 0–7 take the even blocks, lanes
     /// 8–15 the odd ones (an odd last block with zeros above it); the two
@@ -612,11 +615,10 @@ mod tests {
     use super::*;
 
     /// The kernel's arithmetic written out lane by lane in scalar code.
-    fn reference(w: &Q8Matrix, a: &Q8Rows, i: usize, j: usize) -> f32 {
+    fn reference(w: &Q8Matrix, a: &Q8Rows, i: usize, j: usize, wide: bool) -> f32 {
         let k = w.k;
         // The AVX-512 path keeps odd blocks in eight lanes of their own.
         let mut lanes = [[0f32; 8]; 2];
-        let wide = avx512();
         for b in 0..k / BLOCK {
             let d = w.d[j * k / BLOCK + b] * a.d[i * k / BLOCK + b];
             let half = &mut lanes[if wide { b % 2 } else { 0 }];
@@ -667,7 +669,63 @@ mod tests {
                 let alone = w.matmul(&x[i * k..(i + 1) * k], 1);
                 assert_eq!(alone, all[i * 11..(i + 1) * 11], "row {i}");
                 for j in 0..11 {
-                    assert_eq!(all[i * 11 + j], reference(&w, &a, i, j), "({i}, {j})");
+                    assert_eq!(
+                        all[i * 11 + j],
+                        reference(&w, &a, i, j, avx512()),
+                        "({i}, {j})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every path this CPU has, called directly, against the scalar model.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_path_this_cpu_has_matches_its_scalar_model() {
+        if !Q8Matrix::supported() {
+            return;
+        }
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni");
+        let vnni = is_x86_feature_detected!("avxvnni");
+        for k in [96, 128] {
+            let (w, x) = matrix(4, k, 5);
+            let a = quantize_rows(&x, 2, k);
+            let kb = k / BLOCK;
+            let w_qs: [&[i8]; 4] = std::array::from_fn(|i| &w.qs[i * k..(i + 1) * k]);
+            let w_d: [&[f32]; 4] = std::array::from_fn(|i| &w.d[i * kb..(i + 1) * kb]);
+            let a_qs: [&[i8]; 2] = std::array::from_fn(|j| &a.qs[j * k..(j + 1) * k]);
+            let a_d: [&[f32]; 2] = std::array::from_fn(|j| &a.d[j * kb..(j + 1) * kb]);
+            let mut paths: Vec<([[f32; 4]; 2], bool, &str)> = Vec::new();
+            // SAFETY: each path runs only where the CPU has its features.
+            unsafe {
+                paths.push((
+                    x86::dot_tile_avx2(kb, &w_qs, &w_d, &a_qs, &a_d),
+                    false,
+                    "avx2",
+                ));
+                if vnni {
+                    paths.push((
+                        x86::dot_tile_vnni(kb, &w_qs, &w_d, &a_qs, &a_d),
+                        false,
+                        "vnni",
+                    ));
+                }
+                if avx512 {
+                    paths.push((
+                        x86::dot_tile_avx512(kb, &w_qs, &w_d, &a_qs, &a_d),
+                        true,
+                        "avx512",
+                    ));
+                }
+            }
+            for (out, wide, name) in paths {
+                for (j, row) in out.iter().enumerate() {
+                    for (i, &v) in row.iter().enumerate() {
+                        assert_eq!(v, reference(&w, &a, j, i, wide), "{name} k {k} ({j}, {i})");
+                    }
                 }
             }
         }
@@ -715,6 +773,9 @@ mod tests {
             err(&b)
         );
     }
+    /// The three paths side by side, in GMAC/s. It switches the
+    /// process-wide path, so it runs alone: `cargo test --release -p
+    /// ganglion-llm --lib kernel_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn kernel_speed() {
