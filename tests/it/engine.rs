@@ -30,6 +30,16 @@ fn tiny_engine() -> Engine {
     Engine::load_with_progress(&config, false).unwrap().0
 }
 
+/// The default model's path, which the test command fetches.
+fn default_model() -> std::path::PathBuf {
+    let model = xtask::model_path();
+    assert!(
+        model.exists(),
+        "the default model is missing: `cargo run -p xtask -- model`"
+    );
+    model
+}
+
 /// The default model and the embedding model, loaded once for the tests
 /// that use them.
 fn real_engine() -> Engine {
@@ -240,11 +250,7 @@ async fn embed_puts_related_sentences_closer() {
 
 #[tokio::test]
 async fn the_default_model_gives_the_same_answer_on_a_prefix_cache_hit() {
-    let model = xtask::model_path();
-    assert!(
-        model.exists(),
-        "the default model is missing: `cargo run -p xtask -- model`"
-    );
+    let model = default_model();
     let load = |mib: usize| {
         // Generous: other model tests share the two cores, and a request
         // cut by its deadline would differ for that reason alone.
@@ -288,11 +294,7 @@ async fn the_default_model_gives_the_same_answer_on_a_prefix_cache_hit() {
 
 #[tokio::test]
 async fn eight_concurrent_requests_to_the_default_model_match_running_alone() {
-    let model = xtask::model_path();
-    assert!(
-        model.exists(),
-        "the default model is missing: `cargo run -p xtask -- model`"
-    );
+    let model = default_model();
     let config = EngineConfig {
         path: Some(model),
         // A hit would take another path through the model than a miss.
@@ -346,11 +348,7 @@ async fn eight_concurrent_requests_to_the_default_model_match_running_alone() {
 
 #[tokio::test]
 async fn thirty_two_concurrent_requests_to_the_default_model_stay_within_the_kv_bound() {
-    let model = xtask::model_path();
-    assert!(
-        model.exists(),
-        "the default model is missing: `cargo run -p xtask -- model`"
-    );
+    let model = default_model();
     let config = EngineConfig {
         path: Some(model),
         queue: 16,

@@ -426,12 +426,15 @@ enum Path {
     Avx512,
 }
 
+/// Set by the side-by-side speed test only.
+#[cfg(test)]
 static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 #[cfg(target_arch = "x86_64")]
 fn path() -> Path {
     use std::sync::OnceLock;
     static PATH: OnceLock<Path> = OnceLock::new();
+    #[cfg(test)]
     match FORCED.load(std::sync::atomic::Ordering::Relaxed) {
         1 => return Path::Avx2,
         2 => return Path::Vnni256,
