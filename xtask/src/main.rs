@@ -341,6 +341,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         "test" => {
+            // Scratch folders of earlier runs (copied plugins, brokers'
+            // stores, scaffolded crates) are never read again.
+            let scratch = xtask::root().join("target/test-scratch");
+            if scratch.exists() {
+                std::fs::remove_dir_all(&scratch)?;
+            }
             xtask::build_plugins()?;
             xtask::build_python_fixture()?;
             xtask::build_polyglot()?;
