@@ -11,8 +11,8 @@
 //!   on KV memory.
 //! - [`prefix`]: prompt-prefix KV reuse, bounded in bytes, least recently
 //!   used out first.
-//! - [`kernels`]: the engine's own Q8_0 matrix product for the CPU, tiled
-//!   over weight and activation rows, batch-invariant.
+//! - [`kernels`]: the engine's own Q8_0, Q4_0 and Q4_1 matrix product for
+//!   the CPU, tiled over weight and activation rows, batch-invariant.
 //! - [`gguf`]: opening and checking GGUF files; [`LoadError`].
 //! - [`tokenizer`]: the tokenizer from GGUF metadata or `tokenizer.json`, and
 //!   the chat template.

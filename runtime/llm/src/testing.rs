@@ -209,6 +209,7 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()>
         (key("attention.head_count_kv"), u32v(spec.kv_heads)),
         (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
         (key("rope.freq_base"), Value::F32(10_000.0)),
+        (key("rope.dimension_count"), u32v(spec.width / spec.heads)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(spec.pre.into())),
         (
