@@ -137,23 +137,62 @@ fn bench_llm(rest: &[String]) -> Result<()> {
             .unwrap_or("");
         Ok(serde_json::from_str(line)?)
     };
+    // Random-weight files of two shapes in four formats, written once.
+    let generated = root.join("target/bench-models");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args([
+            "bench",
+            "-q",
+            "-p",
+            "ganglion-llm",
+            "--bench",
+            "bench_models",
+            "--",
+        ])
+        .arg(&generated)
+        .output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut rows = vec![(
+        "SmolLM2-135M Q4_1 (the default model)".to_string(),
+        model.clone(),
+        1,
+    )];
+    rows.push((rows[0].0.clone(), model.clone(), 2));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let (Some(shape), Some(quant), Some(path)) =
+            (v["shape"].as_str(), v["quant"].as_str(), v["path"].as_str())
+        else {
+            bail!("bench_models printed {line}");
+        };
+        rows.push((
+            format!("{shape} {} (random)", quant.to_uppercase()),
+            std::path::PathBuf::from(path),
+            1,
+        ));
+    }
     let best = |a: f64, v: &serde_json::Value, k: &str| a.max(v[k].as_f64().unwrap_or(0.0));
     println!(
-        "| threads | engine prefill tok/s | llama.cpp prefill tok/s | prefill ratio | engine decode tok/s | llama.cpp decode tok/s | decode ratio |"
+        "| model | threads | engine prefill tok/s | llama.cpp prefill tok/s | prefill ratio | engine decode tok/s | llama.cpp decode tok/s | decode ratio | decode bound tok/s | decode ÷ bound | resident ÷ file |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for threads in [1, 2] {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut bandwidth = 0f64;
+    for (name, path, threads) in &rows {
         let (mut ep, mut ed, mut lp, mut ld) = (0f64, 0f64, 0f64, 0f64);
+        let mut last = serde_json::Value::Null;
         for _ in 0..3 {
             let ours = json(
-                engine_bench("llm_speed", &model)
+                engine_bench("llm_speed", path)
                     .env("CANDLE_NUM_THREADS", threads.to_string())
                     .output()?,
             )?;
             let theirs = json(
                 Command::new(&python)
                     .arg(root.join("tests/benches/llama_cpp_speed.py"))
-                    .arg(&model)
+                    .arg(path)
                     .arg(threads.to_string())
                     .output()?,
             )?;
@@ -161,13 +200,33 @@ fn bench_llm(rest: &[String]) -> Result<()> {
             ed = best(ed, &ours, "decode_tps");
             lp = best(lp, &theirs, "prefill_tps");
             ld = best(ld, &theirs, "decode_tps");
+            bandwidth = bandwidth.max(ours["bandwidth_gbs"].as_f64().unwrap_or(0.0));
+            last = ours;
         }
+        let f = |k: &str| last[k].as_f64().unwrap_or(0.0);
+        // The bound is one thread's read bandwidth, so it is shown for
+        // one thread only.
+        let bound = if *threads == 1 { f("bound_tps") } else { 0.0 };
         println!(
-            "| {threads} | {ep:.0} | {lp:.0} | {:.2} | {ed:.1} | {ld:.1} | {:.2} |",
+            "| {name} | {threads} | {ep:.0} | {lp:.0} | {:.2} | {ed:.1} | {ld:.1} | {:.2} | {} | {} | {:.2} |",
             ep / lp,
-            ed / ld
+            ed / ld,
+            if bound > 0.0 {
+                format!("{bound:.0}")
+            } else {
+                "–".into()
+            },
+            if bound > 0.0 {
+                format!("{:.2}", ed / bound)
+            } else {
+                "–".into()
+            },
+            f("resident_mib") / f("file_mib"),
         );
     }
+    println!(
+        "\ndecode bound: one thread's read bandwidth ({bandwidth:.1} GB/s, best of the rows) over the bytes of weights a decode step reads in the engine's layout"
+    );
     // Time to first token with the rule's system message cached or not
     // (prompt-prefix KV reuse).
     let ttft = json(engine_bench("prefix_ttft", &model).output()?)?;

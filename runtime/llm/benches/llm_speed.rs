@@ -23,6 +23,8 @@ fn main() -> anyhow::Result<()> {
     let model = Model::load(&mut gguf, &candle_core::Device::Cpu, |_, _| {})?;
     let resident = resident_bytes();
     let file = std::fs::metadata(path)?.len();
+    let read_per_token = model.matrix_bytes() as f64;
+    let bandwidth = read_bandwidth();
     let vocab = model.config.vocab as u32;
     // Deterministic, ordinary token ids (past the special tokens).
     let prompt: Vec<u32> = (0..prompt_n as u32)
@@ -51,12 +53,37 @@ fn main() -> anyhow::Result<()> {
         best_decode = best_decode.max(decode_n as f64 / t.elapsed().as_secs_f64());
     }
     println!(
-        "{{\"engine\":\"ganglion\",\"threads\":{},\"prompt_tokens\":{prompt_n},\"decode_tokens\":{decode_n},\"prefill_tps\":{best_prefill:.1},\"decode_tps\":{best_decode:.1},\"resident_mib\":{:.0},\"file_mib\":{:.0}}}",
+        "{{\"engine\":\"ganglion\",\"threads\":{},\"prompt_tokens\":{prompt_n},\"decode_tokens\":{decode_n},\"prefill_tps\":{best_prefill:.1},\"decode_tps\":{best_decode:.1},\"resident_mib\":{:.0},\"file_mib\":{:.0},\"read_per_token_mib\":{:.1},\"bandwidth_gbs\":{:.2},\"bound_tps\":{:.1}}}",
         std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
         resident as f64 / 1048576.0,
         file as f64 / 1048576.0,
+        read_per_token / 1048576.0,
+        bandwidth / 1e9,
+        bandwidth / read_per_token,
     );
     Ok(())
+}
+
+/// Bytes per second one thread reads from memory: a sum over 512 MiB (far
+/// past the caches), best of five passes. The decode bound is this over the
+/// bytes a step reads.
+fn read_bandwidth() -> f64 {
+    let words = vec![1u64; 64 << 20];
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum = std::hint::black_box(&words)
+            .chunks_exact(8)
+            .fold([0u64; 8], |mut acc, c| {
+                for (a, v) in acc.iter_mut().zip(c) {
+                    *a = a.wrapping_add(*v);
+                }
+                acc
+            });
+        std::hint::black_box(sum);
+        best = best.max((words.len() * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
 }
 
 /// Resident memory of this process after loading (Linux; 0 elsewhere).

@@ -93,6 +93,17 @@ impl Linear {
             .collect()
     }
 
+    /// Bytes of weights held, which a forward pass reads.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Own(m) => m.bytes(),
+            Linear::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
+            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        }
+    }
+
     /// `x · Wᵀ` for `x` of shape `[.., k]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -151,7 +162,7 @@ impl Embedding {
 /// A weight matrix in one of the kernel's layouts.
 pub enum Matrix {
     Q8(Q8Matrix),
-    Q4(Q4Matrix),
+    Nibbles(NibbleMatrix),
 }
 
 impl Matrix {
@@ -159,7 +170,7 @@ impl Matrix {
     pub fn takes(t: &QTensor) -> bool {
         matches!(
             t.dtype(),
-            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1
+            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
         ) && t.device().is_cpu()
             && supported()
             && t.shape().dims().len() == 2
@@ -170,8 +181,8 @@ impl Matrix {
     pub fn from_blocks(dtype: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<Matrix> {
         match dtype {
             GgmlDType::Q8_0 => Q8Matrix::from_blocks(n, k, bytes).map(Matrix::Q8),
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-                Q4Matrix::from_blocks(dtype, n, k, bytes).map(Matrix::Q4)
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+                NibbleMatrix::from_blocks(dtype, n, k, bytes).map(Matrix::Nibbles)
             }
             other => candle_core::bail!("the engine's kernel does not take {other:?}"),
         }
@@ -180,14 +191,14 @@ impl Matrix {
     pub fn n(&self) -> usize {
         match self {
             Matrix::Q8(m) => m.n,
-            Matrix::Q4(m) => m.n,
+            Matrix::Nibbles(m) => m.n,
         }
     }
 
     pub fn k(&self) -> usize {
         match self {
             Matrix::Q8(m) => m.k,
-            Matrix::Q4(m) => m.k,
+            Matrix::Nibbles(m) => m.k,
         }
     }
 
@@ -195,7 +206,7 @@ impl Matrix {
     pub fn bytes(&self) -> usize {
         match self {
             Matrix::Q8(m) => m.qs.bytes() + m.d.len() * 4,
-            Matrix::Q4(m) => m.qs.bytes() + (m.d.len() + m.m.len()) * 4,
+            Matrix::Nibbles(m) => m.qs.bytes() + (m.qh.len() + m.d.len() + m.m.len()) * 4,
         }
     }
 
@@ -207,7 +218,7 @@ impl Matrix {
     fn matmul_quantized(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
         match self {
             Matrix::Q8(w) => matmul_tiled(w, a, m),
-            Matrix::Q4(w) => matmul_tiled(w, a, m),
+            Matrix::Nibbles(w) => matmul_tiled(w, a, m),
         }
     }
 
@@ -223,7 +234,7 @@ impl Matrix {
                     out.extend(q.iter().map(|&v| v as f32 * d));
                 }
             }
-            Matrix::Q4(w) => {
+            Matrix::Nibbles(w) => {
                 let kb = w.k / BLOCK;
                 for b in 0..kb {
                     let (d, m) = (w.d[row * kb + b], w.m[row * w.kb_padded() + b]);
@@ -279,18 +290,22 @@ pub struct Q8Matrix {
     d: Vec<f32>,
 }
 
-/// A Q4_0 or Q4_1 matrix of `n` rows by `k` columns: weight = d·q + m with
-/// q in 0..16 (Q4_0 is the case m = −8·d).
+/// A Q4_0, Q4_1, Q5_0 or Q5_1 matrix of `n` rows by `k` columns: weight =
+/// d·q + m with q in 0..16 (Q4) or 0..32 (Q5); Q4_0 and Q5_0 are the cases
+/// m = −8·d and m = −16·d.
 ///
-/// Layout: each row is pairs of blocks in 32 bytes, byte t holding element
-/// t of the even block in its low nibble and of the odd block in its high
-/// one, so one 32-byte load and a mask or a shift give a whole block in
-/// element order (an odd last block pairs with zeros). `d` is `n × kb`;
-/// `m` is `n × kb` padded with zeros to a multiple of [`SUM_LANES`].
-pub struct Q4Matrix {
+/// Layout: each row is pairs of blocks in 32 bytes, byte t holding the low
+/// four bits of element t of the even block in its low nibble and of the
+/// odd block in its high one, so one 32-byte load and a mask or a shift
+/// give a whole block in element order (an odd last block pairs with
+/// zeros). For Q5, `qh` holds each block's fifth bits, bit t for element t
+/// (`n × kb`); for Q4 it is empty. `d` is `n × kb`; `m` is `n × kb` padded
+/// with zeros to a multiple of [`SUM_LANES`].
+pub struct NibbleMatrix {
     n: usize,
     k: usize,
     qs: Aligned,
+    qh: Vec<u32>,
     d: Vec<f32>,
     m: Vec<f32>,
 }
@@ -365,13 +380,20 @@ impl Q8Matrix {
     }
 }
 
-impl Q4Matrix {
-    /// From GGML Q4_0 blocks (f16 scale, 16 bytes of nibbles; weight =
-    /// d·(q − 8)) or Q4_1 blocks (f16 scale, f16 offset, 16 bytes; weight =
-    /// d·q + m). In both, byte j holds element j in its low nibble and
-    /// element j + 16 in its high one.
-    fn from_blocks(dtype: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<Q4Matrix> {
-        let size = if dtype == GgmlDType::Q4_1 { 20 } else { 18 };
+impl NibbleMatrix {
+    /// From GGML blocks, each an f16 scale, then (Q4_1, Q5_1) an f16
+    /// offset, then (Q5) 4 bytes of fifth bits, then 16 bytes of nibbles:
+    /// byte j holds element j in its low nibble and element j + 16 in its
+    /// high one.
+    fn from_blocks(dtype: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<NibbleMatrix> {
+        // (block bytes, offset at, fifth bits at, centre when no offset)
+        let (size, offset_at, high_at, centre) = match dtype {
+            GgmlDType::Q4_0 => (18, None, None, 8.0),
+            GgmlDType::Q4_1 => (20, Some(2), None, 0.0),
+            GgmlDType::Q5_0 => (22, None, Some(2), 16.0),
+            GgmlDType::Q5_1 => (24, Some(2), Some(4), 0.0),
+            other => candle_core::bail!("{other:?} is not a 4- or 5-bit format"),
+        };
         if !k.is_multiple_of(BLOCK) || bytes.len() != n * k / BLOCK * size {
             candle_core::bail!(
                 "{dtype:?} matrix of {n}×{k} cannot be {} bytes",
@@ -384,15 +406,23 @@ impl Q4Matrix {
         let blocks: Vec<&[u8]> = bytes.chunks_exact(size).collect();
         let mut d = Vec::with_capacity(n * kb);
         let mut m = vec![0f32; n * padded];
+        let mut qh = Vec::new();
         for (row, blocks) in blocks.chunks_exact(kb).enumerate() {
             for (b, block) in blocks.iter().enumerate() {
                 let scale = f16(block, 0);
                 d.push(scale);
-                m[row * padded + b] = if size == 20 {
-                    f16(block, 2)
-                } else {
-                    -8.0 * scale
+                m[row * padded + b] = match offset_at {
+                    Some(at) => f16(block, at),
+                    None => -centre * scale,
                 };
+                if let Some(at) = high_at {
+                    qh.push(u32::from_le_bytes([
+                        block[at],
+                        block[at + 1],
+                        block[at + 2],
+                        block[at + 3],
+                    ]));
+                }
             }
         }
         let nibble = |block: &[u8], t: usize| {
@@ -419,7 +449,7 @@ impl Q4Matrix {
                 .collect::<Vec<_>>()
                 .into_iter(),
         );
-        Ok(Q4Matrix { n, k, qs, d, m })
+        Ok(NibbleMatrix { n, k, qs, qh, d, m })
     }
 
     fn kb_padded(&self) -> usize {
@@ -434,11 +464,16 @@ impl Q4Matrix {
     /// q of element `t` of block `b` in row `row`.
     fn value(&self, row: usize, b: usize, t: usize) -> u8 {
         let byte = self.qs.as_slice()[row * self.row_bytes() + b / 2 * BLOCK + t] as u8;
-        if b.is_multiple_of(2) {
+        let low = if b.is_multiple_of(2) {
             byte & 0x0F
         } else {
             byte >> 4
-        }
+        };
+        let high = self
+            .qh
+            .get(row * (self.k / BLOCK) + b)
+            .map_or(0, |h| (h >> t & 1) as u8);
+        low | high << 4
     }
 }
 
@@ -568,7 +603,7 @@ impl Tiled for Q8Matrix {
     }
 }
 
-impl Tiled for Q4Matrix {
+impl Tiled for NibbleMatrix {
     fn n(&self) -> usize {
         self.n
     }
@@ -584,8 +619,16 @@ impl Tiled for Q4Matrix {
         let kb = self.k / BLOCK;
         let padded = self.kb_padded();
         let rb = self.row_bytes();
-        let w = Q4Tile {
+        let five = !self.qh.is_empty();
+        let w = NibbleTile {
             qs: std::array::from_fn(|i| &self.qs[(r + i) * rb..(r + i + 1) * rb]),
+            qh: std::array::from_fn(|i| {
+                if five {
+                    &self.qh[(r + i) * kb..][..kb]
+                } else {
+                    &[]
+                }
+            }),
             d: std::array::from_fn(|i| &self.d[(r + i) * kb..][..kb]),
             m: std::array::from_fn(|i| &self.m[(r + i) * padded..][..padded]),
         };
@@ -595,15 +638,21 @@ impl Tiled for Q4Matrix {
             s: std::array::from_fn(|j| &a.s[(c + j) * padded..][..padded]),
         };
         unsafe {
-            let sums = dot_tile_q4::<R, C>(kb, &w, &a);
+            let sums = if five {
+                dot_tile_nibbles::<R, C, true>(kb, &w, &a)
+            } else {
+                dot_tile_nibbles::<R, C, false>(kb, &w, &a)
+            };
             store(sums, self.n, r, c, out);
         }
     }
 }
 
-/// `R` rows of a [`Q4Matrix`]: values, scales, offsets.
-struct Q4Tile<'a, const R: usize> {
+/// `R` rows of a [`NibbleMatrix`]: values, fifth bits (empty for Q4),
+/// scales, offsets.
+struct NibbleTile<'a, const R: usize> {
     qs: [&'a [i8]; R],
+    qh: [&'a [u32]; R],
     d: [&'a [f32]; R],
     m: [&'a [f32]; R],
 }
@@ -688,28 +737,29 @@ unsafe fn dot_tile<const R: usize, const C: usize>(
     }
 }
 
-/// The dot products of `R` Q4 weight rows with `C` activation rows.
+/// The dot products of `R` 4-bit (or, with `FIVE`, 5-bit) weight rows with
+/// `C` activation rows.
 ///
 /// # Safety
 /// As [`dot_tile`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_tile_q4<const R: usize, const C: usize>(
+unsafe fn dot_tile_nibbles<const R: usize, const C: usize, const FIVE: bool>(
     kb: usize,
-    w: &Q4Tile<R>,
+    w: &NibbleTile<R>,
     a: &Q8Tile<C>,
 ) -> [[f32; R]; C] {
     match path() {
-        Path::Avx512 => unsafe { x86::dot_tile_q4_avx512::<R, C>(kb, w, a) },
-        Path::Vnni256 => unsafe { x86::dot_tile_q4_vnni::<R, C>(kb, w, a) },
-        Path::Avx2 => unsafe { x86::dot_tile_q4_avx2::<R, C>(kb, w, a) },
+        Path::Avx512 => unsafe { x86::dot_tile_nibbles_avx512::<R, C, FIVE>(kb, w, a) },
+        Path::Vnni256 => unsafe { x86::dot_tile_nibbles_vnni::<R, C, FIVE>(kb, w, a) },
+        Path::Avx2 => unsafe { x86::dot_tile_nibbles_avx2::<R, C, FIVE>(kb, w, a) },
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_tile_q4<const R: usize, const C: usize>(
+unsafe fn dot_tile_nibbles<const R: usize, const C: usize, const FIVE: bool>(
     _: usize,
-    _: &Q4Tile<R>,
+    _: &NibbleTile<R>,
     _: &Q8Tile<C>,
 ) -> [[f32; R]; C] {
     unreachable!("supported() is false off x86-64")
@@ -775,7 +825,7 @@ fn avx512() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Q4Tile, Q8Tile, SUM_LANES};
+    use super::{NibbleTile, Q8Tile, SUM_LANES};
     use std::arch::x86_64::*;
 
     /// Eight f32 lanes summed as candle and GGML do: high half onto low,
@@ -864,15 +914,35 @@ mod x86 {
         hsum(acc)
     }
 
-    /// Q4 blocks against Q8 activations with 256-bit vectors: the values
-    /// are unsigned (0..16), so no sign is moved; the pair sums stay within
-    /// i16 (2 · 15 · 127).
-    macro_rules! q4_tile {
+    /// Element t of the result is 16 where bit t of `h` is set, else 0
+    /// (each byte picks its byte of `h`, sets every other bit, and compares
+    /// with all ones).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fifth_bits(h: u32) -> __m256i {
+        let spread = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(h as i32), spread);
+        let others = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+        _mm256_and_si256(
+            _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1)),
+            _mm256_set1_epi8(0x10),
+        )
+    }
+
+    /// 4- and 5-bit blocks against Q8 activations with 256-bit vectors: the
+    /// values are unsigned (0..32), so no sign is moved; the pair sums stay
+    /// within i16 (2 · 31 · 127).
+    macro_rules! nibble_tile {
         ($name:ident, $features:literal, $dot:ident) => {
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name<const R: usize, const C: usize>(
+            pub(super) unsafe fn $name<const R: usize, const C: usize, const FIVE: bool>(
                 kb: usize,
-                w: &Q4Tile<R>,
+                w: &NibbleTile<R>,
                 a: &Q8Tile<C>,
             ) -> [[f32; R]; C] {
                 let low = _mm256_set1_epi8(0x0F);
@@ -885,11 +955,14 @@ mod x86 {
                         let pair = unsafe {
                             _mm256_loadu_si256(w.qs[i].as_ptr().add(b / 2 * 32) as *const __m256i)
                         };
-                        let q = if b % 2 == 0 {
+                        let mut q = if b % 2 == 0 {
                             _mm256_and_si256(pair, low)
                         } else {
                             _mm256_and_si256(_mm256_srli_epi16::<4>(pair), low)
                         };
+                        if FIVE {
+                            q = _mm256_or_si256(q, fifth_bits(w.qh[i][b]));
+                        }
                         let wd = w.d[i][b];
                         for j in 0..C {
                             let p = _mm256_cvtepi32_ps($dot(q, x[j]));
@@ -909,8 +982,8 @@ mod x86 {
         };
     }
 
-    q4_tile!(dot_tile_q4_avx2, "avx2,fma", dot_avx2);
-    q4_tile!(dot_tile_q4_vnni, "avx2,fma,avxvnni", dot_vnni);
+    nibble_tile!(dot_tile_nibbles_avx2, "avx2,fma", dot_avx2);
+    nibble_tile!(dot_tile_nibbles_vnni, "avx2,fma,avxvnni", dot_vnni);
 
     /// Scales of blocks `b` and `b + 1` (or of `b` alone, zero above) in
     /// the low and high eight lanes.
@@ -926,20 +999,26 @@ mod x86 {
         _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two))
     }
 
-    /// Two Q4 blocks per instruction: one 32-byte pair, its low nibbles
-    /// in the low half and its high ones in the high half, against 64
-    /// activation bytes; halves added and summed as in the Q8 path.
+    /// Two 4- or 5-bit blocks per instruction: one 32-byte pair, its low
+    /// nibbles in the low half and its high ones in the high half (the
+    /// fifth bits from a 64-bit mask), against 64 activation bytes; halves
+    /// added and summed as in the Q8 path.
     #[allow(
         clippy::needless_range_loop,
         reason = "i and j index the weight rows, activation rows and accumulators together"
     )]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn dot_tile_q4_avx512<const R: usize, const C: usize>(
+    pub(super) unsafe fn dot_tile_nibbles_avx512<
+        const R: usize,
+        const C: usize,
+        const FIVE: bool,
+    >(
         kb: usize,
-        w: &Q4Tile<R>,
+        w: &NibbleTile<R>,
         a: &Q8Tile<C>,
     ) -> [[f32; R]; C] {
         let low = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(0x10);
         let zero = _mm512_setzero_si512();
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         for p in 0..kb.div_ceil(2) {
@@ -958,13 +1037,18 @@ mod x86 {
             for i in 0..R {
                 let pair =
                     unsafe { _mm256_loadu_si256(w.qs[i].as_ptr().add(p * 32) as *const __m256i) };
-                let q = _mm512_and_si512(
+                let mut q = _mm512_and_si512(
                     _mm512_inserti64x4::<1>(
                         _mm512_castsi256_si512(pair),
                         _mm256_srli_epi16::<4>(pair),
                     ),
                     low,
                 );
+                if FIVE {
+                    let odd = if both { w.qh[i][b + 1] } else { 0 };
+                    let bits = w.qh[i][b] as u64 | (odd as u64) << 32;
+                    q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(bits, sixteen));
+                }
                 let wd = unsafe { scale_pair(w.d[i].as_ptr().add(b), both) };
                 for j in 0..C {
                     let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q, x[j]));
@@ -1055,7 +1139,13 @@ mod x86 {
 mod tests {
     use super::*;
 
-    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+    const FORMATS: [GgmlDType; 5] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+    ];
 
     /// Eight f32 lanes summed as [`x86::hsum`] does.
     fn hsum(l: [f32; 8]) -> f32 {
@@ -1073,11 +1163,11 @@ mod tests {
         let (k, kb) = (w.k(), w.k() / BLOCK);
         let value = |b: usize, t: usize| match w {
             Matrix::Q8(w) => w.qs.as_slice()[j * k + b * BLOCK + t] as i32,
-            Matrix::Q4(w) => w.value(j, b, t) as i32,
+            Matrix::Nibbles(w) => w.value(j, b, t) as i32,
         };
         let scale = |b: usize| match w {
             Matrix::Q8(w) => w.d[j * kb + b],
-            Matrix::Q4(w) => w.d[j * kb + b],
+            Matrix::Nibbles(w) => w.d[j * kb + b],
         };
         let mut lanes = [[0f32; 8]; 2];
         for b in 0..kb {
@@ -1097,7 +1187,7 @@ mod tests {
                 lanes[0][l]
             }
         }));
-        let Matrix::Q4(w) = w else {
+        let Matrix::Nibbles(w) = w else {
             return sum;
         };
         let padded = w.kb_padded();
@@ -1219,11 +1309,15 @@ mod tests {
                                 ));
                             }
                         }
-                        Matrix::Q4(m) => {
+                        Matrix::Nibbles(m) => {
                             let kb = k / BLOCK;
                             let (rb, padded) = (m.row_bytes(), m.kb_padded());
-                            let wt = Q4Tile::<4> {
+                            let five = !m.qh.is_empty();
+                            let wt = NibbleTile::<4> {
                                 qs: std::array::from_fn(|i| &m.qs[i * rb..(i + 1) * rb]),
+                                qh: std::array::from_fn(|i| {
+                                    if five { &m.qh[i * kb..][..kb] } else { &[] }
+                                }),
                                 d: std::array::from_fn(|i| &m.d[i * kb..][..kb]),
                                 m: std::array::from_fn(|i| &m.m[i * padded..][..padded]),
                             };
@@ -1232,12 +1326,21 @@ mod tests {
                                 d: std::array::from_fn(|j| &a.d[j * kb..][..kb]),
                                 s: std::array::from_fn(|j| &a.s[j * padded..][..padded]),
                             };
-                            paths.push((x86::dot_tile_q4_avx2(kb, &wt, &at), false, "avx2"));
+                            macro_rules! call {
+                                ($path:ident) => {
+                                    if five {
+                                        x86::$path::<4, 2, true>(kb, &wt, &at)
+                                    } else {
+                                        x86::$path::<4, 2, false>(kb, &wt, &at)
+                                    }
+                                };
+                            }
+                            paths.push((call!(dot_tile_nibbles_avx2), false, "avx2"));
                             if vnni {
-                                paths.push((x86::dot_tile_q4_vnni(kb, &wt, &at), false, "vnni"));
+                                paths.push((call!(dot_tile_nibbles_vnni), false, "vnni"));
                             }
                             if avx512 {
-                                paths.push((x86::dot_tile_q4_avx512(kb, &wt, &at), true, "avx512"));
+                                paths.push((call!(dot_tile_nibbles_avx512), true, "avx512"));
                             }
                         }
                     }
@@ -1341,16 +1444,19 @@ mod tests {
     }
 
     /// Q4_1 holds 24 bytes per 32 weights (16 of values, f32 scale and
-    /// offset), against 36 for Q8_0 and 20 in the file.
+    /// offset), against 36 for Q8_0 and 20 in the file; Q5 adds 4 bytes of
+    /// fifth bits.
     #[test]
-    fn q4_weights_stay_four_bit() {
+    fn four_and_five_bit_weights_stay_small() {
         if !supported() {
             return;
         }
-        let (w, _, _) = matrix(GgmlDType::Q4_1, 64, 576, 2);
         let blocks = 64 * 576 / BLOCK;
         // f32 offsets are padded from 18 to 24 per row.
+        let (w, _, _) = matrix(GgmlDType::Q4_1, 64, 576, 2);
         assert_eq!(w.bytes(), blocks * (16 + 4) + 64 * 24 * 4);
+        let (w, _, _) = matrix(GgmlDType::Q5_0, 64, 576, 2);
+        assert_eq!(w.bytes(), blocks * (16 + 4 + 4) + 64 * 24 * 4);
         let (w8, _, _) = matrix(GgmlDType::Q8_0, 64, 576, 2);
         assert_eq!(w8.bytes(), blocks * (32 + 4));
     }
@@ -1361,7 +1467,7 @@ mod tests {
     #[test]
     #[ignore]
     fn kernel_speed() {
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0] {
             for (n, k) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
                 let (w, _, _) = matrix(dtype, n, k, 1);
                 for m in [1usize, 8, 64] {

@@ -625,6 +625,18 @@ impl Model {
         &self.device
     }
 
+    /// Bytes of layer matrices and output projection, in the engine's
+    /// layout: what one decode step reads besides the KV state.
+    pub fn matrix_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.out, &l.gate, &l.up, &l.down])
+            .map(Linear::bytes)
+            .sum();
+        layers + self.output.bytes()
+    }
+
     /// Bytes of KV state one token of one sequence takes.
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = &self.config;
@@ -634,14 +646,14 @@ impl Model {
 
 /// candle 0.11 has no SIMD dot product for Q4_1, Q5_0 and Q5_1 (its scalar
 /// path is ~10× slower than llama.cpp's). Where the engine's own kernel runs
-/// (x86-64 with AVX2) it takes Q4_1 as it is; Q5_0 and Q5_1, and Q4_1
-/// elsewhere, are converted to Q8_0 at load: finer than the source, so the
-/// conversion is close to lossless, at 34 bytes per 32 weights. The
-/// original bytes are dropped.
+/// (x86-64 with AVX2) it takes them as they are; elsewhere they are
+/// converted to Q8_0 at load: finer than the source, so the conversion is
+/// close to lossless, at 34 bytes per 32 weights. The original bytes are
+/// dropped.
 fn widen_for_simd(t: QTensor, device: &Device) -> Result<QTensor> {
     use candle_core::quantized::GgmlDType;
     match t.dtype() {
-        GgmlDType::Q4_1 if crate::kernels::Matrix::takes(&t) => Ok(t),
+        _ if crate::kernels::Matrix::takes(&t) => Ok(t),
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
             QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)
         }

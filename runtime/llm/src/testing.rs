@@ -69,6 +69,51 @@ pub struct TinySpec {
     pub seed: u64,
     /// `tokenizer.ggml.pre`.
     pub pre: &'static str,
+    /// Vocabulary size: the test vocabulary, padded with plain tokens
+    /// `<tN>` up to this size when larger (a real model's output head).
+    pub vocab: usize,
+    /// Which format each matrix gets.
+    pub mix: Mix,
+    /// `rope.freq_base`.
+    pub rope_base: f32,
+}
+
+/// How the matrices of a model are quantised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// Every matrix in the spec's `dtype`.
+    Uniform,
+    /// The main rules of llama.cpp's Q4_K_M recipe (`llama_tensor_get_type`): Q4_K; Q6_K for
+    /// the output projection (the embedding when tied), and for `attn_v`
+    /// and `ffn_down` in the layers llama.cpp gives more bits. A matrix
+    /// whose rows are not a multiple of 256 falls back as llama.cpp does:
+    /// Q4_K to Q5_0, Q6_K to Q8_0.
+    Q4KM,
+}
+
+impl TinySpec {
+    /// The format of matrix `name` (`None` layer: embedding or output),
+    /// whose rows are `cols` long.
+    pub fn dtype_for(&self, name: &str, layer: Option<usize>, cols: usize) -> GgmlDType {
+        if self.mix == Mix::Uniform {
+            return self.dtype;
+        }
+        let n = self.layers;
+        let more_bits = |i: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+        let wanted = match (name, layer) {
+            ("output.weight", _) => GgmlDType::Q6K,
+            ("token_embd.weight", _) if self.tied => GgmlDType::Q6K,
+            ("attn_v.weight" | "ffn_down.weight", Some(i)) if more_bits(i) => GgmlDType::Q6K,
+            _ => GgmlDType::Q4K,
+        };
+        if cols.is_multiple_of(256) {
+            wanted
+        } else if wanted == GgmlDType::Q6K {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q5_0
+        }
+    }
 }
 
 impl Default for TinySpec {
@@ -85,6 +130,9 @@ impl Default for TinySpec {
             tied: true,
             seed: 42,
             pre: "smollm",
+            vocab: 0,
+            mix: Mix::Uniform,
+            rope_base: 10_000.0,
         }
     }
 }
@@ -118,16 +166,25 @@ fn random(rng: &mut StdRng, dims: &[usize], scale: f32) -> candle_core::Result<T
 /// Writes a model with random weights to `path`.
 pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let tokens = vocabulary();
+    let mut tokens = vocabulary();
+    let base = tokens.len();
+    tokens.extend((base..spec.vocab).map(|i| format!("<t{i}>")));
     let vocab = tokens.len();
     let hd = spec.width / spec.heads;
     let arch = spec.arch;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let quant = |t: Tensor| QTensor::quantize(&t, spec.dtype);
+    let quant = |name: &str, layer: Option<usize>, t: Tensor| {
+        let cols = t.dims().last().copied().unwrap_or(0);
+        QTensor::quantize(&t, spec.dtype_for(name, layer, cols))
+    };
     let dense = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32);
     tensors.push((
         "token_embd.weight".into(),
-        quant(random(&mut rng, &[vocab, spec.width], 1.0)?)?,
+        quant(
+            "token_embd.weight",
+            None,
+            random(&mut rng, &[vocab, spec.width], 1.0)?,
+        )?,
     ));
     let scale = 1.0 / (spec.width as f32).sqrt() * 1.7;
     for i in 0..spec.layers {
@@ -137,31 +194,59 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()>
         tensors.push((n("ffn_norm.weight"), dense(ones(spec.width)?)?));
         tensors.push((
             n("attn_q.weight"),
-            quant(random(&mut rng, &[spec.heads * hd, spec.width], scale)?)?,
+            quant(
+                "attn_q.weight",
+                Some(i),
+                random(&mut rng, &[spec.heads * hd, spec.width], scale)?,
+            )?,
         ));
         tensors.push((
             n("attn_k.weight"),
-            quant(random(&mut rng, &[spec.kv_heads * hd, spec.width], scale)?)?,
+            quant(
+                "attn_k.weight",
+                Some(i),
+                random(&mut rng, &[spec.kv_heads * hd, spec.width], scale)?,
+            )?,
         ));
         tensors.push((
             n("attn_v.weight"),
-            quant(random(&mut rng, &[spec.kv_heads * hd, spec.width], scale)?)?,
+            quant(
+                "attn_v.weight",
+                Some(i),
+                random(&mut rng, &[spec.kv_heads * hd, spec.width], scale)?,
+            )?,
         ));
         tensors.push((
             n("attn_output.weight"),
-            quant(random(&mut rng, &[spec.width, spec.heads * hd], scale)?)?,
+            quant(
+                "attn_output.weight",
+                Some(i),
+                random(&mut rng, &[spec.width, spec.heads * hd], scale)?,
+            )?,
         ));
         tensors.push((
             n("ffn_gate.weight"),
-            quant(random(&mut rng, &[spec.feed_forward, spec.width], scale)?)?,
+            quant(
+                "ffn_gate.weight",
+                Some(i),
+                random(&mut rng, &[spec.feed_forward, spec.width], scale)?,
+            )?,
         ));
         tensors.push((
             n("ffn_up.weight"),
-            quant(random(&mut rng, &[spec.feed_forward, spec.width], scale)?)?,
+            quant(
+                "ffn_up.weight",
+                Some(i),
+                random(&mut rng, &[spec.feed_forward, spec.width], scale)?,
+            )?,
         ));
         tensors.push((
             n("ffn_down.weight"),
-            quant(random(&mut rng, &[spec.width, spec.feed_forward], scale)?)?,
+            quant(
+                "ffn_down.weight",
+                Some(i),
+                random(&mut rng, &[spec.width, spec.feed_forward], scale)?,
+            )?,
         ));
         if arch == "qwen2" {
             tensors.push((
@@ -193,7 +278,11 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()>
     if !spec.tied {
         tensors.push((
             "output.weight".into(),
-            quant(random(&mut rng, &[vocab, spec.width], scale)?)?,
+            quant(
+                "output.weight",
+                None,
+                random(&mut rng, &[vocab, spec.width], scale)?,
+            )?,
         ));
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -208,7 +297,7 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()>
         (key("attention.head_count"), u32v(spec.heads)),
         (key("attention.head_count_kv"), u32v(spec.kv_heads)),
         (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
-        (key("rope.freq_base"), Value::F32(10_000.0)),
+        (key("rope.freq_base"), Value::F32(spec.rope_base)),
         (key("rope.dimension_count"), u32v(spec.width / spec.heads)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(spec.pre.into())),

@@ -876,13 +876,20 @@ async fn a_caller_that_goes_away_frees_its_place() {
 /// an independent implementation reading the same file: the last
 /// position's logits agree within 1 % of their range, for each format the
 /// engine's kernel takes, whole prompt and token by token. (Both quantise
-/// activations to 8 bits; for Q4_1 candle rounds the block sums to f16,
-/// which puts it 0.5 % of the range off; Q8_0 and Q4_0 agree to 10⁻⁷.)
+/// activations to 8 bits; for Q4_1 and Q5_1 candle rounds the block sums to
+/// f16, which puts it about 0.5 % of the range off; the others agree to
+/// 10⁻⁷.)
 #[test]
 fn logits_match_candles_reference_llama() {
     use candle_transformers::models::quantized_llama::ModelWeights;
     let dev = candle_core::Device::Cpu;
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+    ] {
         let dir = tempdir::Dir::new();
         let spec = TinySpec {
             dtype,
@@ -947,4 +954,32 @@ fn logits_match_candles_reference_llama() {
             );
         }
     }
+}
+
+/// The bench's Q4_K_M files follow llama.cpp's recipe, fallbacks included.
+#[test]
+fn q4_k_m_mix_follows_llama_cpp() {
+    use crate::testing::Mix;
+    let spec = TinySpec {
+        layers: 30,
+        mix: Mix::Q4KM,
+        ..TinySpec::default()
+    };
+    let q = |name: &str, layer: Option<usize>, cols: usize| spec.dtype_for(name, layer, cols);
+    // Rows of 576 (not a multiple of 256) fall back.
+    assert_eq!(q("attn_q.weight", Some(4), 576), GgmlDType::Q5_0);
+    assert_eq!(q("attn_v.weight", Some(0), 576), GgmlDType::Q8_0);
+    assert_eq!(q("token_embd.weight", None, 576), GgmlDType::Q8_0);
+    // More bits in the first and last eighth and every third layer between.
+    assert_eq!(q("ffn_down.weight", Some(0), 1536), GgmlDType::Q6K);
+    assert_eq!(q("ffn_down.weight", Some(4), 1536), GgmlDType::Q4K);
+    assert_eq!(q("ffn_down.weight", Some(5), 1536), GgmlDType::Q6K);
+    assert_eq!(q("ffn_down.weight", Some(29), 1536), GgmlDType::Q6K);
+    assert_eq!(q("ffn_gate.weight", Some(0), 1536), GgmlDType::Q4K);
+    assert_eq!(q("output.weight", None, 1536), GgmlDType::Q6K);
+    let uniform = TinySpec::default();
+    assert_eq!(
+        uniform.dtype_for("attn_q.weight", Some(0), 576),
+        uniform.dtype
+    );
 }
