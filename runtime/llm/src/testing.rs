@@ -83,11 +83,11 @@ pub struct TinySpec {
 pub enum Mix {
     /// Every matrix in the spec's `dtype`.
     Uniform,
-    /// The main rules of llama.cpp's Q4_K_M recipe (`llama_tensor_get_type`): Q4_K; Q6_K for
-    /// the output projection (the embedding when tied), and for `attn_v`
-    /// and `ffn_down` in the layers llama.cpp gives more bits. A matrix
-    /// whose rows are not a multiple of 256 falls back as llama.cpp does:
-    /// Q4_K to Q5_0, Q6_K to Q8_0.
+    /// The main rules of llama.cpp's Q4_K_M recipe (`llama_tensor_get_type`):
+    /// Q4_K; Q6_K for the output projection (the embedding when tied), and
+    /// for `attn_v` and `ffn_down` in the layers llama.cpp gives more bits.
+    /// A matrix whose rows are not a multiple of 256 falls back as llama.cpp
+    /// does: Q4_K to Q5_0, Q6_K to Q8_0.
     Q4KM,
 }
 
