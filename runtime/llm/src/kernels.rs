@@ -237,7 +237,7 @@ impl Matrix {
             Matrix::Nibbles(w) => {
                 let kb = w.k / BLOCK;
                 for b in 0..kb {
-                    let (d, m) = (w.d[row * kb + b], w.m[row * w.kb_padded() + b]);
+                    let (d, m) = (w.d[row * w.kb_padded() + b], w.offset_of(row, b));
                     out.extend((0..BLOCK).map(|t| d.mul_add(w.value(row, b, t) as f32, m)));
                 }
             }
@@ -299,8 +299,11 @@ pub struct Q8Matrix {
 /// odd block in its high one, so one 32-byte load and a mask or a shift
 /// give a whole block in element order (an odd last block pairs with
 /// zeros). For Q5, `qh` holds each block's fifth bits, bit t for element t
-/// (`n × kb`); for Q4 it is empty. `d` is `n × kb`; `m` is `n × kb` padded
-/// with zeros to a multiple of [`SUM_LANES`].
+/// (`n × kb`); for Q4 it is empty. `d` and (Q4_1, Q5_1) `m` are `n × kb`
+/// padded with zeros to a multiple of [`SUM_LANES`]. Q4_0 and Q5_0 keep no
+/// `m`: their offset is −`centre`·d, so the kernel sums d·s and scales the
+/// sum by −`centre` (exact, a power of two), reading 20 and 24 bytes per
+/// 32 weights instead of 24 and 28.
 pub struct NibbleMatrix {
     n: usize,
     k: usize,
@@ -308,6 +311,7 @@ pub struct NibbleMatrix {
     qh: Vec<u32>,
     d: Vec<f32>,
     m: Vec<f32>,
+    centre: f32,
 }
 
 /// Bytes on 64-byte boundaries, so that a row whose length is a multiple of
@@ -404,17 +408,15 @@ impl NibbleMatrix {
         let padded = kb.next_multiple_of(SUM_LANES);
         let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
         let blocks: Vec<&[u8]> = bytes.chunks_exact(size).collect();
-        let mut d = Vec::with_capacity(n * kb);
-        let mut m = vec![0f32; n * padded];
+        let mut d = vec![0f32; n * padded];
+        let mut m = vec![0f32; if offset_at.is_some() { n * padded } else { 0 }];
         let mut qh = Vec::new();
         for (row, blocks) in blocks.chunks_exact(kb).enumerate() {
             for (b, block) in blocks.iter().enumerate() {
-                let scale = f16(block, 0);
-                d.push(scale);
-                m[row * padded + b] = match offset_at {
-                    Some(at) => f16(block, at),
-                    None => -centre * scale,
-                };
+                d[row * padded + b] = f16(block, 0);
+                if let Some(at) = offset_at {
+                    m[row * padded + b] = f16(block, at);
+                }
                 if let Some(at) = high_at {
                     qh.push(u32::from_le_bytes([
                         block[at],
@@ -449,14 +451,47 @@ impl NibbleMatrix {
                 .collect::<Vec<_>>()
                 .into_iter(),
         );
-        Ok(NibbleMatrix { n, k, qs, qh, d, m })
+        Ok(NibbleMatrix {
+            n,
+            k,
+            qs,
+            qh,
+            d,
+            m,
+            centre,
+        })
     }
 
+    /// The offset of block `b` in row `row`.
+    #[inline]
+    fn offset_of(&self, row: usize, b: usize) -> f32 {
+        let at = row * self.kb_padded() + b;
+        if self.m.is_empty() {
+            -self.centre * self.d[at]
+        } else {
+            self.m[at]
+        }
+    }
+
+    /// Row `row`'s offsets, or its scales for a centred format, and the
+    /// factor that makes Σ offset·s of them.
+    #[inline]
+    fn offsets(&self, row: usize) -> (&[f32], f32) {
+        let padded = self.kb_padded();
+        if self.m.is_empty() {
+            (&self.d[row * padded..][..padded], -self.centre)
+        } else {
+            (&self.m[row * padded..][..padded], 1.0)
+        }
+    }
+
+    #[inline]
     fn kb_padded(&self) -> usize {
         (self.k / BLOCK).next_multiple_of(SUM_LANES)
     }
 
     /// Bytes per row: block pairs of 32.
+    #[inline]
     fn row_bytes(&self) -> usize {
         (self.k / BLOCK).div_ceil(2) * BLOCK
     }
@@ -525,6 +560,14 @@ unsafe fn rows_into<W: Tiled>(
     out: *mut f32,
 ) {
     let mut r = first;
+    // One activation row (a decode step): eight weight rows per tile, so
+    // the per-tile set-up is spread over twice the work.
+    if m == 1 {
+        while r + 2 * TILE_ROWS <= last {
+            unsafe { w.tile::<{ 2 * TILE_ROWS }, 1>(a, r, 0, out) };
+            r += 2 * TILE_ROWS;
+        }
+    }
     while r < last {
         let rows = (last - r).min(TILE_ROWS);
         let mut c = 0;
@@ -629,8 +672,9 @@ impl Tiled for NibbleMatrix {
                     &[]
                 }
             }),
-            d: std::array::from_fn(|i| &self.d[(r + i) * kb..][..kb]),
-            m: std::array::from_fn(|i| &self.m[(r + i) * padded..][..padded]),
+            d: std::array::from_fn(|i| &self.d[(r + i) * padded..][..kb]),
+            m: std::array::from_fn(|i| self.offsets(r + i).0),
+            factor: self.offsets(r).1,
         };
         let a = Q8Tile {
             qs: std::array::from_fn(|j| &a.qs[(c + j) * self.k..][..self.k]),
@@ -649,12 +693,13 @@ impl Tiled for NibbleMatrix {
 }
 
 /// `R` rows of a [`NibbleMatrix`]: values, fifth bits (empty for Q4),
-/// scales, offsets.
+/// scales, offsets (or scales) and their factor ([`NibbleMatrix::offsets`]).
 struct NibbleTile<'a, const R: usize> {
     qs: [&'a [i8]; R],
     qh: [&'a [u32]; R],
     d: [&'a [f32]; R],
     m: [&'a [f32]; R],
+    factor: f32,
 }
 
 /// `C` rows of [`Q8Rows`]: values, scales, block sums.
@@ -974,7 +1019,7 @@ mod x86 {
                 let mut out = [[0f32; R]; C];
                 for j in 0..C {
                     for i in 0..R {
-                        out[j][i] = hsum(acc[j][i]) + offset(w.m[i], a.s[j]);
+                        out[j][i] = hsum(acc[j][i]) + w.factor * offset(w.m[i], a.s[j]);
                     }
                 }
                 out
@@ -1059,7 +1104,7 @@ mod x86 {
         let mut out = [[0f32; R]; C];
         for j in 0..C {
             for i in 0..R {
-                out[j][i] = hsum(halves_added(acc[j][i])) + offset(w.m[i], a.s[j]);
+                out[j][i] = hsum(halves_added(acc[j][i])) + w.factor * offset(w.m[i], a.s[j]);
             }
         }
         out
@@ -1167,7 +1212,7 @@ mod tests {
         };
         let scale = |b: usize| match w {
             Matrix::Q8(w) => w.d[j * kb + b],
-            Matrix::Nibbles(w) => w.d[j * kb + b],
+            Matrix::Nibbles(w) => w.d[j * w.kb_padded() + b],
         };
         let mut lanes = [[0f32; 8]; 2];
         for b in 0..kb {
@@ -1191,14 +1236,15 @@ mod tests {
             return sum;
         };
         let padded = w.kb_padded();
+        let (m, factor) = w.offsets(j);
         let mut offset = [0f32; 8];
         for g in (0..padded).step_by(SUM_LANES) {
             for (l, lane) in offset.iter_mut().enumerate() {
                 let at = g + l;
-                *lane = w.m[j * padded + at].mul_add(a.s[i * padded + at], *lane);
+                *lane = m[at].mul_add(a.s[i * padded + at], *lane);
             }
         }
-        sum + hsum(offset)
+        sum + factor * hsum(offset)
     }
 
     fn numbers(seed: u32, len: usize, scale: f32) -> Vec<f32> {
@@ -1318,8 +1364,9 @@ mod tests {
                                 qh: std::array::from_fn(|i| {
                                     if five { &m.qh[i * kb..][..kb] } else { &[] }
                                 }),
-                                d: std::array::from_fn(|i| &m.d[i * kb..][..kb]),
-                                m: std::array::from_fn(|i| &m.m[i * padded..][..padded]),
+                                d: std::array::from_fn(|i| &m.d[i * padded..][..kb]),
+                                m: std::array::from_fn(|i| m.offsets(i).0),
+                                factor: m.offsets(0).1,
                             };
                             let at = Q8Tile::<2> {
                                 qs: std::array::from_fn(|j| &a.qs[j * k..][..k]),
@@ -1445,18 +1492,20 @@ mod tests {
 
     /// Q4_1 holds 24 bytes per 32 weights (16 of values, f32 scale and
     /// offset), against 36 for Q8_0 and 20 in the file; Q5 adds 4 bytes of
-    /// fifth bits.
+    /// fifth bits; Q4_0 and Q5_0 keep no offsets.
     #[test]
     fn four_and_five_bit_weights_stay_small() {
         if !supported() {
             return;
         }
         let blocks = 64 * 576 / BLOCK;
-        // f32 offsets are padded from 18 to 24 per row.
+        // f32 scales and offsets are padded from 18 to 24 per row.
         let (w, _, _) = matrix(GgmlDType::Q4_1, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * (16 + 4) + 64 * 24 * 4);
+        assert_eq!(w.bytes(), blocks * 16 + 2 * 64 * 24 * 4);
+        let (w, _, _) = matrix(GgmlDType::Q4_0, 64, 576, 2);
+        assert_eq!(w.bytes(), blocks * 16 + 64 * 24 * 4);
         let (w, _, _) = matrix(GgmlDType::Q5_0, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * (16 + 4 + 4) + 64 * 24 * 4);
+        assert_eq!(w.bytes(), blocks * (16 + 4) + 64 * 24 * 4);
         let (w8, _, _) = matrix(GgmlDType::Q8_0, 64, 576, 2);
         assert_eq!(w8.bytes(), blocks * (32 + 4));
     }
