@@ -871,6 +871,19 @@ fn avx512() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{NibbleTile, Q8Tile, SUM_LANES};
+
+    /// Asks for byte `at` of the weight row two tiles of `rows` on (rows
+    /// are contiguous). A tile reads its short rows side by side, a pattern
+    /// the hardware prefetcher follows badly: with this, one thread's
+    /// decode on SmolLM2 went from about 63 to 70–88 tok/s (Q4_1) and on
+    /// the Qwen2.5-0.5B shape from 20 to 27 (Q5_0). A hint only: past the
+    /// matrix's end it fetches nothing useful and faults nothing.
+    #[inline(always)]
+    fn ahead(row: &[i8], at: usize, rows: usize) {
+        let p = row.as_ptr().wrapping_add(at + 2 * rows * row.len());
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+    }
     use std::arch::x86_64::*;
 
     /// Eight f32 lanes summed as candle and GGML do: high half onto low,
@@ -900,6 +913,7 @@ mod x86 {
                         _mm256_loadu_si256(a_qs[j].as_ptr().add(b * 32) as *const __m256i)
                     });
                     for i in 0..R {
+                        ahead(w_qs[i], b * 32, R);
                         let w = unsafe {
                             _mm256_loadu_si256(w_qs[i].as_ptr().add(b * 32) as *const __m256i)
                         };
@@ -997,6 +1011,7 @@ mod x86 {
                         _mm256_loadu_si256(a.qs[j].as_ptr().add(b * 32) as *const __m256i)
                     });
                     for i in 0..R {
+                        ahead(w.qs[i], b / 2 * 32, R);
                         let pair = unsafe {
                             _mm256_loadu_si256(w.qs[i].as_ptr().add(b / 2 * 32) as *const __m256i)
                         };
@@ -1080,6 +1095,7 @@ mod x86 {
             let ad: [__m512; C] =
                 std::array::from_fn(|j| unsafe { scale_pair(a.d[j].as_ptr().add(b), both) });
             for i in 0..R {
+                ahead(w.qs[i], p * 32, R);
                 let pair =
                     unsafe { _mm256_loadu_si256(w.qs[i].as_ptr().add(p * 32) as *const __m256i) };
                 let mut q = _mm512_and_si512(
@@ -1145,6 +1161,7 @@ mod x86 {
                 let neg: [__m512i; C] = std::array::from_fn(|j| _mm512_sub_epi8(zero, a[j]));
                 let ad: [__m512; C] = std::array::from_fn(|j| unsafe { $scales(a_s[j].add(b)) });
                 for i in 0..R {
+                    ahead(w_qs[i], b * 32, R);
                     let w = unsafe { $load(w_q[i].add(b * 32)) };
                     let aw = _mm512_abs_epi8(w);
                     let negative = _mm512_movepi8_mask(w);
