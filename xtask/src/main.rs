@@ -176,10 +176,9 @@ fn bench_llm(rest: &[String]) -> Result<()> {
     }
     let best = |a: f64, v: &serde_json::Value, k: &str| a.max(v[k].as_f64().unwrap_or(0.0));
     println!(
-        "| model | threads | engine prefill tok/s | llama.cpp prefill tok/s | prefill ratio | engine decode tok/s | llama.cpp decode tok/s | decode ratio | decode bound tok/s | decode ÷ bound | resident ÷ file |"
+        "| model | threads | engine prefill tok/s | llama.cpp prefill tok/s | prefill ratio | engine decode tok/s | llama.cpp decode tok/s | decode ratio | read GB/s | decode bound tok/s | decode ÷ bound | resident ÷ file |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let mut bandwidth = 0f64;
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, path, threads) in &rows {
         let (mut ep, mut ed, mut lp, mut ld) = (0f64, 0f64, 0f64, 0f64);
         let mut last = serde_json::Value::Null;
@@ -200,7 +199,6 @@ fn bench_llm(rest: &[String]) -> Result<()> {
             ed = best(ed, &ours, "decode_tps");
             lp = best(lp, &theirs, "prefill_tps");
             ld = best(ld, &theirs, "decode_tps");
-            bandwidth = bandwidth.max(ours["bandwidth_gbs"].as_f64().unwrap_or(0.0));
             last = ours;
         }
         let f = |k: &str| last[k].as_f64().unwrap_or(0.0);
@@ -208,9 +206,14 @@ fn bench_llm(rest: &[String]) -> Result<()> {
         // one thread only.
         let bound = if *threads == 1 { f("bound_tps") } else { 0.0 };
         println!(
-            "| {name} | {threads} | {ep:.0} | {lp:.0} | {:.2} | {ed:.1} | {ld:.1} | {:.2} | {} | {} | {:.2} |",
+            "| {name} | {threads} | {ep:.0} | {lp:.0} | {:.2} | {ed:.1} | {ld:.1} | {:.2} | {} | {} | {} | {:.2} |",
             ep / lp,
             ed / ld,
+            if bound > 0.0 {
+                format!("{:.1}", f("bandwidth_gbs"))
+            } else {
+                "–".into()
+            },
             if bound > 0.0 {
                 format!("{bound:.0}")
             } else {
@@ -225,7 +228,7 @@ fn bench_llm(rest: &[String]) -> Result<()> {
         );
     }
     println!(
-        "\ndecode bound: one thread's read bandwidth ({bandwidth:.1} GB/s, best of the rows) over the bytes of weights a decode step reads in the engine's layout"
+        "\ndecode bound: one thread's read bandwidth over a buffer the size of the weights a decode step reads (engine layout), divided by that size"
     );
     // Time to first token with the rule's system message cached or not
     // (prompt-prefix KV reuse).
