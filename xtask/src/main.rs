@@ -6,8 +6,10 @@
 //! - `test`: plugins, then every test suite (workspace, SDK, plugins' own unit tests).
 //! - `lint`: rustfmt check and clippy with warnings denied, host and wasm sides.
 //! - `demo`: plugins and models, then `ganglion run --simulate`: embedded broker, example rules, simulated sensors.
-//! - `bench-llm`: llama.cpp (llama-cpp-python built from source in target/llamacpp), then the
-//!   engine's and llama.cpp's prefill and decode speed on the default model, 1 and 2 threads.
+//! - `bench-llm`: llama.cpp (llama-cpp-python built from source in target/llamacpp) and
+//!   random-weight models (target/bench-models), then the engine's and llama.cpp's prefill and
+//!   decode speed on the default model (1 and 2 threads) and on each random model (1 thread),
+//!   with the decode bound; prefix-reuse time to first token; batched decode.
 //! - `bench-mqtt`: plugins, mosquitto and Node-RED, then the end-to-end MQTT benchmark.
 //! - `bench-reload`: plugins and the Python fixture, then the hot-reload latency benchmark.
 
