@@ -237,7 +237,9 @@ impl Matrix {
             Matrix::Nibbles(w) => {
                 let kb = w.k / BLOCK;
                 for b in 0..kb {
-                    let (d, m) = (w.d[row * w.kb_padded() + b], w.offset_of(row, b));
+                    let at = row * w.kb_padded() + b;
+                    let (table, factor) = w.offsets();
+                    let (d, m) = (w.d[at], factor * table[at]);
                     out.extend((0..BLOCK).map(|t| d.mul_add(w.value(row, b, t) as f32, m)));
                 }
             }
@@ -462,26 +464,15 @@ impl NibbleMatrix {
         })
     }
 
-    /// The offset of block `b` in row `row`.
+    /// The table the offset term sums against the activations' block
+    /// sums (`m`, or `d` for a centred format, `n × kb` padded), and the
+    /// factor that makes offsets of it (1, or −centre).
     #[inline]
-    fn offset_of(&self, row: usize, b: usize) -> f32 {
-        let at = row * self.kb_padded() + b;
+    fn offsets(&self) -> (&[f32], f32) {
         if self.m.is_empty() {
-            -self.centre * self.d[at]
+            (&self.d, -self.centre)
         } else {
-            self.m[at]
-        }
-    }
-
-    /// Row `row`'s offsets, or its scales for a centred format, and the
-    /// factor that makes Σ offset·s of them.
-    #[inline]
-    fn offsets(&self, row: usize) -> (&[f32], f32) {
-        let padded = self.kb_padded();
-        if self.m.is_empty() {
-            (&self.d[row * padded..][..padded], -self.centre)
-        } else {
-            (&self.m[row * padded..][..padded], 1.0)
+            (&self.m, 1.0)
         }
     }
 
@@ -663,6 +654,7 @@ impl Tiled for NibbleMatrix {
         let padded = self.kb_padded();
         let rb = self.row_bytes();
         let five = !self.qh.is_empty();
+        let (offsets, factor) = self.offsets();
         let w = NibbleTile {
             qs: std::array::from_fn(|i| &self.qs[(r + i) * rb..(r + i + 1) * rb]),
             qh: std::array::from_fn(|i| {
@@ -673,8 +665,8 @@ impl Tiled for NibbleMatrix {
                 }
             }),
             d: std::array::from_fn(|i| &self.d[(r + i) * padded..][..kb]),
-            m: std::array::from_fn(|i| self.offsets(r + i).0),
-            factor: self.offsets(r).1,
+            m: std::array::from_fn(|i| &offsets[(r + i) * padded..][..padded]),
+            factor,
         };
         let a = Q8Tile {
             qs: std::array::from_fn(|j| &a.qs[(c + j) * self.k..][..self.k]),
@@ -1253,7 +1245,8 @@ mod tests {
             return sum;
         };
         let padded = w.kb_padded();
-        let (m, factor) = w.offsets(j);
+        let (table, factor) = w.offsets();
+        let m = &table[j * padded..][..padded];
         let mut offset = [0f32; 8];
         for g in (0..padded).step_by(SUM_LANES) {
             for (l, lane) in offset.iter_mut().enumerate() {
@@ -1382,8 +1375,8 @@ mod tests {
                                     if five { &m.qh[i * kb..][..kb] } else { &[] }
                                 }),
                                 d: std::array::from_fn(|i| &m.d[i * padded..][..kb]),
-                                m: std::array::from_fn(|i| m.offsets(i).0),
-                                factor: m.offsets(0).1,
+                                m: std::array::from_fn(|i| &m.offsets().0[i * padded..][..padded]),
+                                factor: m.offsets().1,
                             };
                             let at = Q8Tile::<2> {
                                 qs: std::array::from_fn(|j| &a.qs[j * k..][..k]),
