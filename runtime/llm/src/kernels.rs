@@ -34,9 +34,11 @@ const BLOCK: usize = 32;
 const TILE_ROWS: usize = 4;
 /// Activation rows per tile.
 const TILE_COLS: usize = 4;
-/// Block sums and Q4 offsets are padded to this many blocks, the lanes of
-/// the offset term's vectors.
-const SUM_LANES: usize = 8;
+/// Weight rows interleaved together in a 4- or 5-bit matrix: one lane of
+/// a 512-bit vector per row.
+const GROUP: usize = 16;
+/// Bytes of values per group and block: 16 rows of 32 nibbles.
+const GROUP_BLOCK: usize = GROUP * BLOCK / 2;
 
 /// A layer matrix: the engine's kernel where it applies, else candle's.
 pub enum Linear {
@@ -206,7 +208,7 @@ impl Matrix {
     pub fn bytes(&self) -> usize {
         match self {
             Matrix::Q8(m) => m.qs.bytes() + m.d.len() * 4,
-            Matrix::Nibbles(m) => m.qs.bytes() + (m.qh.len() + m.d.len() + m.m.len()) * 4,
+            Matrix::Nibbles(m) => m.qs.bytes() + m.qh.len() * 8 + (m.d.len() + m.m.len()) * 4,
         }
     }
 
@@ -218,7 +220,7 @@ impl Matrix {
     fn matmul_quantized(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
         match self {
             Matrix::Q8(w) => matmul_tiled(w, a, m),
-            Matrix::Nibbles(w) => matmul_tiled(w, a, m),
+            Matrix::Nibbles(w) => w.matmul_groups(a, m),
         }
     }
 
@@ -235,10 +237,9 @@ impl Matrix {
                 }
             }
             Matrix::Nibbles(w) => {
-                let kb = w.k / BLOCK;
-                for b in 0..kb {
-                    let at = row * w.kb_padded() + b;
-                    let (table, factor) = w.offsets();
+                let (table, factor) = w.offsets();
+                for b in 0..w.k / BLOCK {
+                    let at = w.at(row, b);
                     let (d, m) = (w.d[at], factor * table[at]);
                     out.extend((0..BLOCK).map(|t| d.mul_add(w.value(row, b, t) as f32, m)));
                 }
@@ -296,13 +297,20 @@ pub struct Q8Matrix {
 /// d·q + m with q in 0..16 (Q4) or 0..32 (Q5); Q4_0 and Q5_0 are the cases
 /// m = −8·d and m = −16·d.
 ///
-/// Layout: each row is pairs of blocks in 32 bytes, byte t holding the low
-/// four bits of element t of the even block in its low nibble and of the
-/// odd block in its high one, so one 32-byte load and a mask or a shift
-/// give a whole block in element order (an odd last block pairs with
-/// zeros). For Q5, `qh` holds each block's fifth bits, bit t for element t
-/// (`n × kb`); for Q4 it is empty. `d` and (Q4_1, Q5_1) `m` are `n × kb`
-/// padded with zeros to a multiple of [`SUM_LANES`]. Q4_0 and Q5_0 keep no
+/// Layout: rows in groups of [`GROUP`] (the last padded with zero rows),
+/// each group's blocks in order, [`GROUP_BLOCK`] bytes per block: four
+/// 64-byte lines, line l holding at byte 4r + e element 8l + e of row r in
+/// its low nibble and element 8l + 4 + e in its high one. A mask or a
+/// shift of one line gives four values of all sixteen rows, one 32-bit
+/// lane per row, against which four activation bytes are broadcast: each
+/// lane ends the block with that row's whole integer dot product, so the
+/// float work is one multiply-add per row and block for every lane, not
+/// per four values.
+///
+/// For Q5, `qh` holds per group and block eight 64-bit masks, one per
+/// half line (low nibbles, then high), bit 4r + e the fifth bit of that
+/// value; for Q4 it is empty. `d` and (Q4_1, Q5_1) `m` hold per group and
+/// block the sixteen rows' f32 scales and offsets. Q4_0 and Q5_0 keep no
 /// `m`: their offset is −`centre`·d, so the kernel sums d·s and scales the
 /// sum by −`centre` (exact, a power of two), reading 20 and 24 bytes per
 /// 32 weights instead of 24 and 28.
@@ -310,7 +318,7 @@ pub struct NibbleMatrix {
     n: usize,
     k: usize,
     qs: Aligned,
-    qh: Vec<u32>,
+    qh: Vec<u64>,
     d: Vec<f32>,
     m: Vec<f32>,
     centre: f32,
@@ -358,7 +366,7 @@ impl std::ops::Index<std::ops::Range<usize>> for Aligned {
 
 /// Activations quantised like Q8_0 weights, row by row, with each block's
 /// sum (scale × Σ values, exact before the one rounding) for the Q4 offset
-/// term; `s` is padded per row to a multiple of [`SUM_LANES`].
+/// term.
 struct Q8Rows {
     qs: Vec<i8>,
     d: Vec<f32>,
@@ -407,56 +415,49 @@ impl NibbleMatrix {
             );
         }
         let kb = k / BLOCK;
-        let padded = kb.next_multiple_of(SUM_LANES);
+        let cells = n.div_ceil(GROUP) * kb;
         let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-        let blocks: Vec<&[u8]> = bytes.chunks_exact(size).collect();
-        let mut d = vec![0f32; n * padded];
-        let mut m = vec![0f32; if offset_at.is_some() { n * padded } else { 0 }];
-        let mut qh = Vec::new();
-        for (row, blocks) in blocks.chunks_exact(kb).enumerate() {
-            for (b, block) in blocks.iter().enumerate() {
-                d[row * padded + b] = f16(block, 0);
+        let mut qs = vec![0u8; cells * GROUP_BLOCK];
+        let mut qh = vec![0u64; if high_at.is_some() { cells * 8 } else { 0 }];
+        let mut d = vec![0f32; cells * GROUP];
+        let mut m = vec![
+            0f32;
+            if offset_at.is_some() {
+                cells * GROUP
+            } else {
+                0
+            }
+        ];
+        for (row, blocks) in bytes.chunks_exact(kb * size).enumerate() {
+            let (g, r) = (row / GROUP, row % GROUP);
+            for (b, block) in blocks.chunks_exact(size).enumerate() {
+                let cell = g * kb + b;
+                d[cell * GROUP + r] = f16(block, 0);
                 if let Some(at) = offset_at {
-                    m[row * padded + b] = f16(block, at);
+                    m[cell * GROUP + r] = f16(block, at);
                 }
-                if let Some(at) = high_at {
-                    qh.push(u32::from_le_bytes([
-                        block[at],
-                        block[at + 1],
-                        block[at + 2],
-                        block[at + 3],
-                    ]));
+                let high = high_at.map_or(0, |at| {
+                    u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]])
+                });
+                let values = &block[size - 16..];
+                for t in 0..BLOCK {
+                    let q = if t < 16 {
+                        values[t] & 0x0F
+                    } else {
+                        values[t - 16] >> 4
+                    };
+                    let (half, e) = (t / 4, t % 4);
+                    qs[cell * GROUP_BLOCK + half / 2 * 64 + r * 4 + e] |= q << (4 * (half % 2));
+                    if high >> t & 1 == 1 {
+                        qh[cell * 8 + half] |= 1 << (r * 4 + e);
+                    }
                 }
             }
         }
-        let nibble = |block: &[u8], t: usize| {
-            let qs = &block[size - 16..];
-            if t < 16 {
-                qs[t] & 0x0F
-            } else {
-                qs[t - 16] >> 4
-            }
-        };
-        let pairs = kb.div_ceil(2);
-        let qs = Aligned::new(
-            blocks
-                .chunks_exact(kb)
-                .flat_map(|row| {
-                    (0..pairs).flat_map(move |p| {
-                        (0..BLOCK).map(move |t| {
-                            let even = nibble(row[2 * p], t);
-                            let odd = row.get(2 * p + 1).map_or(0, |b| nibble(b, t));
-                            (even | odd << 4) as i8
-                        })
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
         Ok(NibbleMatrix {
             n,
             k,
-            qs,
+            qs: Aligned::new(qs.into_iter().map(|b| b as i8)),
             qh,
             d,
             m,
@@ -464,9 +465,9 @@ impl NibbleMatrix {
         })
     }
 
-    /// The table the offset term sums against the activations' block
-    /// sums (`m`, or `d` for a centred format, `n × kb` padded), and the
-    /// factor that makes offsets of it (1, or −centre).
+    /// The table the offset term sums against the activations' block sums
+    /// (`m`, or `d` for a centred format), and the factor that makes
+    /// offsets of it (1, or −centre).
     #[inline]
     fn offsets(&self) -> (&[f32], f32) {
         if self.m.is_empty() {
@@ -476,29 +477,26 @@ impl NibbleMatrix {
         }
     }
 
-    #[inline]
-    fn kb_padded(&self) -> usize {
-        (self.k / BLOCK).next_multiple_of(SUM_LANES)
+    fn groups(&self) -> usize {
+        self.n.div_ceil(GROUP)
     }
 
-    /// Bytes per row: block pairs of 32.
-    #[inline]
-    fn row_bytes(&self) -> usize {
-        (self.k / BLOCK).div_ceil(2) * BLOCK
+    /// Index of row `row`'s entry for block `b` in `d` and `m`.
+    fn at(&self, row: usize, b: usize) -> usize {
+        (row / GROUP * (self.k / BLOCK) + b) * GROUP + row % GROUP
     }
 
     /// q of element `t` of block `b` in row `row`.
     fn value(&self, row: usize, b: usize, t: usize) -> u8 {
-        let byte = self.qs.as_slice()[row * self.row_bytes() + b / 2 * BLOCK + t] as u8;
-        let low = if b.is_multiple_of(2) {
-            byte & 0x0F
-        } else {
-            byte >> 4
-        };
+        let (kb, r) = (self.k / BLOCK, row % GROUP);
+        let cell = row / GROUP * kb + b;
+        let (half, e) = (t / 4, t % 4);
+        let byte = self.qs.as_slice()[cell * GROUP_BLOCK + half / 2 * 64 + r * 4 + e] as u8;
+        let low = byte >> (4 * (half % 2)) & 0x0F;
         let high = self
             .qh
-            .get(row * (self.k / BLOCK) + b)
-            .map_or(0, |h| (h >> t & 1) as u8);
+            .get(cell * 8 + half)
+            .map_or(0, |h| (h >> (r * 4 + e) & 1) as u8);
         low | high << 4
     }
 }
@@ -637,58 +635,129 @@ impl Tiled for Q8Matrix {
     }
 }
 
-impl Tiled for NibbleMatrix {
-    fn n(&self) -> usize {
-        self.n
+impl NibbleMatrix {
+    fn matmul_groups(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.n];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        // candle's pool, as in `matmul_tiled`.
+        candle_core::utils::barrier_pool().execute_chunked(self.groups(), |groups| {
+            let out_ptr = &out_ptr;
+            // SAFETY: ranges write disjoint groups of output columns.
+            unsafe { self.groups_into(a, m, groups, out_ptr.0) };
+        });
+        out
     }
 
+    /// Output columns of `groups` for all `m` activation rows: a decode
+    /// step takes two groups per tile; more rows take one group against up
+    /// to eight of them (four on 256-bit paths, which have half the
+    /// registers), unpacking each weight line once for all of them.
+    ///
+    /// # Safety
+    /// As [`NibbleMatrix::tile`], for every group in `groups`.
+    unsafe fn groups_into(
+        &self,
+        a: &Q8Rows,
+        m: usize,
+        groups: std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        let mut g = groups.start;
+        if m == 1 {
+            while g + 2 <= groups.end {
+                unsafe { self.tile::<2, 1>(a, g, 0, out) };
+                g += 2;
+            }
+        }
+        let widest = if path() == Path::Avx512 { 8 } else { 4 };
+        for g in g..groups.end {
+            let mut c = 0;
+            while c < m {
+                let cols = (m - c).min(widest);
+                unsafe {
+                    match cols {
+                        8 => self.tile::<1, 8>(a, g, c, out),
+                        7 => self.tile::<1, 7>(a, g, c, out),
+                        6 => self.tile::<1, 6>(a, g, c, out),
+                        5 => self.tile::<1, 5>(a, g, c, out),
+                        4 => self.tile::<1, 4>(a, g, c, out),
+                        3 => self.tile::<1, 3>(a, g, c, out),
+                        2 => self.tile::<1, 2>(a, g, c, out),
+                        _ => self.tile::<1, 1>(a, g, c, out),
+                    }
+                }
+                c += cols;
+            }
+        }
+    }
+
+    /// Output columns of groups `g..g + R` for activation rows `c..c + C`.
+    ///
+    /// # Safety
+    /// The CPU has the kernel; `out` is the `m × n` buffer and nothing else
+    /// writes those elements.
     #[inline(always)]
     unsafe fn tile<const R: usize, const C: usize>(
         &self,
         a: &Q8Rows,
-        r: usize,
+        g: usize,
         c: usize,
         out: *mut f32,
     ) {
         let kb = self.k / BLOCK;
-        let padded = self.kb_padded();
-        let rb = self.row_bytes();
-        let five = !self.qh.is_empty();
         let (offsets, factor) = self.offsets();
-        let w = NibbleTile {
-            qs: std::array::from_fn(|i| &self.qs[(r + i) * rb..(r + i + 1) * rb]),
+        let five = !self.qh.is_empty();
+        let w = GroupTile {
+            qs: std::array::from_fn(|i| {
+                &self.qs.as_slice()[(g + i) * kb * GROUP_BLOCK..][..kb * GROUP_BLOCK]
+            }),
             qh: std::array::from_fn(|i| {
                 if five {
-                    &self.qh[(r + i) * kb..][..kb]
+                    &self.qh[(g + i) * kb * 8..][..kb * 8]
                 } else {
                     &[]
                 }
             }),
-            d: std::array::from_fn(|i| &self.d[(r + i) * padded..][..kb]),
-            m: std::array::from_fn(|i| &offsets[(r + i) * padded..][..padded]),
+            d: std::array::from_fn(|i| &self.d[(g + i) * kb * GROUP..][..kb * GROUP]),
+            m: std::array::from_fn(|i| &offsets[(g + i) * kb * GROUP..][..kb * GROUP]),
             factor,
         };
         let a = Q8Tile {
             qs: std::array::from_fn(|j| &a.qs[(c + j) * self.k..][..self.k]),
             d: std::array::from_fn(|j| &a.d[(c + j) * kb..][..kb]),
-            s: std::array::from_fn(|j| &a.s[(c + j) * padded..][..padded]),
+            s: std::array::from_fn(|j| &a.s[(c + j) * kb..][..kb]),
         };
-        unsafe {
-            let sums = if five {
-                dot_tile_nibbles::<R, C, true>(kb, &w, &a)
+        let sums = unsafe {
+            if five {
+                dot_groups::<R, C, true>(kb, &w, &a)
             } else {
-                dot_tile_nibbles::<R, C, false>(kb, &w, &a)
-            };
-            store(sums, self.n, r, c, out);
+                dot_groups::<R, C, false>(kb, &w, &a)
+            }
+        };
+        for (j, groups) in sums.iter().enumerate() {
+            for (i, rows) in groups.iter().enumerate() {
+                let first = (g + i) * GROUP;
+                let len = GROUP.min(self.n - first);
+                // SAFETY: row c + j, columns first..first + len, are inside
+                // the caller's buffer and groups, and written once.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        rows.as_ptr(),
+                        out.add((c + j) * self.n + first),
+                        len,
+                    )
+                };
+            }
         }
     }
 }
 
-/// `R` rows of a [`NibbleMatrix`]: values, fifth bits (empty for Q4),
-/// scales, offsets (or scales) and their factor ([`NibbleMatrix::offsets`]).
-struct NibbleTile<'a, const R: usize> {
+/// `R` groups of a [`NibbleMatrix`] from their first block: values, fifth
+/// bits (empty for Q4), scales, offsets (or scales) and their factor
+/// ([`NibbleMatrix::offsets`]).
+struct GroupTile<'a, const R: usize> {
     qs: [&'a [i8]; R],
-    qh: [&'a [u32]; R],
+    qh: [&'a [u64]; R],
     d: [&'a [f32]; R],
     m: [&'a [f32]; R],
     factor: f32,
@@ -729,10 +798,9 @@ unsafe fn quantize_rows_avx2(x: &[f32], m: usize, k: usize) -> Q8Rows {
 #[inline(always)]
 fn quantize_rows_plain(x: &[f32], m: usize, k: usize) -> Q8Rows {
     let kb = k / BLOCK;
-    let padded = kb.next_multiple_of(SUM_LANES);
     let mut qs = vec![0i8; m * k];
     let mut d = vec![0f32; m * kb];
-    let mut sums = vec![0f32; m * padded];
+    let mut sums = vec![0f32; m * kb];
     for (b, ((src, dst), scale)) in x
         .chunks_exact(BLOCK)
         .zip(qs.chunks_exact_mut(BLOCK))
@@ -748,7 +816,7 @@ fn quantize_rows_plain(x: &[f32], m: usize, k: usize) -> Q8Rows {
             *q = (v * inv).round() as i8;
             sum += *q as i32;
         }
-        sums[b / kb * padded + b % kb] = *scale * sum as f32;
+        sums[b] = *scale * sum as f32;
     }
     Q8Rows { qs, d, s: sums }
 }
@@ -774,31 +842,31 @@ unsafe fn dot_tile<const R: usize, const C: usize>(
     }
 }
 
-/// The dot products of `R` 4-bit (or, with `FIVE`, 5-bit) weight rows with
-/// `C` activation rows.
+/// The dot products of `R` groups of 4-bit (or, with `FIVE`, 5-bit) weight
+/// rows with `C` activation rows, `[column][group][row in group]`.
 ///
 /// # Safety
 /// As [`dot_tile`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_tile_nibbles<const R: usize, const C: usize, const FIVE: bool>(
+unsafe fn dot_groups<const R: usize, const C: usize, const FIVE: bool>(
     kb: usize,
-    w: &NibbleTile<R>,
+    w: &GroupTile<R>,
     a: &Q8Tile<C>,
-) -> [[f32; R]; C] {
+) -> [[[f32; GROUP]; R]; C] {
     match path() {
-        Path::Avx512 => unsafe { x86::dot_tile_nibbles_avx512::<R, C, FIVE>(kb, w, a) },
-        Path::Vnni256 => unsafe { x86::dot_tile_nibbles_vnni::<R, C, FIVE>(kb, w, a) },
-        Path::Avx2 => unsafe { x86::dot_tile_nibbles_avx2::<R, C, FIVE>(kb, w, a) },
+        Path::Avx512 => unsafe { x86::dot_groups_avx512::<R, C, FIVE>(kb, w, a) },
+        Path::Vnni256 => unsafe { x86::dot_groups_vnni::<R, C, FIVE>(kb, w, a) },
+        Path::Avx2 => unsafe { x86::dot_groups_avx2::<R, C, FIVE>(kb, w, a) },
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_tile_nibbles<const R: usize, const C: usize, const FIVE: bool>(
+unsafe fn dot_groups<const R: usize, const C: usize, const FIVE: bool>(
     _: usize,
-    _: &NibbleTile<R>,
+    _: &GroupTile<R>,
     _: &Q8Tile<C>,
-) -> [[f32; R]; C] {
+) -> [[[f32; GROUP]; R]; C] {
     unreachable!("supported() is false off x86-64")
 }
 
@@ -862,7 +930,7 @@ fn avx512() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{NibbleTile, Q8Tile, SUM_LANES};
+    use super::{BLOCK, GROUP, GROUP_BLOCK, GroupTile, Q8Tile};
 
     /// Asks for byte `at` of the weight row two tiles of `rows` on (rows
     /// are contiguous). A tile reads its short rows side by side, a pattern
@@ -951,20 +1019,6 @@ mod x86 {
     dot_tile!(dot_tile_avx2, "avx2,fma", dot_avx2);
     dot_tile!(dot_tile_vnni, "avx2,fma,avxvnni", dot_vnni);
 
-    /// The Q4 offset term Σ m·s over a row's padded blocks: eight lanes,
-    /// one fused multiply-add per eight blocks, summed as in [`hsum`].
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn offset(m: &[f32], s: &[f32]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (m, s) in m.chunks_exact(SUM_LANES).zip(s.chunks_exact(SUM_LANES)) {
-            // SAFETY: each chunk holds eight f32.
-            let (m, s) = unsafe { (_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(s.as_ptr())) };
-            acc = _mm256_fmadd_ps(m, s, acc);
-        }
-        hsum(acc)
-    }
-
     /// Element t of the result is 16 where bit t of `h` is set, else 0
     /// (each byte picks its byte of `h`, sets every other bit, and compares
     /// with all ones).
@@ -985,58 +1039,6 @@ mod x86 {
         )
     }
 
-    /// 4- and 5-bit blocks against Q8 activations with 256-bit vectors: the
-    /// values are unsigned (0..32), so no sign is moved; the pair sums stay
-    /// within i16 (2 · 31 · 127).
-    macro_rules! nibble_tile {
-        ($name:ident, $features:literal, $dot:ident) => {
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name<const R: usize, const C: usize, const FIVE: bool>(
-                kb: usize,
-                w: &NibbleTile<R>,
-                a: &Q8Tile<C>,
-            ) -> [[f32; R]; C] {
-                let low = _mm256_set1_epi8(0x0F);
-                let mut acc = [[_mm256_setzero_ps(); R]; C];
-                for b in 0..kb {
-                    let x: [__m256i; C] = std::array::from_fn(|j| unsafe {
-                        _mm256_loadu_si256(a.qs[j].as_ptr().add(b * 32) as *const __m256i)
-                    });
-                    for i in 0..R {
-                        ahead(w.qs[i], b / 2 * 32, R);
-                        let pair = unsafe {
-                            _mm256_loadu_si256(w.qs[i].as_ptr().add(b / 2 * 32) as *const __m256i)
-                        };
-                        let mut q = if b % 2 == 0 {
-                            _mm256_and_si256(pair, low)
-                        } else {
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(pair), low)
-                        };
-                        if FIVE {
-                            q = _mm256_or_si256(q, fifth_bits(w.qh[i][b]));
-                        }
-                        let wd = w.d[i][b];
-                        for j in 0..C {
-                            let p = _mm256_cvtepi32_ps($dot(q, x[j]));
-                            let d = _mm256_set1_ps(wd * a.d[j][b]);
-                            acc[j][i] = _mm256_fmadd_ps(d, p, acc[j][i]);
-                        }
-                    }
-                }
-                let mut out = [[0f32; R]; C];
-                for j in 0..C {
-                    for i in 0..R {
-                        out[j][i] = hsum(acc[j][i]) + w.factor * offset(w.m[i], a.s[j]);
-                    }
-                }
-                out
-            }
-        };
-    }
-
-    nibble_tile!(dot_tile_nibbles_avx2, "avx2,fma", dot_avx2);
-    nibble_tile!(dot_tile_nibbles_vnni, "avx2,fma,avxvnni", dot_vnni);
-
     /// Scales of blocks `b` and `b + 1` (or of `b` alone, zero above) in
     /// the low and high eight lanes.
     #[inline]
@@ -1051,68 +1053,198 @@ mod x86 {
         _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two))
     }
 
-    /// Two 4- or 5-bit blocks per instruction: one 32-byte pair, its low
-    /// nibbles in the low half and its high ones in the high half (the
-    /// fifth bits from a 64-bit mask), against 64 activation bytes; halves
-    /// added and summed as in the Q8 path.
+    /// Asks for block `b` of group `i` two tiles of `R` groups on (groups
+    /// are contiguous in each table). A tile reads its groups side by
+    /// side, a pattern the hardware prefetcher follows badly. A hint only:
+    /// past a table's end it fetches nothing useful and faults nothing.
+    #[inline(always)]
+    fn fetch_ahead<const R: usize, const FIVE: bool>(w: &GroupTile<R>, i: usize, b: usize) {
+        let on = 2 * R;
+        let fetch = |p: *const i8| {
+            // SAFETY: prefetching never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p) }
+        };
+        let qs = w.qs[i]
+            .as_ptr()
+            .wrapping_add(b * GROUP_BLOCK + on * w.qs[i].len());
+        for line in 0..GROUP_BLOCK / 64 {
+            fetch(qs.wrapping_add(line * 64));
+        }
+        fetch(w.d[i].as_ptr().wrapping_add(b * GROUP + on * w.d[i].len()) as *const i8);
+        if w.m[i].as_ptr() != w.d[i].as_ptr() {
+            fetch(w.m[i].as_ptr().wrapping_add(b * GROUP + on * w.m[i].len()) as *const i8);
+        }
+        if FIVE {
+            fetch(w.qh[i].as_ptr().wrapping_add(b * 8 + on * w.qh[i].len()) as *const i8);
+        }
+    }
+
+    /// Four activation bytes as an i32, for broadcasting.
+    #[inline(always)]
+    unsafe fn four(x: *const i8) -> i32 {
+        unsafe { (x as *const i32).read_unaligned() }
+    }
+
+    /// `acc` plus the sums of four byte products per i32 lane, with AVX2:
+    /// the pair sums stay within i16 because the weights are below 32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn add_dot_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+        )
+    }
+
+    /// The same in one AVX-VNNI instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    fn add_dot_vnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, u, s)
+    }
+
+    /// Groups of 4- and 5-bit rows with 256-bit vectors: each group as two
+    /// halves of eight rows (the first and last 32 bytes of each line).
+    macro_rules! group_tile {
+        ($name:ident, $features:literal, $dot:ident) => {
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "i, j and h index the groups, activation rows and accumulators together"
+            )]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const R: usize, const C: usize, const FIVE: bool>(
+                kb: usize,
+                w: &GroupTile<R>,
+                a: &Q8Tile<C>,
+            ) -> [[[f32; GROUP]; R]; C] {
+                let low = _mm256_set1_epi8(0x0F);
+                let mut acc = [[[_mm256_setzero_ps(); 2]; R]; C];
+                for b in 0..kb {
+                    let da: [__m256; C] = std::array::from_fn(|j| _mm256_set1_ps(a.d[j][b]));
+                    for i in 0..R {
+                        fetch_ahead::<R, FIVE>(w, i, b);
+                        let base = w.qs[i][b * GROUP_BLOCK..].as_ptr();
+                        for h in 0..2 {
+                            let mut dots = [_mm256_setzero_si256(); C];
+                            for l in 0..4 {
+                                let v = unsafe {
+                                    _mm256_loadu_si256(base.add(l * 64 + h * 32) as *const __m256i)
+                                };
+                                let mut lo = _mm256_and_si256(v, low);
+                                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                                if FIVE {
+                                    let masks = &w.qh[i][b * 8 + 2 * l..];
+                                    lo = _mm256_or_si256(
+                                        lo,
+                                        fifth_bits((masks[0] >> (32 * h)) as u32),
+                                    );
+                                    hi = _mm256_or_si256(
+                                        hi,
+                                        fifth_bits((masks[1] >> (32 * h)) as u32),
+                                    );
+                                }
+                                for j in 0..C {
+                                    let x = a.qs[j][b * BLOCK + 8 * l..].as_ptr();
+                                    let (xl, xh) = unsafe { (four(x), four(x.add(4))) };
+                                    dots[j] = $dot(dots[j], lo, _mm256_set1_epi32(xl));
+                                    dots[j] = $dot(dots[j], hi, _mm256_set1_epi32(xh));
+                                }
+                            }
+                            let dw =
+                                unsafe { _mm256_loadu_ps(w.d[i][b * GROUP + h * 8..].as_ptr()) };
+                            for j in 0..C {
+                                acc[j][i][h] = _mm256_fmadd_ps(
+                                    _mm256_mul_ps(dw, da[j]),
+                                    _mm256_cvtepi32_ps(dots[j]),
+                                    acc[j][i][h],
+                                );
+                            }
+                        }
+                    }
+                }
+                let factor = _mm256_set1_ps(w.factor);
+                let mut out = [[[0f32; GROUP]; R]; C];
+                for j in 0..C {
+                    for i in 0..R {
+                        for h in 0..2 {
+                            let mut off = _mm256_setzero_ps();
+                            for b in 0..kb {
+                                let m = unsafe {
+                                    _mm256_loadu_ps(w.m[i][b * GROUP + h * 8..].as_ptr())
+                                };
+                                off = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s[j][b]), off);
+                            }
+                            let sum = _mm256_fmadd_ps(factor, off, acc[j][i][h]);
+                            unsafe { _mm256_storeu_ps(out[j][i][h * 8..].as_mut_ptr(), sum) };
+                        }
+                    }
+                }
+                out
+            }
+        };
+    }
+
+    group_tile!(dot_groups_avx2, "avx2,fma", add_dot_avx2);
+    group_tile!(dot_groups_vnni, "avx2,fma,avxvnni", add_dot_vnni);
+
+    /// Groups of 4- and 5-bit rows with 512-bit vectors: a whole group per
+    /// vector, the fifth bits from one 64-bit mask per half line.
     #[allow(
         clippy::needless_range_loop,
-        reason = "i and j index the weight rows, activation rows and accumulators together"
+        reason = "i and j index the groups, activation rows and accumulators together"
     )]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn dot_tile_nibbles_avx512<
-        const R: usize,
-        const C: usize,
-        const FIVE: bool,
-    >(
+    pub(super) unsafe fn dot_groups_avx512<const R: usize, const C: usize, const FIVE: bool>(
         kb: usize,
-        w: &NibbleTile<R>,
+        w: &GroupTile<R>,
         a: &Q8Tile<C>,
-    ) -> [[f32; R]; C] {
+    ) -> [[[f32; GROUP]; R]; C] {
         let low = _mm512_set1_epi8(0x0F);
         let sixteen = _mm512_set1_epi8(0x10);
-        let zero = _mm512_setzero_si512();
         let mut acc = [[_mm512_setzero_ps(); R]; C];
-        for p in 0..kb.div_ceil(2) {
-            let b = 2 * p;
-            let both = b + 1 < kb;
-            let x: [__m512i; C] = std::array::from_fn(|j| unsafe {
-                let at = a.qs[j].as_ptr().add(b * 32);
-                if both {
-                    _mm512_loadu_si512(at as *const __m512i)
-                } else {
-                    _mm512_maskz_loadu_epi8(0xFFFF_FFFF, at)
-                }
-            });
-            let ad: [__m512; C] =
-                std::array::from_fn(|j| unsafe { scale_pair(a.d[j].as_ptr().add(b), both) });
+        for b in 0..kb {
+            let da: [__m512; C] = std::array::from_fn(|j| _mm512_set1_ps(a.d[j][b]));
             for i in 0..R {
-                ahead(w.qs[i], p * 32, R);
-                let pair =
-                    unsafe { _mm256_loadu_si256(w.qs[i].as_ptr().add(p * 32) as *const __m256i) };
-                let mut q = _mm512_and_si512(
-                    _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(pair),
-                        _mm256_srli_epi16::<4>(pair),
-                    ),
-                    low,
-                );
-                if FIVE {
-                    let odd = if both { w.qh[i][b + 1] } else { 0 };
-                    let bits = w.qh[i][b] as u64 | (odd as u64) << 32;
-                    q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(bits, sixteen));
+                fetch_ahead::<R, FIVE>(w, i, b);
+                let base = w.qs[i][b * GROUP_BLOCK..].as_ptr();
+                // Low and high nibbles in chains of their own, added at
+                // the end (exact), to halve the chain of dependent sums.
+                let mut lows = [_mm512_setzero_si512(); C];
+                let mut highs = [_mm512_setzero_si512(); C];
+                for l in 0..4 {
+                    let v = unsafe { _mm512_loadu_si512(base.add(l * 64) as *const __m512i) };
+                    let mut lo = _mm512_and_si512(v, low);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    if FIVE {
+                        let masks = &w.qh[i][b * 8 + 2 * l..];
+                        lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(masks[0], sixteen));
+                        hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(masks[1], sixteen));
+                    }
+                    for j in 0..C {
+                        let x = a.qs[j][b * BLOCK + 8 * l..].as_ptr();
+                        let (xl, xh) = unsafe { (four(x), four(x.add(4))) };
+                        lows[j] = _mm512_dpbusd_epi32(lows[j], lo, _mm512_set1_epi32(xl));
+                        highs[j] = _mm512_dpbusd_epi32(highs[j], hi, _mm512_set1_epi32(xh));
+                    }
                 }
-                let wd = unsafe { scale_pair(w.d[i].as_ptr().add(b), both) };
+                let dw = unsafe { _mm512_loadu_ps(w.d[i][b * GROUP..].as_ptr()) };
                 for j in 0..C {
-                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q, x[j]));
-                    acc[j][i] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[j]), dot, acc[j][i]);
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lows[j], highs[j]));
+                    acc[j][i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da[j]), dot, acc[j][i]);
                 }
             }
         }
-        let mut out = [[0f32; R]; C];
+        let factor = _mm512_set1_ps(w.factor);
+        let mut out = [[[0f32; GROUP]; R]; C];
         for j in 0..C {
             for i in 0..R {
-                out[j][i] = hsum(halves_added(acc[j][i])) + w.factor * offset(w.m[i], a.s[j]);
+                let mut off = _mm512_setzero_ps();
+                for b in 0..kb {
+                    let m = unsafe { _mm512_loadu_ps(w.m[i][b * GROUP..].as_ptr()) };
+                    off = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[j][b]), off);
+                }
+                let sum = _mm512_fmadd_ps(factor, off, acc[j][i]);
+                unsafe { _mm512_storeu_ps(out[j][i].as_mut_ptr(), sum) };
             }
         }
         out
@@ -1207,54 +1339,56 @@ mod tests {
         (r[0] + r[2]) + (r[1] + r[3])
     }
 
-    /// The kernels' arithmetic written out lane by lane in scalar code:
-    /// per block, lane l holds the exact integer sum over elements 4l to
-    /// 4l + 3, times the scale product, fused into the lane's f32
-    /// accumulator (the AVX-512 paths keep odd blocks in eight lanes of
-    /// their own, added at the end); then the horizontal sum, plus for Q4
-    /// the offset term in eight lanes of its own.
+    /// The kernels' arithmetic written out in scalar code.
+    ///
+    /// Q8_0: per block, lane l holds the exact integer sum over elements
+    /// 4l to 4l + 3, times the scale product, fused into the lane's f32
+    /// accumulator (the AVX-512 path keeps odd blocks in eight lanes of
+    /// their own, added at the end); then the horizontal sum.
+    ///
+    /// 4- and 5-bit (every path alike): per block, the exact integer dot
+    /// product times the scale product, fused into one f32 accumulator,
+    /// and the offset times the activations' block sum fused into another;
+    /// the second times the factor fused onto the first.
     fn model(w: &Matrix, a: &Q8Rows, i: usize, j: usize, wide: bool) -> f32 {
         let (k, kb) = (w.k(), w.k() / BLOCK);
-        let value = |b: usize, t: usize| match w {
-            Matrix::Q8(w) => w.qs.as_slice()[j * k + b * BLOCK + t] as i32,
-            Matrix::Nibbles(w) => w.value(j, b, t) as i32,
-        };
-        let scale = |b: usize| match w {
-            Matrix::Q8(w) => w.d[j * kb + b],
-            Matrix::Nibbles(w) => w.d[j * w.kb_padded() + b],
+        let w = match w {
+            Matrix::Q8(w) => w,
+            Matrix::Nibbles(w) => {
+                let (table, factor) = w.offsets();
+                let (mut acc, mut off) = (0f32, 0f32);
+                for b in 0..kb {
+                    let dot: i32 = (0..BLOCK)
+                        .map(|t| w.value(j, b, t) as i32 * a.qs[i * k + b * BLOCK + t] as i32)
+                        .sum();
+                    let at = w.at(j, b);
+                    acc = (w.d[at] * a.d[i * kb + b]).mul_add(dot as f32, acc);
+                    off = table[at].mul_add(a.s[i * kb + b], off);
+                }
+                return factor.mul_add(off, acc);
+            }
         };
         let mut lanes = [[0f32; 8]; 2];
         for b in 0..kb {
-            let d = scale(b) * a.d[i * kb + b];
+            let d = w.d[j * kb + b] * a.d[i * kb + b];
             let half = &mut lanes[if wide { b % 2 } else { 0 }];
             for (l, lane) in half.iter_mut().enumerate() {
                 let s: i32 = (0..4)
-                    .map(|e| value(b, l * 4 + e) * a.qs[i * k + b * BLOCK + l * 4 + e] as i32)
+                    .map(|e| {
+                        let t = b * BLOCK + l * 4 + e;
+                        w.qs.as_slice()[j * k + t] as i32 * a.qs[i * k + t] as i32
+                    })
                     .sum();
                 *lane = d.mul_add(s as f32, *lane);
             }
         }
-        let sum = hsum(std::array::from_fn(|l| {
+        hsum(std::array::from_fn(|l| {
             if wide {
                 lanes[0][l] + lanes[1][l]
             } else {
                 lanes[0][l]
             }
-        }));
-        let Matrix::Nibbles(w) = w else {
-            return sum;
-        };
-        let padded = w.kb_padded();
-        let (table, factor) = w.offsets();
-        let m = &table[j * padded..][..padded];
-        let mut offset = [0f32; 8];
-        for g in (0..padded).step_by(SUM_LANES) {
-            for (l, lane) in offset.iter_mut().enumerate() {
-                let at = g + l;
-                *lane = m[at].mul_add(a.s[i * padded + at], *lane);
-            }
-        }
-        sum + factor * hsum(offset)
+        }))
     }
 
     fn numbers(seed: u32, len: usize, scale: f32) -> Vec<f32> {
@@ -1297,15 +1431,15 @@ mod tests {
         // block sums padded past one group of eight.
         for dtype in FORMATS {
             for k in [96, 128, 288] {
-                let (w, _, x) = matrix(dtype, 11, k, 3);
+                let (w, _, x) = matrix(dtype, 37, k, 3);
                 let all = w.matmul(&x, 7);
                 let a = quantize_rows(&x, 7, k);
                 for i in 0..7 {
                     let alone = w.matmul(&x[i * k..(i + 1) * k], 1);
-                    assert_eq!(alone, all[i * 11..(i + 1) * 11], "{dtype:?} k {k} row {i}");
-                    for j in 0..11 {
+                    assert_eq!(alone, all[i * 37..(i + 1) * 37], "{dtype:?} k {k} row {i}");
+                    for j in 0..37 {
                         assert_eq!(
-                            all[i * 11 + j],
+                            all[i * 37 + j],
                             model(&w, &a, i, j, avx512()),
                             "{dtype:?} k {k} ({i}, {j})"
                         );
@@ -1365,41 +1499,7 @@ mod tests {
                                 ));
                             }
                         }
-                        Matrix::Nibbles(m) => {
-                            let kb = k / BLOCK;
-                            let (rb, padded) = (m.row_bytes(), m.kb_padded());
-                            let five = !m.qh.is_empty();
-                            let wt = NibbleTile::<4> {
-                                qs: std::array::from_fn(|i| &m.qs[i * rb..(i + 1) * rb]),
-                                qh: std::array::from_fn(|i| {
-                                    if five { &m.qh[i * kb..][..kb] } else { &[] }
-                                }),
-                                d: std::array::from_fn(|i| &m.d[i * padded..][..kb]),
-                                m: std::array::from_fn(|i| &m.offsets().0[i * padded..][..padded]),
-                                factor: m.offsets().1,
-                            };
-                            let at = Q8Tile::<2> {
-                                qs: std::array::from_fn(|j| &a.qs[j * k..][..k]),
-                                d: std::array::from_fn(|j| &a.d[j * kb..][..kb]),
-                                s: std::array::from_fn(|j| &a.s[j * padded..][..padded]),
-                            };
-                            macro_rules! call {
-                                ($path:ident) => {
-                                    if five {
-                                        x86::$path::<4, 2, true>(kb, &wt, &at)
-                                    } else {
-                                        x86::$path::<4, 2, false>(kb, &wt, &at)
-                                    }
-                                };
-                            }
-                            paths.push((call!(dot_tile_nibbles_avx2), false, "avx2"));
-                            if vnni {
-                                paths.push((call!(dot_tile_nibbles_vnni), false, "vnni"));
-                            }
-                            if avx512 {
-                                paths.push((call!(dot_tile_nibbles_avx512), true, "avx512"));
-                            }
-                        }
+                        Matrix::Nibbles(_) => continue,
                     }
                 }
                 assert!(!paths.is_empty());
@@ -1410,6 +1510,85 @@ mod tests {
                                 v,
                                 model(&w, &a, j, i, wide),
                                 "{dtype:?} {name} k {k} ({j}, {i})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every 4- and 5-bit path this CPU has, called directly on two groups
+    /// (the second partly padding), against the scalar model: all paths
+    /// give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_group_path_this_cpu_has_matches_the_scalar_model() {
+        if !supported() {
+            return;
+        }
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni");
+        let vnni = is_x86_feature_detected!("avxvnni");
+        for dtype in &FORMATS[1..] {
+            for k in [96, 128] {
+                let (w, _, x) = matrix(*dtype, 21, k, 5);
+                let Matrix::Nibbles(nib) = &w else {
+                    panic!("{dtype:?} is not held as nibbles");
+                };
+                let kb = k / BLOCK;
+                let a = quantize_rows(&x, 3, k);
+                let (table, factor) = nib.offsets();
+                let five = !nib.qh.is_empty();
+                let wt = GroupTile::<2> {
+                    qs: std::array::from_fn(|g| {
+                        &nib.qs.as_slice()[g * kb * GROUP_BLOCK..][..kb * GROUP_BLOCK]
+                    }),
+                    qh: std::array::from_fn(|g| {
+                        if five {
+                            &nib.qh[g * kb * 8..][..kb * 8]
+                        } else {
+                            &[]
+                        }
+                    }),
+                    d: std::array::from_fn(|g| &nib.d[g * kb * GROUP..][..kb * GROUP]),
+                    m: std::array::from_fn(|g| &table[g * kb * GROUP..][..kb * GROUP]),
+                    factor,
+                };
+                let at = Q8Tile::<3> {
+                    qs: std::array::from_fn(|j| &a.qs[j * k..][..k]),
+                    d: std::array::from_fn(|j| &a.d[j * kb..][..kb]),
+                    s: std::array::from_fn(|j| &a.s[j * kb..][..kb]),
+                };
+                let mut paths = Vec::new();
+                macro_rules! call {
+                    ($path:ident) => {
+                        // SAFETY: each path runs only where the CPU has its
+                        // features.
+                        unsafe {
+                            if five {
+                                x86::$path::<2, 3, true>(kb, &wt, &at)
+                            } else {
+                                x86::$path::<2, 3, false>(kb, &wt, &at)
+                            }
+                        }
+                    };
+                }
+                paths.push((call!(dot_groups_avx2), "avx2"));
+                if vnni {
+                    paths.push((call!(dot_groups_vnni), "vnni"));
+                }
+                if avx512 {
+                    paths.push((call!(dot_groups_avx512), "avx512"));
+                }
+                for (out, name) in paths {
+                    for (j, groups) in out.iter().enumerate() {
+                        for row in 0..21 {
+                            assert_eq!(
+                                groups[row / GROUP][row % GROUP],
+                                model(&w, &a, j, row, false),
+                                "{dtype:?} {name} k {k} ({j}, {row})"
                             );
                         }
                     }
@@ -1502,20 +1681,22 @@ mod tests {
 
     /// Q4_1 holds 24 bytes per 32 weights (16 of values, f32 scale and
     /// offset), against 36 for Q8_0 and 20 in the file; Q5 adds 4 bytes of
-    /// fifth bits; Q4_0 and Q5_0 keep no offsets.
+    /// fifth bits; Q4_0 and Q5_0 keep no offsets. Rows are padded to whole
+    /// groups of sixteen.
     #[test]
     fn four_and_five_bit_weights_stay_small() {
         if !supported() {
             return;
         }
         let blocks = 64 * 576 / BLOCK;
-        // f32 scales and offsets are padded from 18 to 24 per row.
         let (w, _, _) = matrix(GgmlDType::Q4_1, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * 16 + 2 * 64 * 24 * 4);
+        assert_eq!(w.bytes(), blocks * 24);
         let (w, _, _) = matrix(GgmlDType::Q4_0, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * 16 + 64 * 24 * 4);
+        assert_eq!(w.bytes(), blocks * 20);
         let (w, _, _) = matrix(GgmlDType::Q5_0, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * (16 + 4) + 64 * 24 * 4);
+        assert_eq!(w.bytes(), blocks * 24);
+        let (w, _, _) = matrix(GgmlDType::Q5_1, 60, 576, 2);
+        assert_eq!(w.bytes(), blocks * 28);
         let (w8, _, _) = matrix(GgmlDType::Q8_0, 64, 576, 2);
         assert_eq!(w8.bytes(), blocks * (32 + 4));
     }
@@ -1526,7 +1707,12 @@ mod tests {
     #[test]
     #[ignore]
     fn kernel_speed() {
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0] {
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+        ] {
             for (n, k) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
                 let (w, _, _) = matrix(dtype, n, k, 1);
                 for m in [1usize, 8, 64] {
