@@ -172,13 +172,15 @@ fn load_config(path: &Path) -> Result<GanglionConfig> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let config = load_config(&cli.config)?;
-    // The model's compute pool is process-wide and sized on first use; set
-    // it while this is the only thread.
+    // candle's own compute pool is process-wide and sized from the
+    // environment on first use: one thread, since the engine's pool
+    // (`[model] threads`) does the parallel work and candle's workers,
+    // which spin between operations, would compete with it. Set while
+    // this is the only thread.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        let threads = config.model.thread_count().to_string();
         // SAFETY: no other thread exists yet, so nothing reads the
         // environment concurrently.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads) };
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

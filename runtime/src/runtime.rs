@@ -94,9 +94,10 @@ impl RuntimeBuilder {
     /// then the plugins and rules. A bad plugin or rule file does not stop
     /// the others: it is listed in [`Loaded::problems`].
     ///
-    /// The model engine's thread count is process-wide: set
-    /// `CANDLE_NUM_THREADS` before the program starts other threads (as
-    /// `ganglion run` does from `[model] threads`).
+    /// The model's compute pool is process-wide, sized by the first engine
+    /// loaded (`[model] threads`). candle's own pool should be one thread:
+    /// set `CANDLE_NUM_THREADS=1` before the program starts other threads,
+    /// as `ganglion run` does.
     pub async fn load(self) -> Result<Loaded, RuntimeError> {
         let config = self.config;
         let state = match self.state {

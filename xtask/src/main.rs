@@ -82,10 +82,27 @@ fn cargo_test(args: &[&str], rest: &[String]) -> Result<(u64, u64)> {
 /// repository root.
 fn engine_bench(bench: &str, model: &std::path::Path) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // candle's own pool at one thread, as `ganglion run` sets it: the
+    // engine's pool does the parallel work.
     cmd.current_dir(xtask::root())
+        .env("CANDLE_NUM_THREADS", "1")
         .args(["bench", "-q", "-p", "ganglion-llm", "--bench", bench, "--"])
         .arg(model);
     cmd
+}
+
+/// The last JSON line a bench printed.
+fn json(out: std::process::Output) -> Result<serde_json::Value> {
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    Ok(serde_json::from_str(line)?)
 }
 
 fn bench_llm(rest: &[String]) -> Result<()> {
@@ -127,18 +144,6 @@ fn bench_llm(rest: &[String]) -> Result<()> {
         ],
         &[] as &[&str],
     )?;
-    let json = |out: std::process::Output| -> Result<serde_json::Value> {
-        if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or("");
-        Ok(serde_json::from_str(line)?)
-    };
     // Random-weight files of two shapes in four formats, written once.
     let generated = root.join("target/bench-models");
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -187,7 +192,7 @@ fn bench_llm(rest: &[String]) -> Result<()> {
         for _ in 0..3 {
             let ours = json(
                 engine_bench("llm_speed", path)
-                    .env("CANDLE_NUM_THREADS", threads.to_string())
+                    .env("GANGLION_MODEL_THREADS", threads.to_string())
                     .output()?,
             )?;
             let theirs = json(
@@ -232,11 +237,73 @@ fn bench_llm(rest: &[String]) -> Result<()> {
     println!(
         "\ndecode bound: one thread's read bandwidth over a buffer the size of the weights a decode step reads (engine layout), divided by that size"
     );
+    oversubscribed(&model, &python)?;
     // Time to first token with the rule's system message cached or not
     // (prompt-prefix KV reuse).
     let ttft = json(engine_bench("prefix_ttft", &model).output()?)?;
     println!("\nprefix reuse, time to first token: {ttft}");
     batched(&model, &venv)
+}
+
+/// Decode speed on the default model while other threads keep the cores
+/// busy (standing in for plugin calls and the MQTT tasks), against the
+/// same with the cores free: the engine's and llama.cpp's, same threads.
+fn oversubscribed(model: &std::path::Path, python: &std::path::Path) -> Result<()> {
+    let root = xtask::root();
+    println!(
+        "\n| model threads | busy threads | engine decode tok/s | llama.cpp decode tok/s | decode ratio | engine ÷ unloaded | llama.cpp ÷ unloaded |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for threads in [1usize, 2] {
+        let mut unloaded = (0f64, 0f64);
+        for busy in [0usize, 1, 2] {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let spinners: Vec<_> = (0..busy)
+                .map(|_| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut x = 1u64;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005) + 1);
+                        }
+                    })
+                })
+                .collect();
+            let (mut ours, mut theirs) = (0f64, 0f64);
+            for _ in 0..2 {
+                let o = json(
+                    engine_bench("llm_speed", model)
+                        .env("GANGLION_MODEL_THREADS", threads.to_string())
+                        .args(["16", "64", "3"])
+                        .output()?,
+                )?;
+                let t = json(
+                    Command::new(python)
+                        .arg(root.join("tests/benches/llama_cpp_speed.py"))
+                        .arg(model)
+                        .arg(threads.to_string())
+                        .args(["16", "64", "3"])
+                        .output()?,
+                )?;
+                ours = ours.max(o["decode_tps"].as_f64().unwrap_or(0.0));
+                theirs = theirs.max(t["decode_tps"].as_f64().unwrap_or(0.0));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            for s in spinners {
+                let _ = s.join();
+            }
+            if busy == 0 {
+                unloaded = (ours, theirs);
+            }
+            println!(
+                "| {threads} | {busy} | {ours:.1} | {theirs:.1} | {:.2} | {:.2} | {:.2} |",
+                ours / theirs,
+                ours / unloaded.0,
+                theirs / unloaded.1
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Aggregate decode speed at 1, 4 and 8 sequences: the engine's forward

@@ -1,7 +1,7 @@
 //! Prompt-processing and decode speed of the engine's forward pass on a GGUF
 //! model, as one JSON line (tokens per second, best of the repetitions).
 //!
-//! `CANDLE_NUM_THREADS=1 cargo bench -p ganglion-llm --bench llm_speed -- MODEL [PROMPT_TOKENS DECODE_TOKENS REPS]`
+//! `CANDLE_NUM_THREADS=1 GANGLION_MODEL_THREADS=1 cargo bench -p ganglion-llm --bench llm_speed -- MODEL [PROMPT_TOKENS DECODE_TOKENS REPS]`
 //!
 //! `cargo run -p xtask -- bench-llm` runs it beside llama.cpp on the same file.
 
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "{{\"engine\":\"ganglion\",\"threads\":{},\"prompt_tokens\":{prompt_n},\"decode_tokens\":{decode_n},\"prefill_tps\":{best_prefill:.1},\"decode_tps\":{best_decode:.1},\"resident_mib\":{:.0},\"file_mib\":{:.0},\"read_per_token_mib\":{:.1},\"bandwidth_gbs\":{:.2},\"bound_tps\":{:.1}}}",
-        std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
+        ganglion_llm::pool::pool().threads(),
         resident as f64 / 1048576.0,
         file as f64 / 1048576.0,
         read_per_token / 1048576.0,

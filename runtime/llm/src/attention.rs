@@ -56,7 +56,7 @@ pub(crate) fn attend(q: &[f32], queries: &[Query<'_>], h: Heads, out: &mut [f32]
     let d = h.head_dim;
     let items = out.len() / d;
     let out_ptr = OutPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+    crate::pool::pool().run(items, |range| {
         let out_ptr = &out_ptr;
         let mut scores = Vec::new();
         for i in range {

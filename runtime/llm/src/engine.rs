@@ -47,7 +47,8 @@ pub struct EngineConfig {
     /// A folder with a BERT-family sentence encoder; none means no `embed`.
     pub embedding: Option<PathBuf>,
     /// Model threads; default: cores − 1 on more than 2 cores, else all.
-    /// The compute pool is process-wide, so the first engine sets it.
+    /// The compute pool is process-wide, so the first engine (or
+    /// `GANGLION_MODEL_THREADS`) sets it.
     pub threads: Option<usize>,
     /// Requests waiting for the model beyond those running.
     pub queue: usize,
@@ -112,10 +113,9 @@ impl EngineConfig {
     }
 
     pub fn thread_count(&self) -> usize {
-        self.threads.filter(|&n| n > 0).unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if cores > 2 { cores - 1 } else { cores }
-        })
+        self.threads
+            .filter(|&n| n > 0)
+            .unwrap_or_else(crate::pool::default_threads)
     }
 }
 
@@ -185,6 +185,7 @@ impl Engine {
         show_progress: bool,
     ) -> Result<(Engine, Option<ModelSummary>), LoadError> {
         let device = config.device()?;
+        crate::pool::configure(config.thread_count());
         let mut summary = None;
         let model = match &config.path {
             None => None,

@@ -24,7 +24,7 @@
 //! present; each path deterministic, results differ between paths in the
 //! last bits); elsewhere, and on GPUs, candle's product is used.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use std::sync::Arc;
 
@@ -43,7 +43,7 @@ const GROUP_BLOCK: usize = GROUP * BLOCK / 2;
 /// A layer matrix: the engine's kernel where it applies, else candle's.
 pub enum Linear {
     Own(Arc<Matrix>),
-    Candle(QMatMul),
+    Candle(Arc<Pieces>),
 }
 
 impl Linear {
@@ -59,7 +59,7 @@ impl Linear {
                 &t.data()?,
             )?)))
         } else {
-            QMatMul::from_qtensor(t).map(Linear::Candle)
+            Ok(Linear::Candle(Arc::new(Pieces::new(t)?)))
         }
     }
 
@@ -99,10 +99,7 @@ impl Linear {
     pub fn bytes(&self) -> usize {
         match self {
             Linear::Own(m) => m.bytes(),
-            Linear::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
-            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                t.elem_count() * t.dtype().size_in_bytes()
-            }
+            Linear::Candle(p) => p.bytes(),
         }
     }
 
@@ -110,7 +107,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Own(m) => x.contiguous()?.apply_op1_no_bwd(m.as_ref()),
-            Linear::Candle(m) => m.forward(x),
+            Linear::Candle(p) => p.forward(x),
         }
     }
 }
@@ -120,17 +117,14 @@ impl Linear {
 /// projection.
 pub enum Embedding {
     Own(Arc<Matrix>),
-    Candle(Arc<QTensor>),
+    Candle(Arc<Pieces>),
 }
 
 impl Embedding {
     pub fn new(t: QTensor) -> Result<Embedding> {
         Ok(match Linear::new(t)? {
             Linear::Own(m) => Embedding::Own(m),
-            Linear::Candle(QMatMul::QTensor(t)) => Embedding::Candle(t),
-            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                Embedding::Candle(Arc::new(QTensor::quantize(&t, GgmlDType::F32)?))
-            }
+            Linear::Candle(p) => Embedding::Candle(p),
         })
     }
 
@@ -148,7 +142,7 @@ impl Embedding {
                 }
                 Tensor::from_vec(out, (ids.len(), m.k()), &candle_core::Device::Cpu)
             }
-            Embedding::Candle(t) => t.embedding(ids),
+            Embedding::Candle(p) => p.rows(ids),
         }
     }
 
@@ -156,8 +150,120 @@ impl Embedding {
     pub fn as_output(&self) -> Result<Linear> {
         match self {
             Embedding::Own(m) => Ok(Linear::Own(m.clone())),
-            Embedding::Candle(t) => QMatMul::from_arc(t.clone()).map(Linear::Candle),
+            Embedding::Candle(p) => Ok(Linear::Candle(p.clone())),
         }
+    }
+}
+
+/// A matrix on candle's product, cut into row pieces that the model's pool
+/// runs side by side (candle's own pool is left at one thread, see
+/// [`crate::pool`]). Each piece's bytes are held once and serve both the
+/// product and, for the embedding table, row lookup (by candle, which
+/// dequantises only the rows asked for).
+pub struct Pieces {
+    parts: Vec<Piece>,
+}
+
+struct Piece {
+    start: usize,
+    rows: usize,
+    product: QMatMul,
+}
+
+impl Pieces {
+    /// Rows per piece are a multiple of this, so that every piece keeps
+    /// the row alignment candle's repacked kernels ask for.
+    const ROW_ALIGN: usize = 256;
+
+    pub fn new(t: QTensor) -> Result<Pieces> {
+        let dims = t.shape().dims().to_vec();
+        let cut = t.device().is_cpu() && t.dtype().block_size() > 1 && dims.len() == 2;
+        let count = crate::pool::pool().threads() * 2;
+        if !cut || count < 2 || dims[0] < 2 * Self::ROW_ALIGN {
+            let rows = dims.first().copied().unwrap_or(0);
+            return Ok(Pieces {
+                parts: vec![Piece {
+                    start: 0,
+                    rows,
+                    product: QMatMul::from_qtensor(t)?,
+                }],
+            });
+        }
+        let (n, k) = (dims[0], dims[1]);
+        let (dtype, device) = (t.dtype(), t.device());
+        let data = t.data()?;
+        let row_bytes = data.len() / n;
+        let per = n.div_ceil(count).next_multiple_of(Self::ROW_ALIGN);
+        let mut parts = Vec::new();
+        for start in (0..n).step_by(per) {
+            let rows = per.min(n - start);
+            let bytes = &data[start * row_bytes..(start + rows) * row_bytes];
+            let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &device, dtype)?;
+            parts.push(Piece {
+                start,
+                rows,
+                product: QMatMul::from_qtensor(QTensor::new(storage, (rows, k))?)?,
+            });
+        }
+        Ok(Pieces { parts })
+    }
+
+    /// `x · Wᵀ`, the pieces side by side on the model's pool.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let [one] = self.parts.as_slice() {
+            return one.product.forward(x);
+        }
+        let outs: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
+            self.parts.iter().map(|_| Default::default()).collect();
+        crate::pool::pool().run(self.parts.len(), |range| {
+            for p in range {
+                let out = self.parts[p].product.forward(x);
+                *outs[p].lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
+            }
+        });
+        let outs = outs
+            .into_iter()
+            .map(|o| {
+                o.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unwrap_or_else(|| candle_core::bail!("a piece of the product did not run"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outs, x.rank() - 1)
+    }
+
+    /// Rows `ids` of the table, `[ids, width]` f32.
+    fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.to_vec1::<u32>()?;
+        let device = candle_core::Device::Cpu;
+        let mut rows = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            let id = id as usize;
+            let Some(p) = self
+                .parts
+                .iter()
+                .find(|p| (p.start..p.start + p.rows).contains(&id))
+            else {
+                candle_core::bail!("token id {id} is outside the table");
+            };
+            let row = p
+                .product
+                .embedding(&Tensor::new(&[(id - p.start) as u32], &device)?)?;
+            rows.push(row.to_device(&device)?);
+        }
+        Tensor::cat(&rows, 0)
+    }
+
+    fn bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match &p.product {
+                QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.elem_count() * t.dtype().size_in_bytes()
+                }
+            })
+            .sum()
     }
 }
 
@@ -172,7 +278,13 @@ impl Matrix {
     pub fn takes(t: &QTensor) -> bool {
         matches!(
             t.dtype(),
-            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+            GgmlDType::Q8_0
+                | GgmlDType::Q4_0
+                | GgmlDType::Q4_1
+                | GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
         ) && t.device().is_cpu()
             && supported()
             && t.shape().dims().len() == 2
@@ -183,9 +295,12 @@ impl Matrix {
     pub fn from_blocks(dtype: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<Matrix> {
         match dtype {
             GgmlDType::Q8_0 => Q8Matrix::from_blocks(n, k, bytes).map(Matrix::Q8),
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-                NibbleMatrix::from_blocks(dtype, n, k, bytes).map(Matrix::Nibbles)
-            }
+            GgmlDType::Q4_0
+            | GgmlDType::Q4_1
+            | GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K => NibbleMatrix::from_blocks(dtype, n, k, bytes).map(Matrix::Nibbles),
             other => candle_core::bail!("the engine's kernel does not take {other:?}"),
         }
     }
@@ -293,9 +408,12 @@ pub struct Q8Matrix {
     d: Vec<f32>,
 }
 
-/// A Q4_0, Q4_1, Q5_0 or Q5_1 matrix of `n` rows by `k` columns: weight =
-/// d·q + m with q in 0..16 (Q4) or 0..32 (Q5); Q4_0 and Q5_0 are the cases
-/// m = −8·d and m = −16·d.
+/// A Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q5_K matrix of `n` rows by `k`
+/// columns: weight = d·q + m per block of 32, with q in 0..16 (Q4) or 0..32
+/// (Q5); Q4_0 and Q5_0 are the cases m = −8·d and m = −16·d. A K-quant's
+/// 6-bit sub-block scale and offset are multiplied out at load (exactly:
+/// an f16 times a 6-bit integer), so it runs as Q4_1 or Q5_1 does, holding
+/// 24 or 28 bytes per 32 weights where the file has 18 or 22.
 ///
 /// Layout: rows in groups of [`GROUP`] (the last padded with zero rows),
 /// each group's blocks in order, [`GROUP_BLOCK`] bytes per block: four
@@ -395,20 +513,19 @@ impl Q8Matrix {
 }
 
 impl NibbleMatrix {
-    /// From GGML blocks, each an f16 scale, then (Q4_1, Q5_1) an f16
-    /// offset, then (Q5) 4 bytes of fifth bits, then 16 bytes of nibbles:
-    /// byte j holds element j in its low nibble and element j + 16 in its
-    /// high one.
+    /// From GGML blocks of `dtype`, `n` rows of `k` (see [`block`]).
     fn from_blocks(dtype: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<NibbleMatrix> {
-        // (block bytes, offset at, fifth bits at, centre when no offset)
-        let (size, offset_at, high_at, centre) = match dtype {
-            GgmlDType::Q4_0 => (18, None, None, 8.0),
-            GgmlDType::Q4_1 => (20, Some(2), None, 0.0),
-            GgmlDType::Q5_0 => (22, None, Some(2), 16.0),
-            GgmlDType::Q5_1 => (24, Some(2), Some(4), 0.0),
+        // (bytes and weights per GGML block, centre when no offset, fifth bits)
+        let (size, per, centre, five) = match dtype {
+            GgmlDType::Q4_0 => (18, BLOCK, Some(8.0), false),
+            GgmlDType::Q4_1 => (20, BLOCK, None, false),
+            GgmlDType::Q5_0 => (22, BLOCK, Some(16.0), true),
+            GgmlDType::Q5_1 => (24, BLOCK, None, true),
+            GgmlDType::Q4K => (144, 256, None, false),
+            GgmlDType::Q5K => (176, 256, None, true),
             other => candle_core::bail!("{other:?} is not a 4- or 5-bit format"),
         };
-        if !k.is_multiple_of(BLOCK) || bytes.len() != n * k / BLOCK * size {
+        if !k.is_multiple_of(per) || bytes.len() != n * k / per * size {
             candle_core::bail!(
                 "{dtype:?} matrix of {n}×{k} cannot be {} bytes",
                 bytes.len()
@@ -416,39 +533,25 @@ impl NibbleMatrix {
         }
         let kb = k / BLOCK;
         let cells = n.div_ceil(GROUP) * kb;
-        let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
         let mut qs = vec![0u8; cells * GROUP_BLOCK];
-        let mut qh = vec![0u64; if high_at.is_some() { cells * 8 } else { 0 }];
+        let mut qh = vec![0u64; if five { cells * 8 } else { 0 }];
         let mut d = vec![0f32; cells * GROUP];
-        let mut m = vec![
-            0f32;
-            if offset_at.is_some() {
-                cells * GROUP
-            } else {
-                0
-            }
-        ];
-        for (row, blocks) in bytes.chunks_exact(kb * size).enumerate() {
+        let mut m = vec![0f32; if centre.is_none() { cells * GROUP } else { 0 }];
+        let mut q = [0u8; BLOCK];
+        for (row, blocks) in bytes.chunks_exact(k / per * size).enumerate() {
             let (g, r) = (row / GROUP, row % GROUP);
-            for (b, block) in blocks.chunks_exact(size).enumerate() {
+            for b in 0..kb {
                 let cell = g * kb + b;
-                d[cell * GROUP + r] = f16(block, 0);
-                if let Some(at) = offset_at {
-                    m[cell * GROUP + r] = f16(block, at);
+                let (scale, offset) = block(dtype, blocks, b, &mut q);
+                d[cell * GROUP + r] = scale;
+                if centre.is_none() {
+                    m[cell * GROUP + r] = offset;
                 }
-                let high = high_at.map_or(0, |at| {
-                    u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]])
-                });
-                let values = &block[size - 16..];
-                for t in 0..BLOCK {
-                    let q = if t < 16 {
-                        values[t] & 0x0F
-                    } else {
-                        values[t - 16] >> 4
-                    };
+                for (t, &v) in q.iter().enumerate() {
                     let (half, e) = (t / 4, t % 4);
-                    qs[cell * GROUP_BLOCK + half / 2 * 64 + r * 4 + e] |= q << (4 * (half % 2));
-                    if high >> t & 1 == 1 {
+                    qs[cell * GROUP_BLOCK + half / 2 * 64 + r * 4 + e] |=
+                        (v & 0x0F) << (4 * (half % 2));
+                    if v & 0x10 != 0 {
                         qh[cell * 8 + half] |= 1 << (r * 4 + e);
                     }
                 }
@@ -461,7 +564,7 @@ impl NibbleMatrix {
             qh,
             d,
             m,
-            centre,
+            centre: centre.unwrap_or(0.0),
         })
     }
 
@@ -501,6 +604,77 @@ impl NibbleMatrix {
     }
 }
 
+/// Block `b` (32 weights) of a row of GGML `dtype` bytes: its values with
+/// the fifth bit (0..32) into `q`, and (d, m) with weight = d·q + m (m is
+/// not used for Q4_0 and Q5_0).
+///
+/// Q4_0..Q5_1 blocks are an f16 d, then (Q4_1, Q5_1) an f16 m, then (Q5)
+/// 4 bytes of fifth bits, then 16 bytes holding element j in the low
+/// nibble of byte j and element j + 16 in the high one. Q4_K and Q5_K
+/// super-blocks of 256 are an f16 d and dmin, 12 bytes of packed 6-bit
+/// scales and offsets (sc, mn) for eight sub-blocks, then (Q5_K) 32 bytes
+/// whose byte l holds bit s for element l of sub-block s, then 128 bytes
+/// where sub-blocks 2c and 2c + 1 are the low and high nibbles of bytes
+/// 32c..32c + 32; weight = d·sc·q − dmin·mn.
+fn block(dtype: GgmlDType, row: &[u8], b: usize, q: &mut [u8; BLOCK]) -> (f32, f32) {
+    let f16 = |at: &[u8]| half::f16::from_le_bytes([at[0], at[1]]).to_f32();
+    match dtype {
+        GgmlDType::Q4K | GgmlDType::Q5K => {
+            let five = dtype == GgmlDType::Q5K;
+            let size = if five { 176 } else { 144 };
+            let sb = &row[b / 8 * size..][..size];
+            let s = b % 8;
+            let scales = &sb[4..16];
+            let (sc, mn) = if s < 4 {
+                (scales[s] & 63, scales[s + 4] & 63)
+            } else {
+                (
+                    (scales[s + 4] & 0x0F) | (scales[s - 4] >> 6) << 4,
+                    (scales[s + 4] >> 4) | (scales[s] >> 6) << 4,
+                )
+            };
+            let (high, low) = if five {
+                (&sb[16..48], &sb[48..])
+            } else {
+                (&[][..], &sb[16..])
+            };
+            let values = &low[s / 2 * 32..][..32];
+            for (l, v) in q.iter_mut().enumerate() {
+                let nibble = if s.is_multiple_of(2) {
+                    values[l] & 0x0F
+                } else {
+                    values[l] >> 4
+                };
+                let fifth = high.get(l).map_or(0, |h| h >> s & 1);
+                *v = nibble | fifth << 4;
+            }
+            (f16(&sb[0..]) * sc as f32, -(f16(&sb[2..]) * mn as f32))
+        }
+        _ => {
+            let (size, offset_at, high_at) = match dtype {
+                GgmlDType::Q4_0 => (18, None, None),
+                GgmlDType::Q4_1 => (20, Some(2), None),
+                GgmlDType::Q5_0 => (22, None, Some(2)),
+                _ => (24, Some(2), Some(4)),
+            };
+            let blk = &row[b * size..][..size];
+            let high = high_at.map_or(0, |at| {
+                u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]])
+            });
+            let values = &blk[size - 16..];
+            for (t, v) in q.iter_mut().enumerate() {
+                let nibble = if t < 16 {
+                    values[t] & 0x0F
+                } else {
+                    values[t - 16] >> 4
+                };
+                *v = nibble | ((high >> t & 1) as u8) << 4;
+            }
+            (f16(blk), offset_at.map_or(0.0, |at| f16(&blk[at..])))
+        }
+    }
+}
+
 /// A matrix the tiled product can run over.
 trait Tiled: Sync {
     fn n(&self) -> usize;
@@ -524,9 +698,7 @@ fn matmul_tiled<W: Tiled>(w: &W, a: &Q8Rows, m: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let groups = n.div_ceil(TILE_ROWS);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    // candle's pool, which runs candle's own operations too: one set of
-    // compute threads, the caller among them.
-    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+    crate::pool::pool().run(groups, |range| {
         let first = range.start * TILE_ROWS;
         let last = (range.end * TILE_ROWS).min(n);
         let out_ptr = &out_ptr;
@@ -639,8 +811,7 @@ impl NibbleMatrix {
     fn matmul_groups(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
         let mut out = vec![0f32; m * self.n];
         let out_ptr = SendPtr(out.as_mut_ptr());
-        // candle's pool, as in `matmul_tiled`.
-        candle_core::utils::barrier_pool().execute_chunked(self.groups(), |groups| {
+        crate::pool::pool().run(self.groups(), |groups| {
             let out_ptr = &out_ptr;
             // SAFETY: ranges write disjoint groups of output columns.
             unsafe { self.groups_into(a, m, groups, out_ptr.0) };
@@ -1325,13 +1496,24 @@ mod x86 {
 mod tests {
     use super::*;
 
-    const FORMATS: [GgmlDType; 5] = [
+    const FORMATS: [GgmlDType; 7] = [
         GgmlDType::Q8_0,
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
     ];
+
+    /// Row widths to test `dtype` at: odd and even numbers of 32-blocks,
+    /// and for K-quants one and two super-blocks.
+    fn widths(dtype: GgmlDType) -> &'static [usize] {
+        match dtype {
+            GgmlDType::Q4K | GgmlDType::Q5K => &[256, 512],
+            _ => &[96, 128, 288],
+        }
+    }
 
     /// Eight f32 lanes summed as [`x86::hsum`] does.
     fn hsum(l: [f32; 8]) -> f32 {
@@ -1430,7 +1612,7 @@ mod tests {
         // 3 and 9 blocks: the odd last block of the two-block paths, and
         // block sums padded past one group of eight.
         for dtype in FORMATS {
-            for k in [96, 128, 288] {
+            for &k in widths(dtype) {
                 let (w, _, x) = matrix(dtype, 37, k, 3);
                 let all = w.matmul(&x, 7);
                 let a = quantize_rows(&x, 7, k);
@@ -1461,7 +1643,7 @@ mod tests {
             && is_x86_feature_detected!("avx512vnni");
         let vnni = is_x86_feature_detected!("avxvnni");
         for dtype in FORMATS {
-            for k in [96, 128] {
+            for &k in widths(dtype) {
                 let (w, _, x) = matrix(dtype, 4, k, 5);
                 let a = quantize_rows(&x, 2, k);
                 let mut paths: Vec<([[f32; 4]; 2], bool, &str)> = Vec::new();
@@ -1532,7 +1714,7 @@ mod tests {
             && is_x86_feature_detected!("avx512vnni");
         let vnni = is_x86_feature_detected!("avxvnni");
         for dtype in &FORMATS[1..] {
-            for k in [96, 128] {
+            for &k in widths(*dtype) {
                 let (w, _, x) = matrix(*dtype, 21, k, 5);
                 let Matrix::Nibbles(nib) = &w else {
                     panic!("{dtype:?} is not held as nibbles");
@@ -1608,7 +1790,7 @@ mod tests {
             return;
         }
         for dtype in FORMATS {
-            let (n, k) = (37, 288);
+            let (n, k) = (37, *widths(dtype).last().expect("widths"));
             let (w, exact, x) = matrix(dtype, n, k, 9);
             let ours = w.matmul(&x, 7);
             let a = quantize_rows(&x, 7, k);
@@ -1636,8 +1818,8 @@ mod tests {
             }
         }
         let t = Tensor::from_vec(
-            numbers(1, 64 * 64, 1.0),
-            (64, 64),
+            numbers(1, 64 * 256, 1.0),
+            (64, 256),
             &candle_core::Device::Cpu,
         )
         .unwrap();
@@ -1656,7 +1838,7 @@ mod tests {
             return;
         }
         for dtype in FORMATS {
-            let (n, k) = (9, 96);
+            let (n, k) = (9, widths(dtype)[0]);
             let (w, exact, _) = matrix(dtype, n, k, 11);
             let table = Embedding::Own(Arc::new(w));
             let ids = Tensor::new(&[3u32, 0, 8, 3], &candle_core::Device::Cpu).unwrap();
@@ -1679,6 +1861,60 @@ mod tests {
         }
     }
 
+    /// A Q6_K matrix left to candle, cut into row pieces run on the pool:
+    /// the product and rows of candle's on the whole matrix.
+    #[test]
+    fn candles_product_in_pieces_equals_it_whole() {
+        let cpu = candle_core::Device::Cpu;
+        let (n, k) = (1100, 256);
+        let t = Tensor::from_vec(numbers(4, n * k, 1.0), (n, k), &cpu).unwrap();
+        let whole = QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q6K).unwrap()).unwrap();
+        let pieces = Pieces::new(QTensor::quantize(&t, GgmlDType::Q6K).unwrap()).unwrap();
+        assert!(pieces.parts.len() > 1);
+        assert_eq!(
+            pieces.bytes(),
+            QTensor::quantize(&t, GgmlDType::Q6K)
+                .unwrap()
+                .storage_size_in_bytes()
+        );
+        for m in [1, 3] {
+            let x = Tensor::from_vec(numbers(5, m * k, 2.0), (m, k), &cpu).unwrap();
+            let (a, b) = (pieces.forward(&x).unwrap(), whole.forward(&x).unwrap());
+            let diff = (a - &b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let top = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // One row: the same bits. More: candle's sums run in an order
+            // that depends on the matrix's shape, so f32 rounding only.
+            if m == 1 {
+                assert_eq!(diff, 0.0);
+            } else {
+                assert!(diff <= 1e-6 * top, "{m} rows: {diff} off, of {top}");
+            }
+        }
+        let ids = Tensor::new(&[0u32, 1099, 512, 7], &cpu).unwrap();
+        assert_eq!(
+            pieces.rows(&ids).unwrap().to_vec2::<f32>().unwrap(),
+            whole.embedding(&ids).unwrap().to_vec2::<f32>().unwrap()
+        );
+        assert!(
+            pieces
+                .rows(&Tensor::new(&[1100u32], &cpu).unwrap())
+                .is_err()
+        );
+    }
+
     /// Q4_1 holds 24 bytes per 32 weights (16 of values, f32 scale and
     /// offset), against 36 for Q8_0 and 20 in the file; Q5 adds 4 bytes of
     /// fifth bits; Q4_0 and Q5_0 keep no offsets. Rows are padded to whole
@@ -1699,6 +1935,11 @@ mod tests {
         assert_eq!(w.bytes(), blocks * 28);
         let (w8, _, _) = matrix(GgmlDType::Q8_0, 64, 576, 2);
         assert_eq!(w8.bytes(), blocks * (32 + 4));
+        let blocks = 64 * 512 / BLOCK;
+        let (w, _, _) = matrix(GgmlDType::Q4K, 64, 512, 2);
+        assert_eq!(w.bytes(), blocks * 24);
+        let (w, _, _) = matrix(GgmlDType::Q5K, 64, 512, 2);
+        assert_eq!(w.bytes(), blocks * 28);
     }
 
     /// The paths side by side, in GMAC/s. It switches the process-wide

@@ -13,6 +13,8 @@
 //!   used out first.
 //! - [`kernels`]: the engine's own Q8_0, Q4_0 and Q4_1 matrix product for
 //!   the CPU, tiled over weight and activation rows, batch-invariant.
+//! - [`pool`]: the model's compute threads, a pool of its own that degrades
+//!   gently when the cores are oversubscribed.
 //! - [`gguf`]: opening and checking GGUF files; [`LoadError`].
 //! - [`tokenizer`]: the tokenizer from GGUF metadata or `tokenizer.json`, and
 //!   the chat template.
@@ -29,6 +31,7 @@ pub mod engine;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod pool;
 pub mod prefix;
 pub mod sampling;
 pub mod scheduler;
