@@ -1,28 +1,31 @@
-//! The engine's own CPU matrix product for Q8_0, Q4_0 and Q4_1 weights
-//! (and Q5_0/Q5_1, widened to Q8_0 at load), used instead of candle's for
-//! every layer matrix and the output head.
+//! The engine's own CPU matrix product for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q4_K, Q5_K and Q6_K weights, used instead of candle's for every layer
+//! matrix and the output head; other formats stay with candle's product,
+//! cut into row pieces that run on the engine's pool ([`Pieces`]).
 //!
 //! Why not candle's: its product walks one activation row at a time, for
-//! each row converting every block's f16 scales again, and has no SIMD path
-//! for Q4_1; this one takes a tile of weight rows against a tile of
+//! each row converting every block's f16 scales again, has no SIMD path
+//! for Q4_1, Q5_0 and Q5_1, and its fast K-quant paths need rows that are
+//! multiples of 256. This one takes a tile of weight rows against a tile of
 //! activation rows, loading each weight block once per tile, with the
-//! scales converted once at load. A batch of sequences therefore costs
-//! little more weight traffic than one.
+//! scales converted once at load, so a batch of sequences costs little
+//! more weight traffic than one.
 //!
-//! Q4 weights stay 4-bit: a decode step reads 24 bytes per 32 weights
-//! (16 of values, f32 scale and offset) where the widened Q8_0 read 36.
-//! The activations are quantised to 8 bits once per call, with each block's
-//! sum kept for the Q4 offset term.
+//! 4-, 5- and 6-bit weights keep their width ([`NibbleMatrix`]: sixteen
+//! rows interleaved, one vector lane per row, each lane ending a block with
+//! that row's whole integer dot product). Q8_0 runs row by row in tiles of
+//! 4 × 4 ([`Q8Matrix`]). The activations are quantised to 8 bits once per
+//! call, with each block's sum kept for the offset terms.
 //!
 //! Batch invariance: each output element is computed by the same
 //! instruction sequence whatever the tile, the number of rows or the
-//! thread split (eight i32 lanes per block, each lane exact; one fused
-//! multiply-add per block into eight f32 lanes; one fixed horizontal sum),
-//! so a row's result does not depend on the other rows in the call.
+//! thread split, so a row's result does not depend on the other rows in
+//! the call.
 //!
 //! Limits: x86-64 with AVX2 and FMA (AVX-512 VNNI or AVX-VNNI when
-//! present; each path deterministic, results differ between paths in the
-//! last bits); elsewhere, and on GPUs, candle's product is used.
+//! present; the 4- to 6-bit paths give the same bits on all three, Q8_0's
+//! differ in the last bits between AVX-512 and the others); elsewhere, and
+//! on GPUs, candle's product is used.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
@@ -39,6 +42,8 @@ const TILE_COLS: usize = 4;
 const GROUP: usize = 16;
 /// Bytes of values per group and block: 16 rows of 32 nibbles.
 const GROUP_BLOCK: usize = GROUP * BLOCK / 2;
+/// Q6_K's centre: weight = d·(q − 32).
+const SIX_CENTRE: i32 = 32;
 
 /// A layer matrix: the engine's kernel where it applies, else candle's.
 pub enum Linear {
@@ -285,6 +290,7 @@ impl Matrix {
                 | GgmlDType::Q5_1
                 | GgmlDType::Q4K
                 | GgmlDType::Q5K
+                | GgmlDType::Q6K
         ) && t.device().is_cpu()
             && supported()
             && t.shape().dims().len() == 2
@@ -300,7 +306,8 @@ impl Matrix {
             | GgmlDType::Q5_0
             | GgmlDType::Q5_1
             | GgmlDType::Q4K
-            | GgmlDType::Q5K => NibbleMatrix::from_blocks(dtype, n, k, bytes).map(Matrix::Nibbles),
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K => NibbleMatrix::from_blocks(dtype, n, k, bytes).map(Matrix::Nibbles),
             other => candle_core::bail!("the engine's kernel does not take {other:?}"),
         }
     }
@@ -323,7 +330,9 @@ impl Matrix {
     pub fn bytes(&self) -> usize {
         match self {
             Matrix::Q8(m) => m.qs.bytes() + m.d.len() * 4,
-            Matrix::Nibbles(m) => m.qs.bytes() + m.qh.len() * 8 + (m.d.len() + m.m.len()) * 4,
+            Matrix::Nibbles(m) => {
+                m.qs.bytes() + (m.qh.len() + m.qh6.len()) * 8 + (m.d.len() + m.m.len()) * 4
+            }
         }
     }
 
@@ -349,6 +358,13 @@ impl Matrix {
                     .zip(&w.d[row * kb..(row + 1) * kb])
                 {
                     out.extend(q.iter().map(|&v| v as f32 * d));
+                }
+            }
+            Matrix::Nibbles(w) if w.bits == 6 => {
+                for b in 0..w.k / BLOCK {
+                    out.extend((0..BLOCK).map(|t| {
+                        w.d[w.scale_at(row, b, t)] * (w.value(row, b, t) as f32 - w.centre)
+                    }));
                 }
             }
             Matrix::Nibbles(w) => {
@@ -408,15 +424,17 @@ pub struct Q8Matrix {
     d: Vec<f32>,
 }
 
-/// A Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q5_K matrix of `n` rows by `k`
+/// A Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K matrix of `n` rows by `k`
 /// columns: weight = d·q + m per block of 32, with q in 0..16 (Q4) or 0..32
 /// (Q5); Q4_0 and Q5_0 are the cases m = −8·d and m = −16·d. A K-quant's
-/// 6-bit sub-block scale and offset are multiplied out at load (exactly:
-/// an f16 times a 6-bit integer), so it runs as Q4_1 or Q5_1 does, holding
-/// 24 or 28 bytes per 32 weights where the file has 18 or 22.
+/// sub-block scale and offset are multiplied out at load (exactly: an f16
+/// times a 6- or 8-bit integer), so Q4_K and Q5_K run as Q4_1 and Q5_1 do,
+/// holding 24 or 28 bytes per 32 weights where the file has 18 or 22.
+/// Q6_K (q in 0..64, weight = d·(q − 32) with a scale per 16 weights)
+/// holds 32 bytes per 32 weights where the file has 26.25.
 ///
-/// Layout: rows in groups of [`GROUP`] (the last padded with zero rows),
-/// each group's blocks in order, [`GROUP_BLOCK`] bytes per block: four
+/// Layout: rows in groups of 16, `GROUP` (the last padded with zero rows),
+/// each group's blocks in order, `GROUP_BLOCK` (256) bytes per block: four
 /// 64-byte lines, line l holding at byte 4r + e element 8l + e of row r in
 /// its low nibble and element 8l + 4 + e in its high one. A mask or a
 /// shift of one line gives four values of all sixteen rows, one 32-bit
@@ -425,18 +443,24 @@ pub struct Q8Matrix {
 /// float work is one multiply-add per row and block for every lane, not
 /// per four values.
 ///
-/// For Q5, `qh` holds per group and block eight 64-bit masks, one per
-/// half line (low nibbles, then high), bit 4r + e the fifth bit of that
-/// value; for Q4 it is empty. `d` and (Q4_1, Q5_1) `m` hold per group and
-/// block the sixteen rows' f32 scales and offsets. Q4_0 and Q5_0 keep no
-/// `m`: their offset is −`centre`·d, so the kernel sums d·s and scales the
-/// sum by −`centre` (exact, a power of two), reading 20 and 24 bytes per
-/// 32 weights instead of 24 and 28.
+/// For Q5 and Q6, `qh` holds per group and block eight 64-bit masks, one
+/// per half line (low nibbles, then high), bit 4r + e the fifth bit of that
+/// value, and for Q6 `qh6` the sixth bits the same way; otherwise they are
+/// empty. `d` and (Q4_1, Q5_1, Q4_K, Q5_K) `m` hold per group and block the
+/// sixteen rows' f32 scales and offsets; for Q6 `d` holds two scales per
+/// block, for its first and second 16 weights. Q4_0 and Q5_0 keep no `m`:
+/// their offset is −`centre`·d, so the kernel sums d·s and scales the sum
+/// by −`centre` (exact, a power of two), reading 20 and 24 bytes per 32
+/// weights instead of 24 and 28. Q6's centre (32) is taken off each half
+/// block's integer dot product, as 32 × the activations' integer half sum.
 pub struct NibbleMatrix {
     n: usize,
     k: usize,
+    /// 4, 5 or 6.
+    bits: u32,
     qs: Aligned,
     qh: Vec<u64>,
+    qh6: Vec<u64>,
     d: Vec<f32>,
     m: Vec<f32>,
     centre: f32,
@@ -484,11 +508,12 @@ impl std::ops::Index<std::ops::Range<usize>> for Aligned {
 
 /// Activations quantised like Q8_0 weights, row by row, with each block's
 /// sum (scale × Σ values, exact before the one rounding) for the Q4 offset
-/// term.
+/// term, and the integer sums of each block's halves for Q6's.
 struct Q8Rows {
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    h: Vec<i32>,
 }
 
 impl Q8Matrix {
@@ -515,16 +540,18 @@ impl Q8Matrix {
 impl NibbleMatrix {
     /// From GGML blocks of `dtype`, `n` rows of `k` (see [`block`]).
     fn from_blocks(dtype: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<NibbleMatrix> {
-        // (bytes and weights per GGML block, centre when no offset, fifth bits)
-        let (size, per, centre, five) = match dtype {
-            GgmlDType::Q4_0 => (18, BLOCK, Some(8.0), false),
-            GgmlDType::Q4_1 => (20, BLOCK, None, false),
-            GgmlDType::Q5_0 => (22, BLOCK, Some(16.0), true),
-            GgmlDType::Q5_1 => (24, BLOCK, None, true),
-            GgmlDType::Q4K => (144, 256, None, false),
-            GgmlDType::Q5K => (176, 256, None, true),
-            other => candle_core::bail!("{other:?} is not a 4- or 5-bit format"),
+        // (bytes and weights per GGML block, centre when no offset, bits)
+        let (size, per, centre, bits) = match dtype {
+            GgmlDType::Q4_0 => (18, BLOCK, Some(8.0), 4),
+            GgmlDType::Q4_1 => (20, BLOCK, None, 4),
+            GgmlDType::Q5_0 => (22, BLOCK, Some(16.0), 5),
+            GgmlDType::Q5_1 => (24, BLOCK, None, 5),
+            GgmlDType::Q4K => (144, 256, None, 4),
+            GgmlDType::Q5K => (176, 256, None, 5),
+            GgmlDType::Q6K => (210, 256, Some(32.0), 6),
+            other => candle_core::bail!("{other:?} is not a 4-, 5- or 6-bit format"),
         };
+        let halves = if bits == 6 { 2 } else { 1 };
         if !k.is_multiple_of(per) || bytes.len() != n * k / per * size {
             candle_core::bail!(
                 "{dtype:?} matrix of {n}×{k} cannot be {} bytes",
@@ -534,16 +561,19 @@ impl NibbleMatrix {
         let kb = k / BLOCK;
         let cells = n.div_ceil(GROUP) * kb;
         let mut qs = vec![0u8; cells * GROUP_BLOCK];
-        let mut qh = vec![0u64; if five { cells * 8 } else { 0 }];
-        let mut d = vec![0f32; cells * GROUP];
+        let mut qh = vec![0u64; if bits >= 5 { cells * 8 } else { 0 }];
+        let mut qh6 = vec![0u64; if bits == 6 { cells * 8 } else { 0 }];
+        let mut d = vec![0f32; cells * GROUP * halves];
         let mut m = vec![0f32; if centre.is_none() { cells * GROUP } else { 0 }];
         let mut q = [0u8; BLOCK];
         for (row, blocks) in bytes.chunks_exact(k / per * size).enumerate() {
             let (g, r) = (row / GROUP, row % GROUP);
             for b in 0..kb {
                 let cell = g * kb + b;
-                let (scale, offset) = block(dtype, blocks, b, &mut q);
-                d[cell * GROUP + r] = scale;
+                let (scales, offset) = block(dtype, blocks, b, &mut q);
+                for (h, scale) in scales.iter().take(halves).enumerate() {
+                    d[(cell * halves + h) * GROUP + r] = *scale;
+                }
                 if centre.is_none() {
                     m[cell * GROUP + r] = offset;
                 }
@@ -554,14 +584,19 @@ impl NibbleMatrix {
                     if v & 0x10 != 0 {
                         qh[cell * 8 + half] |= 1 << (r * 4 + e);
                     }
+                    if v & 0x20 != 0 {
+                        qh6[cell * 8 + half] |= 1 << (r * 4 + e);
+                    }
                 }
             }
         }
         Ok(NibbleMatrix {
             n,
             k,
+            bits,
             qs: Aligned::new(qs.into_iter().map(|b| b as i8)),
             qh,
+            qh6,
             d,
             m,
             centre: centre.unwrap_or(0.0),
@@ -584,9 +619,19 @@ impl NibbleMatrix {
         self.n.div_ceil(GROUP)
     }
 
-    /// Index of row `row`'s entry for block `b` in `d` and `m`.
+    /// Index of row `row`'s entry for block `b` in `m` (and in `d`,
+    /// except for Q6: see [`NibbleMatrix::scale_at`]).
     fn at(&self, row: usize, b: usize) -> usize {
         (row / GROUP * (self.k / BLOCK) + b) * GROUP + row % GROUP
+    }
+
+    /// Index in `d` of the scale of element `t` of block `b` in row `row`.
+    fn scale_at(&self, row: usize, b: usize, t: usize) -> usize {
+        if self.bits == 6 {
+            ((row / GROUP * (self.k / BLOCK) + b) * 2 + t / 16) * GROUP + row % GROUP
+        } else {
+            self.at(row, b)
+        }
     }
 
     /// q of element `t` of block `b` in row `row`.
@@ -596,17 +641,20 @@ impl NibbleMatrix {
         let (half, e) = (t / 4, t % 4);
         let byte = self.qs.as_slice()[cell * GROUP_BLOCK + half / 2 * 64 + r * 4 + e] as u8;
         let low = byte >> (4 * (half % 2)) & 0x0F;
-        let high = self
-            .qh
-            .get(cell * 8 + half)
-            .map_or(0, |h| (h >> (r * 4 + e) & 1) as u8);
-        low | high << 4
+        let bit = |plane: &[u64]| {
+            plane
+                .get(cell * 8 + half)
+                .map_or(0, |h| (h >> (r * 4 + e) & 1) as u8)
+        };
+        low | bit(&self.qh) << 4 | bit(&self.qh6) << 5
     }
 }
 
 /// Block `b` (32 weights) of a row of GGML `dtype` bytes: its values with
-/// the fifth bit (0..32) into `q`, and (d, m) with weight = d·q + m (m is
-/// not used for Q4_0 and Q5_0).
+/// the fifth and sixth bits (0..64) into `q`, and ([d, d'], m) with
+/// weight = d·q + m for the first 16 weights and d'·q + m for the others
+/// (d' = d but for Q6_K; m is not used for Q4_0, Q5_0 and Q6_K, whose
+/// offsets are −8·d, −16·d and −32·d).
 ///
 /// Q4_0..Q5_1 blocks are an f16 d, then (Q4_1, Q5_1) an f16 m, then (Q5)
 /// 4 bytes of fifth bits, then 16 bytes holding element j in the low
@@ -615,10 +663,31 @@ impl NibbleMatrix {
 /// scales and offsets (sc, mn) for eight sub-blocks, then (Q5_K) 32 bytes
 /// whose byte l holds bit s for element l of sub-block s, then 128 bytes
 /// where sub-blocks 2c and 2c + 1 are the low and high nibbles of bytes
-/// 32c..32c + 32; weight = d·sc·q − dmin·mn.
-fn block(dtype: GgmlDType, row: &[u8], b: usize, q: &mut [u8; BLOCK]) -> (f32, f32) {
+/// 32c..32c + 32; weight = d·sc·q − dmin·mn. Q6_K super-blocks of 256 are
+/// 128 bytes of low nibbles, 64 of high bit pairs, 16 signed 8-bit scales
+/// (one per 16 weights) and an f16 d: in each half of 128 weights, quarter
+/// u takes nibble u / 2 of bytes l or l + 32 (u odd) and bit pair u of
+/// byte l of the half's 32 high bytes; weight = d·sc·(q − 32).
+fn block(dtype: GgmlDType, row: &[u8], b: usize, q: &mut [u8; BLOCK]) -> ([f32; 2], f32) {
     let f16 = |at: &[u8]| half::f16::from_le_bytes([at[0], at[1]]).to_f32();
     match dtype {
+        GgmlDType::Q6K => {
+            let sb = &row[b / 8 * 210..][..210];
+            let (half, quarter) = (b % 8 / 4, b % 4);
+            let low = &sb[half * 64 + quarter % 2 * 32..][..32];
+            let high = &sb[128 + half * 32..][..32];
+            for (l, v) in q.iter_mut().enumerate() {
+                let nibble = if quarter < 2 {
+                    low[l] & 0x0F
+                } else {
+                    low[l] >> 4
+                };
+                *v = nibble | (high[l] >> (2 * quarter) & 3) << 4;
+            }
+            let d = f16(&sb[208..]);
+            let scale = |i: usize| d * sb[192 + half * 8 + quarter * 2 + i] as i8 as f32;
+            ([scale(0), scale(1)], 0.0)
+        }
         GgmlDType::Q4K | GgmlDType::Q5K => {
             let five = dtype == GgmlDType::Q5K;
             let size = if five { 176 } else { 144 };
@@ -648,7 +717,8 @@ fn block(dtype: GgmlDType, row: &[u8], b: usize, q: &mut [u8; BLOCK]) -> (f32, f
                 let fifth = high.get(l).map_or(0, |h| h >> s & 1);
                 *v = nibble | fifth << 4;
             }
-            (f16(&sb[0..]) * sc as f32, -(f16(&sb[2..]) * mn as f32))
+            let d = f16(&sb[0..]) * sc as f32;
+            ([d, d], -(f16(&sb[2..]) * mn as f32))
         }
         _ => {
             let (size, offset_at, high_at) = match dtype {
@@ -670,7 +740,7 @@ fn block(dtype: GgmlDType, row: &[u8], b: usize, q: &mut [u8; BLOCK]) -> (f32, f
                 };
                 *v = nibble | ((high >> t & 1) as u8) << 4;
             }
-            (f16(blk), offset_at.map_or(0.0, |at| f16(&blk[at..])))
+            ([f16(blk); 2], offset_at.map_or(0.0, |at| f16(&blk[at..])))
         }
     }
 }
@@ -868,8 +938,8 @@ impl NibbleMatrix {
     /// The CPU has the kernel; `out` is the `m × n` buffer and nothing else
     /// writes those elements.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const C: usize>(
-        &self,
+    unsafe fn tile<'a, const R: usize, const C: usize>(
+        &'a self,
         a: &Q8Rows,
         g: usize,
         c: usize,
@@ -877,32 +947,43 @@ impl NibbleMatrix {
     ) {
         let kb = self.k / BLOCK;
         let (offsets, factor) = self.offsets();
-        let five = !self.qh.is_empty();
+        let halves = if self.bits == 6 { 2 } else { 1 };
+        let plane = |p: &'a [u64], i: usize| -> &'a [u64] {
+            if p.is_empty() {
+                &[]
+            } else {
+                &p[(g + i) * kb * 8..][..kb * 8]
+            }
+        };
         let w = GroupTile {
             qs: std::array::from_fn(|i| {
                 &self.qs.as_slice()[(g + i) * kb * GROUP_BLOCK..][..kb * GROUP_BLOCK]
             }),
-            qh: std::array::from_fn(|i| {
-                if five {
-                    &self.qh[(g + i) * kb * 8..][..kb * 8]
-                } else {
+            qh: std::array::from_fn(|i| plane(&self.qh, i)),
+            qh6: std::array::from_fn(|i| plane(&self.qh6, i)),
+            d: std::array::from_fn(|i| {
+                &self.d[(g + i) * kb * GROUP * halves..][..kb * GROUP * halves]
+            }),
+            m: std::array::from_fn(|i| {
+                if self.bits == 6 {
                     &[]
+                } else {
+                    &offsets[(g + i) * kb * GROUP..][..kb * GROUP]
                 }
             }),
-            d: std::array::from_fn(|i| &self.d[(g + i) * kb * GROUP..][..kb * GROUP]),
-            m: std::array::from_fn(|i| &offsets[(g + i) * kb * GROUP..][..kb * GROUP]),
             factor,
         };
         let a = Q8Tile {
             qs: std::array::from_fn(|j| &a.qs[(c + j) * self.k..][..self.k]),
             d: std::array::from_fn(|j| &a.d[(c + j) * kb..][..kb]),
             s: std::array::from_fn(|j| &a.s[(c + j) * kb..][..kb]),
+            h: std::array::from_fn(|j| &a.h[(c + j) * kb * 2..][..kb * 2]),
         };
         let sums = unsafe {
-            if five {
-                dot_groups::<R, C, true>(kb, &w, &a)
-            } else {
-                dot_groups::<R, C, false>(kb, &w, &a)
+            match self.bits {
+                4 => dot_groups::<R, C, 4>(kb, &w, &a),
+                5 => dot_groups::<R, C, 5>(kb, &w, &a),
+                _ => dot_groups::<R, C, 6>(kb, &w, &a),
             }
         };
         for (j, groups) in sums.iter().enumerate() {
@@ -924,21 +1005,24 @@ impl NibbleMatrix {
 }
 
 /// `R` groups of a [`NibbleMatrix`] from their first block: values, fifth
-/// bits (empty for Q4), scales, offsets (or scales) and their factor
-/// ([`NibbleMatrix::offsets`]).
+/// and sixth bits (empty where the format has none), scales, offsets (or
+/// scales; empty for Q6) and their factor ([`NibbleMatrix::offsets`]).
 struct GroupTile<'a, const R: usize> {
     qs: [&'a [i8]; R],
     qh: [&'a [u64]; R],
+    qh6: [&'a [u64]; R],
     d: [&'a [f32]; R],
     m: [&'a [f32]; R],
     factor: f32,
 }
 
-/// `C` rows of [`Q8Rows`]: values, scales, block sums.
+/// `C` rows of [`Q8Rows`]: values, scales, block sums, half-block integer
+/// sums.
 struct Q8Tile<'a, const C: usize> {
     qs: [&'a [i8]; C],
     d: [&'a [f32]; C],
     s: [&'a [f32]; C],
+    h: [&'a [i32]; C],
 }
 
 struct SendPtr(*mut f32);
@@ -972,6 +1056,7 @@ fn quantize_rows_plain(x: &[f32], m: usize, k: usize) -> Q8Rows {
     let mut qs = vec![0i8; m * k];
     let mut d = vec![0f32; m * kb];
     let mut sums = vec![0f32; m * kb];
+    let mut halves = vec![0i32; m * kb * 2];
     for (b, ((src, dst), scale)) in x
         .chunks_exact(BLOCK)
         .zip(qs.chunks_exact_mut(BLOCK))
@@ -983,13 +1068,22 @@ fn quantize_rows_plain(x: &[f32], m: usize, k: usize) -> Q8Rows {
         let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
         *scale = half::f16::from_f32(s).to_f32();
         let mut sum = 0i32;
-        for (q, v) in dst.iter_mut().zip(src) {
+        for (t, (q, v)) in dst.iter_mut().zip(src).enumerate() {
             *q = (v * inv).round() as i8;
             sum += *q as i32;
+            if t == BLOCK / 2 - 1 {
+                halves[2 * b] = sum;
+            }
         }
+        halves[2 * b + 1] = sum - halves[2 * b];
         sums[b] = *scale * sum as f32;
     }
-    Q8Rows { qs, d, s: sums }
+    Q8Rows {
+        qs,
+        d,
+        s: sums,
+        h: halves,
+    }
 }
 
 /// The dot products of `R` weight rows with `C` activation rows.
@@ -1013,27 +1107,27 @@ unsafe fn dot_tile<const R: usize, const C: usize>(
     }
 }
 
-/// The dot products of `R` groups of 4-bit (or, with `FIVE`, 5-bit) weight
-/// rows with `C` activation rows, `[column][group][row in group]`.
+/// The dot products of `R` groups of `BITS`-bit (4, 5 or 6) weight rows with
+/// `C` activation rows, `[column][group][row in group]`.
 ///
 /// # Safety
 /// As [`dot_tile`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_groups<const R: usize, const C: usize, const FIVE: bool>(
+unsafe fn dot_groups<const R: usize, const C: usize, const BITS: u32>(
     kb: usize,
     w: &GroupTile<R>,
     a: &Q8Tile<C>,
 ) -> [[[f32; GROUP]; R]; C] {
     match path() {
-        Path::Avx512 => unsafe { x86::dot_groups_avx512::<R, C, FIVE>(kb, w, a) },
-        Path::Vnni256 => unsafe { x86::dot_groups_vnni::<R, C, FIVE>(kb, w, a) },
-        Path::Avx2 => unsafe { x86::dot_groups_avx2::<R, C, FIVE>(kb, w, a) },
+        Path::Avx512 => unsafe { x86::dot_groups_avx512::<R, C, BITS>(kb, w, a) },
+        Path::Vnni256 => unsafe { x86::dot_groups_vnni::<R, C, BITS>(kb, w, a) },
+        Path::Avx2 => unsafe { x86::dot_groups_avx2::<R, C, BITS>(kb, w, a) },
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_groups<const R: usize, const C: usize, const FIVE: bool>(
+unsafe fn dot_groups<const R: usize, const C: usize, const BITS: u32>(
     _: usize,
     _: &GroupTile<R>,
     _: &Q8Tile<C>,
@@ -1101,7 +1195,7 @@ fn avx512() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK, GROUP, GROUP_BLOCK, GroupTile, Q8Tile};
+    use super::{BLOCK, GROUP, GROUP_BLOCK, GroupTile, Q8Tile, SIX_CENTRE};
 
     /// Asks for byte `at` of the weight row two tiles of `rows` on (rows
     /// are contiguous). A tile reads its short rows side by side, a pattern
@@ -1229,7 +1323,12 @@ mod x86 {
     /// side, a pattern the hardware prefetcher follows badly. A hint only:
     /// past a table's end it fetches nothing useful and faults nothing.
     #[inline(always)]
-    fn fetch_ahead<const R: usize, const FIVE: bool>(w: &GroupTile<R>, i: usize, b: usize) {
+    fn fetch_ahead<const R: usize, const BITS: u32>(
+        w: &GroupTile<R>,
+        i: usize,
+        b: usize,
+        kb: usize,
+    ) {
         let on = 2 * R;
         let fetch = |p: *const i8| {
             // SAFETY: prefetching never faults, whatever the address.
@@ -1241,12 +1340,19 @@ mod x86 {
         for line in 0..GROUP_BLOCK / 64 {
             fetch(qs.wrapping_add(line * 64));
         }
-        fetch(w.d[i].as_ptr().wrapping_add(b * GROUP + on * w.d[i].len()) as *const i8);
-        if w.m[i].as_ptr() != w.d[i].as_ptr() {
+        let scales = w.d[i].len() / kb;
+        for line in (0..scales).step_by(16) {
+            let at = b * scales + line + on * w.d[i].len();
+            fetch(w.d[i].as_ptr().wrapping_add(at) as *const i8);
+        }
+        if !w.m[i].is_empty() && w.m[i].as_ptr() != w.d[i].as_ptr() {
             fetch(w.m[i].as_ptr().wrapping_add(b * GROUP + on * w.m[i].len()) as *const i8);
         }
-        if FIVE {
+        if BITS >= 5 {
             fetch(w.qh[i].as_ptr().wrapping_add(b * 8 + on * w.qh[i].len()) as *const i8);
+        }
+        if BITS == 6 {
+            fetch(w.qh6[i].as_ptr().wrapping_add(b * 8 + on * w.qh6[i].len()) as *const i8);
         }
     }
 
@@ -1283,7 +1389,7 @@ mod x86 {
                 reason = "i, j and h index the groups, activation rows and accumulators together"
             )]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name<const R: usize, const C: usize, const FIVE: bool>(
+            pub(super) unsafe fn $name<const R: usize, const C: usize, const BITS: u32>(
                 kb: usize,
                 w: &GroupTile<R>,
                 a: &Q8Tile<C>,
@@ -1293,17 +1399,33 @@ mod x86 {
                 for b in 0..kb {
                     let da: [__m256; C] = std::array::from_fn(|j| _mm256_set1_ps(a.d[j][b]));
                     for i in 0..R {
-                        fetch_ahead::<R, FIVE>(w, i, b);
+                        fetch_ahead::<R, BITS>(w, i, b, kb);
                         let base = w.qs[i][b * GROUP_BLOCK..].as_ptr();
                         for h in 0..2 {
                             let mut dots = [_mm256_setzero_si256(); C];
+                            let mut first = [_mm256_setzero_si256(); C];
                             for l in 0..4 {
+                                if BITS == 6 && l == 2 {
+                                    first = dots;
+                                    dots = [_mm256_setzero_si256(); C];
+                                }
                                 let v = unsafe {
                                     _mm256_loadu_si256(base.add(l * 64 + h * 32) as *const __m256i)
                                 };
                                 let mut lo = _mm256_and_si256(v, low);
                                 let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                                if FIVE {
+                                if BITS == 6 {
+                                    let masks = &w.qh6[i][b * 8 + 2 * l..];
+                                    let six = |m: u64| {
+                                        _mm256_add_epi8(
+                                            fifth_bits((m >> (32 * h)) as u32),
+                                            fifth_bits((m >> (32 * h)) as u32),
+                                        )
+                                    };
+                                    lo = _mm256_or_si256(lo, six(masks[0]));
+                                    hi = _mm256_or_si256(hi, six(masks[1]));
+                                }
+                                if BITS >= 5 {
                                     let masks = &w.qh[i][b * 8 + 2 * l..];
                                     lo = _mm256_or_si256(
                                         lo,
@@ -1321,14 +1443,43 @@ mod x86 {
                                     dots[j] = $dot(dots[j], hi, _mm256_set1_epi32(xh));
                                 }
                             }
-                            let dw =
-                                unsafe { _mm256_loadu_ps(w.d[i][b * GROUP + h * 8..].as_ptr()) };
-                            for j in 0..C {
-                                acc[j][i][h] = _mm256_fmadd_ps(
-                                    _mm256_mul_ps(dw, da[j]),
-                                    _mm256_cvtepi32_ps(dots[j]),
-                                    acc[j][i][h],
-                                );
+                            if BITS == 6 {
+                                let d0 = unsafe {
+                                    _mm256_loadu_ps(w.d[i][2 * b * GROUP + h * 8..].as_ptr())
+                                };
+                                let d1 = unsafe {
+                                    _mm256_loadu_ps(w.d[i][(2 * b + 1) * GROUP + h * 8..].as_ptr())
+                                };
+                                for j in 0..C {
+                                    let sums = &a.h[j][2 * b..];
+                                    let centred = |dot: __m256i, sum: i32| {
+                                        _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                                            dot,
+                                            _mm256_set1_epi32(SIX_CENTRE * sum),
+                                        ))
+                                    };
+                                    acc[j][i][h] = _mm256_fmadd_ps(
+                                        _mm256_mul_ps(d0, da[j]),
+                                        centred(first[j], sums[0]),
+                                        acc[j][i][h],
+                                    );
+                                    acc[j][i][h] = _mm256_fmadd_ps(
+                                        _mm256_mul_ps(d1, da[j]),
+                                        centred(dots[j], sums[1]),
+                                        acc[j][i][h],
+                                    );
+                                }
+                            } else {
+                                let dw = unsafe {
+                                    _mm256_loadu_ps(w.d[i][b * GROUP + h * 8..].as_ptr())
+                                };
+                                for j in 0..C {
+                                    acc[j][i][h] = _mm256_fmadd_ps(
+                                        _mm256_mul_ps(dw, da[j]),
+                                        _mm256_cvtepi32_ps(dots[j]),
+                                        acc[j][i][h],
+                                    );
+                                }
                             }
                         }
                     }
@@ -1338,6 +1489,12 @@ mod x86 {
                 for j in 0..C {
                     for i in 0..R {
                         for h in 0..2 {
+                            if BITS == 6 {
+                                unsafe {
+                                    _mm256_storeu_ps(out[j][i][h * 8..].as_mut_ptr(), acc[j][i][h])
+                                };
+                                continue;
+                            }
                             let mut off = _mm256_setzero_ps();
                             for b in 0..kb {
                                 let m = unsafe {
@@ -1365,28 +1522,44 @@ mod x86 {
         reason = "i and j index the groups, activation rows and accumulators together"
     )]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn dot_groups_avx512<const R: usize, const C: usize, const FIVE: bool>(
+    pub(super) unsafe fn dot_groups_avx512<const R: usize, const C: usize, const BITS: u32>(
         kb: usize,
         w: &GroupTile<R>,
         a: &Q8Tile<C>,
     ) -> [[[f32; GROUP]; R]; C] {
         let low = _mm512_set1_epi8(0x0F);
         let sixteen = _mm512_set1_epi8(0x10);
+        let thirty_two = _mm512_set1_epi8(0x20);
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         for b in 0..kb {
             let da: [__m512; C] = std::array::from_fn(|j| _mm512_set1_ps(a.d[j][b]));
             for i in 0..R {
-                fetch_ahead::<R, FIVE>(w, i, b);
+                fetch_ahead::<R, BITS>(w, i, b, kb);
                 let base = w.qs[i][b * GROUP_BLOCK..].as_ptr();
                 // Low and high nibbles in chains of their own, added at
                 // the end (exact), to halve the chain of dependent sums.
                 let mut lows = [_mm512_setzero_si512(); C];
                 let mut highs = [_mm512_setzero_si512(); C];
+                // Q6: lines 0–1 and 2–3 are the block's two halves, each
+                // with a scale of its own.
+                let mut first = [_mm512_setzero_si512(); C];
                 for l in 0..4 {
+                    if BITS == 6 && l == 2 {
+                        for j in 0..C {
+                            first[j] = _mm512_add_epi32(lows[j], highs[j]);
+                        }
+                        lows = [_mm512_setzero_si512(); C];
+                        highs = [_mm512_setzero_si512(); C];
+                    }
                     let v = unsafe { _mm512_loadu_si512(base.add(l * 64) as *const __m512i) };
                     let mut lo = _mm512_and_si512(v, low);
                     let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-                    if FIVE {
+                    if BITS == 6 {
+                        let masks = &w.qh6[i][b * 8 + 2 * l..];
+                        lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(masks[0], thirty_two));
+                        hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(masks[1], thirty_two));
+                    }
+                    if BITS >= 5 {
                         let masks = &w.qh[i][b * 8 + 2 * l..];
                         lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(masks[0], sixteen));
                         hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(masks[1], sixteen));
@@ -1398,10 +1571,35 @@ mod x86 {
                         highs[j] = _mm512_dpbusd_epi32(highs[j], hi, _mm512_set1_epi32(xh));
                     }
                 }
-                let dw = unsafe { _mm512_loadu_ps(w.d[i][b * GROUP..].as_ptr()) };
-                for j in 0..C {
-                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lows[j], highs[j]));
-                    acc[j][i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da[j]), dot, acc[j][i]);
+                if BITS == 6 {
+                    let d0 = unsafe { _mm512_loadu_ps(w.d[i][2 * b * GROUP..].as_ptr()) };
+                    let d1 = unsafe { _mm512_loadu_ps(w.d[i][(2 * b + 1) * GROUP..].as_ptr()) };
+                    for j in 0..C {
+                        let sums = &a.h[j][2 * b..];
+                        let centred = |dot: __m512i, sum: i32| {
+                            _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                                dot,
+                                _mm512_set1_epi32(SIX_CENTRE * sum),
+                            ))
+                        };
+                        let second = _mm512_add_epi32(lows[j], highs[j]);
+                        acc[j][i] = _mm512_fmadd_ps(
+                            _mm512_mul_ps(d0, da[j]),
+                            centred(first[j], sums[0]),
+                            acc[j][i],
+                        );
+                        acc[j][i] = _mm512_fmadd_ps(
+                            _mm512_mul_ps(d1, da[j]),
+                            centred(second, sums[1]),
+                            acc[j][i],
+                        );
+                    }
+                } else {
+                    let dw = unsafe { _mm512_loadu_ps(w.d[i][b * GROUP..].as_ptr()) };
+                    for j in 0..C {
+                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lows[j], highs[j]));
+                        acc[j][i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da[j]), dot, acc[j][i]);
+                    }
                 }
             }
         }
@@ -1409,6 +1607,10 @@ mod x86 {
         let mut out = [[[0f32; GROUP]; R]; C];
         for j in 0..C {
             for i in 0..R {
+                if BITS == 6 {
+                    unsafe { _mm512_storeu_ps(out[j][i].as_mut_ptr(), acc[j][i]) };
+                    continue;
+                }
                 let mut off = _mm512_setzero_ps();
                 for b in 0..kb {
                     let m = unsafe { _mm512_loadu_ps(w.m[i][b * GROUP..].as_ptr()) };
@@ -1496,7 +1698,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    const FORMATS: [GgmlDType; 7] = [
+    const FORMATS: [GgmlDType; 8] = [
         GgmlDType::Q8_0,
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
@@ -1504,13 +1706,14 @@ mod tests {
         GgmlDType::Q5_1,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
+        GgmlDType::Q6K,
     ];
 
     /// Row widths to test `dtype` at: odd and even numbers of 32-blocks,
     /// and for K-quants one and two super-blocks.
     fn widths(dtype: GgmlDType) -> &'static [usize] {
         match dtype {
-            GgmlDType::Q4K | GgmlDType::Q5K => &[256, 512],
+            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => &[256, 512],
             _ => &[96, 128, 288],
         }
     }
@@ -1531,11 +1734,29 @@ mod tests {
     /// 4- and 5-bit (every path alike): per block, the exact integer dot
     /// product times the scale product, fused into one f32 accumulator,
     /// and the offset times the activations' block sum fused into another;
-    /// the second times the factor fused onto the first.
+    /// the second times the factor fused onto the first. 6-bit: per half
+    /// block, the integer dot product less 32 × the activations' integer
+    /// half sum, times the scale product, fused into the accumulator.
     fn model(w: &Matrix, a: &Q8Rows, i: usize, j: usize, wide: bool) -> f32 {
         let (k, kb) = (w.k(), w.k() / BLOCK);
         let w = match w {
             Matrix::Q8(w) => w,
+            Matrix::Nibbles(w) if w.bits == 6 => {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    for half in 0..2 {
+                        let ts = half * 16..(half + 1) * 16;
+                        let q: i32 = ts
+                            .clone()
+                            .map(|t| w.value(j, b, t) as i32 * a.qs[i * k + b * BLOCK + t] as i32)
+                            .sum();
+                        let dot = q - SIX_CENTRE * a.h[i * kb * 2 + 2 * b + half];
+                        let d = w.d[w.scale_at(j, b, ts.start)] * a.d[i * kb + b];
+                        acc = d.mul_add(dot as f32, acc);
+                    }
+                }
+                return acc;
+            }
             Matrix::Nibbles(w) => {
                 let (table, factor) = w.offsets();
                 let (mut acc, mut off) = (0f32, 0f32);
@@ -1722,26 +1943,37 @@ mod tests {
                 let kb = k / BLOCK;
                 let a = quantize_rows(&x, 3, k);
                 let (table, factor) = nib.offsets();
-                let five = !nib.qh.is_empty();
+                let halves = if nib.bits == 6 { 2 } else { 1 };
+                let plane = |p: &[u64], g: usize| -> Vec<u64> {
+                    p.get(g * kb * 8..(g + 1) * kb * 8)
+                        .map_or(Vec::new(), <[u64]>::to_vec)
+                };
+                let (qh, qh6): (Vec<_>, Vec<_>) = (0..2)
+                    .map(|g| (plane(&nib.qh, g), plane(&nib.qh6, g)))
+                    .unzip();
                 let wt = GroupTile::<2> {
                     qs: std::array::from_fn(|g| {
                         &nib.qs.as_slice()[g * kb * GROUP_BLOCK..][..kb * GROUP_BLOCK]
                     }),
-                    qh: std::array::from_fn(|g| {
-                        if five {
-                            &nib.qh[g * kb * 8..][..kb * 8]
-                        } else {
+                    qh: std::array::from_fn(|g| &qh[g][..]),
+                    qh6: std::array::from_fn(|g| &qh6[g][..]),
+                    d: std::array::from_fn(|g| {
+                        &nib.d[g * kb * GROUP * halves..][..kb * GROUP * halves]
+                    }),
+                    m: std::array::from_fn(|g| {
+                        if nib.bits == 6 {
                             &[]
+                        } else {
+                            &table[g * kb * GROUP..][..kb * GROUP]
                         }
                     }),
-                    d: std::array::from_fn(|g| &nib.d[g * kb * GROUP..][..kb * GROUP]),
-                    m: std::array::from_fn(|g| &table[g * kb * GROUP..][..kb * GROUP]),
                     factor,
                 };
                 let at = Q8Tile::<3> {
                     qs: std::array::from_fn(|j| &a.qs[j * k..][..k]),
                     d: std::array::from_fn(|j| &a.d[j * kb..][..kb]),
                     s: std::array::from_fn(|j| &a.s[j * kb..][..kb]),
+                    h: std::array::from_fn(|j| &a.h[j * kb * 2..][..kb * 2]),
                 };
                 let mut paths = Vec::new();
                 macro_rules! call {
@@ -1749,10 +1981,10 @@ mod tests {
                         // SAFETY: each path runs only where the CPU has its
                         // features.
                         unsafe {
-                            if five {
-                                x86::$path::<2, 3, true>(kb, &wt, &at)
-                            } else {
-                                x86::$path::<2, 3, false>(kb, &wt, &at)
+                            match nib.bits {
+                                4 => x86::$path::<2, 3, 4>(kb, &wt, &at),
+                                5 => x86::$path::<2, 3, 5>(kb, &wt, &at),
+                                _ => x86::$path::<2, 3, 6>(kb, &wt, &at),
                             }
                         }
                     };
@@ -1783,7 +2015,9 @@ mod tests {
     /// Stated bound per element: the activations' quantisation error, at
     /// most 0.6 of a block's scale per value (half a step, plus the scale's
     /// rounding to f16: 127 · 2⁻¹¹ of a step), times Σ|w| over the block;
-    /// plus 10⁻⁵ of Σ|w·x| for f32 accumulation.
+    /// plus 10⁻⁵ of Σ|w·x| for f32 accumulation. And against the
+    /// activations as quantised, where only the f32 sums' rounding remains:
+    /// within 10⁻⁵ of Σ|w·x|.
     #[test]
     fn the_product_is_within_its_stated_bound_of_the_f32_product() {
         if !supported() {
@@ -1813,6 +2047,17 @@ mod tests {
                     assert!(
                         err <= bound,
                         "{dtype:?} ({i}, {j}): error {err} over {bound}"
+                    );
+                    // Against the activations as quantised, only the f32
+                    // sums' rounding remains: within 10⁻⁵ of Σ|w·x|.
+                    let kb = k / BLOCK;
+                    let xq = |t: usize| a.qs[i * k + t] as f64 * a.d[i * kb + t / BLOCK] as f64;
+                    let truth_q: f64 = (0..k).map(|t| wr[t] as f64 * xq(t)).sum();
+                    let magnitude_q: f64 = (0..k).map(|t| (wr[t] as f64 * xq(t)).abs()).sum();
+                    let err_q = (ours[i * n + j] as f64 - truth_q).abs();
+                    assert!(
+                        err_q <= 1e-5 * magnitude_q,
+                        "{dtype:?} ({i}, {j}): error {err_q} against the quantised activations"
                     );
                 }
             }
@@ -1861,19 +2106,19 @@ mod tests {
         }
     }
 
-    /// A Q6_K matrix left to candle, cut into row pieces run on the pool:
+    /// A Q3_K matrix left to candle, cut into row pieces run on the pool:
     /// the product and rows of candle's on the whole matrix.
     #[test]
     fn candles_product_in_pieces_equals_it_whole() {
         let cpu = candle_core::Device::Cpu;
         let (n, k) = (1100, 256);
         let t = Tensor::from_vec(numbers(4, n * k, 1.0), (n, k), &cpu).unwrap();
-        let whole = QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q6K).unwrap()).unwrap();
-        let pieces = Pieces::new(QTensor::quantize(&t, GgmlDType::Q6K).unwrap()).unwrap();
+        let whole = QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q3K).unwrap()).unwrap();
+        let pieces = Pieces::new(QTensor::quantize(&t, GgmlDType::Q3K).unwrap()).unwrap();
         assert!(pieces.parts.len() > 1);
         assert_eq!(
             pieces.bytes(),
-            QTensor::quantize(&t, GgmlDType::Q6K)
+            QTensor::quantize(&t, GgmlDType::Q3K)
                 .unwrap()
                 .storage_size_in_bytes()
         );
@@ -1940,6 +2185,8 @@ mod tests {
         assert_eq!(w.bytes(), blocks * 24);
         let (w, _, _) = matrix(GgmlDType::Q5K, 64, 512, 2);
         assert_eq!(w.bytes(), blocks * 28);
+        let (w, _, _) = matrix(GgmlDType::Q6K, 64, 512, 2);
+        assert_eq!(w.bytes(), blocks * 32);
     }
 
     /// The paths side by side, in GMAC/s. It switches the process-wide
