@@ -239,22 +239,29 @@ impl Pieces {
 
     /// Rows `ids` of the table, `[ids, width]` f32.
     fn rows(&self, ids: &Tensor) -> Result<Tensor> {
-        let ids = ids.to_vec1::<u32>()?;
-        let device = candle_core::Device::Cpu;
-        let mut rows = Vec::with_capacity(ids.len());
-        for &id in &ids {
+        let list = ids.to_vec1::<u32>()?;
+        let total: usize = self.parts.iter().map(|p| p.rows).sum();
+        if let Some(id) = list.iter().find(|&&id| id as usize >= total) {
+            candle_core::bail!("token id {id} is outside the table of {total}");
+        }
+        if let [one] = self.parts.as_slice() {
+            return one.product.embedding(ids);
+        }
+        let device = ids.device();
+        let mut rows = Vec::with_capacity(list.len());
+        for &id in &list {
             let id = id as usize;
             let Some(p) = self
                 .parts
                 .iter()
                 .find(|p| (p.start..p.start + p.rows).contains(&id))
             else {
-                candle_core::bail!("token id {id} is outside the table");
+                candle_core::bail!("token id {id} is outside the table of {total}");
             };
             let row = p
                 .product
-                .embedding(&Tensor::new(&[(id - p.start) as u32], &device)?)?;
-            rows.push(row.to_device(&device)?);
+                .embedding(&Tensor::new(&[(id - p.start) as u32], device)?)?;
+            rows.push(row);
         }
         Tensor::cat(&rows, 0)
     }
@@ -1852,18 +1859,27 @@ mod tests {
         }
     }
 
-    /// Every path this CPU has, called directly, against the scalar model.
+    /// Whether this CPU has the AVX-512 VNNI and the AVX-VNNI paths.
+    #[cfg(target_arch = "x86_64")]
+    fn wider_paths() -> (bool, bool) {
+        (
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni"),
+            is_x86_feature_detected!("avxvnni"),
+        )
+    }
+
+    /// Every Q8_0 path this CPU has, called directly, against the scalar
+    /// model.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn each_path_this_cpu_has_matches_its_scalar_model() {
         if !supported() {
             return;
         }
-        let avx512 = is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni");
-        let vnni = is_x86_feature_detected!("avxvnni");
-        for dtype in FORMATS {
+        let (avx512, vnni) = wider_paths();
+        for dtype in [GgmlDType::Q8_0] {
             for &k in widths(dtype) {
                 let (w, _, x) = matrix(dtype, 4, k, 5);
                 let a = quantize_rows(&x, 2, k);
@@ -1902,7 +1918,7 @@ mod tests {
                                 ));
                             }
                         }
-                        Matrix::Nibbles(_) => continue,
+                        Matrix::Nibbles(_) => unreachable!("Q8_0 is held as Q8_0"),
                     }
                 }
                 assert!(!paths.is_empty());
@@ -1921,7 +1937,7 @@ mod tests {
         }
     }
 
-    /// Every 4- and 5-bit path this CPU has, called directly on two groups
+    /// Every 4-, 5- and 6-bit path this CPU has, called directly on two groups
     /// (the second partly padding), against the scalar model: all paths
     /// give the same bits.
     #[cfg(target_arch = "x86_64")]
@@ -1930,10 +1946,7 @@ mod tests {
         if !supported() {
             return;
         }
-        let avx512 = is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni");
-        let vnni = is_x86_feature_detected!("avxvnni");
+        let (avx512, vnni) = wider_paths();
         for dtype in &FORMATS[1..] {
             for &k in widths(*dtype) {
                 let (w, _, x) = matrix(*dtype, 21, k, 5);
