@@ -350,7 +350,7 @@ impl Matrix {
 
     fn matmul_quantized(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
         match self {
-            Matrix::Q8(w) => matmul_tiled(w, a, m),
+            Matrix::Q8(w) => w.matmul(a, m),
             Matrix::Nibbles(w) => w.matmul_groups(a, m),
         }
     }
@@ -752,95 +752,87 @@ fn block(dtype: GgmlDType, row: &[u8], b: usize, q: &mut [u8; BLOCK]) -> ([f32; 
     }
 }
 
-/// A matrix the tiled product can run over.
-trait Tiled: Sync {
-    fn n(&self) -> usize;
-
-    /// Output columns `r..r + R` for activation rows `c..c + C`.
-    ///
-    /// # Safety
-    /// The CPU has the kernel; `out` is the `m × n` buffer and nothing else
-    /// writes those elements.
-    unsafe fn tile<const R: usize, const C: usize>(
-        &self,
-        a: &Q8Rows,
-        r: usize,
-        c: usize,
-        out: *mut f32,
-    );
-}
-
-fn matmul_tiled<W: Tiled>(w: &W, a: &Q8Rows, m: usize) -> Vec<f32> {
-    let n = w.n();
+/// An `m × n` product computed in `units` parts side by side on the
+/// model's pool; `part(units, out)` writes only its units' output columns
+/// of the row-major buffer `out`.
+fn in_parts(
+    m: usize,
+    n: usize,
+    units: usize,
+    part: impl Fn(std::ops::Range<usize>, *mut f32) + Sync,
+) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
-    let groups = n.div_ceil(TILE_ROWS);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    crate::pool::pool().run(groups, |range| {
-        let first = range.start * TILE_ROWS;
-        let last = (range.end * TILE_ROWS).min(n);
+    crate::pool::pool().run(units, |range| {
         let out_ptr = &out_ptr;
-        // SAFETY: ranges write disjoint weight rows (output columns).
-        unsafe { rows_into(w, m, a, first, last, out_ptr.0) };
+        part(range, out_ptr.0)
     });
     out
 }
 
-/// Output columns `first..last` for all `m` activation rows.
-///
-/// # Safety
-/// As [`Tiled::tile`], for columns `first..last`.
-unsafe fn rows_into<W: Tiled>(
-    w: &W,
-    m: usize,
-    a: &Q8Rows,
-    first: usize,
-    last: usize,
-    out: *mut f32,
-) {
-    let mut r = first;
-    // One activation row (a decode step): eight weight rows per tile, so
-    // the per-tile set-up is spread over twice the work.
-    if m == 1 {
-        while r + 2 * TILE_ROWS <= last {
-            unsafe { w.tile::<{ 2 * TILE_ROWS }, 1>(a, r, 0, out) };
-            r += 2 * TILE_ROWS;
-        }
+impl Q8Matrix {
+    /// The product against `m` quantised activation rows, in parts of
+    /// [`TILE_ROWS`] weight rows.
+    fn matmul(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
+        let n = self.n;
+        in_parts(m, n, n.div_ceil(TILE_ROWS), |range, out| {
+            let first = range.start * TILE_ROWS;
+            let last = (range.end * TILE_ROWS).min(n);
+            // SAFETY: parts write disjoint weight rows (output columns).
+            unsafe { self.rows_into(m, a, first, last, out) };
+        })
     }
-    while r < last {
-        let rows = (last - r).min(TILE_ROWS);
-        let mut c = 0;
-        while c < m {
-            let cols = (m - c).min(TILE_COLS);
-            unsafe {
-                match (rows, cols) {
-                    (4, 4) => w.tile::<4, 4>(a, r, c, out),
-                    (4, 3) => w.tile::<4, 3>(a, r, c, out),
-                    (4, 2) => w.tile::<4, 2>(a, r, c, out),
-                    (4, 1) => w.tile::<4, 1>(a, r, c, out),
-                    (3, 4) => w.tile::<3, 4>(a, r, c, out),
-                    (3, 3) => w.tile::<3, 3>(a, r, c, out),
-                    (3, 2) => w.tile::<3, 2>(a, r, c, out),
-                    (3, 1) => w.tile::<3, 1>(a, r, c, out),
-                    (2, 4) => w.tile::<2, 4>(a, r, c, out),
-                    (2, 3) => w.tile::<2, 3>(a, r, c, out),
-                    (2, 2) => w.tile::<2, 2>(a, r, c, out),
-                    (2, 1) => w.tile::<2, 1>(a, r, c, out),
-                    (1, 4) => w.tile::<1, 4>(a, r, c, out),
-                    (1, 3) => w.tile::<1, 3>(a, r, c, out),
-                    (1, 2) => w.tile::<1, 2>(a, r, c, out),
-                    _ => w.tile::<1, 1>(a, r, c, out),
-                }
+
+    /// Output columns `first..last` for all `m` activation rows.
+    ///
+    /// # Safety
+    /// As [`Q8Matrix::tile`], for columns `first..last`.
+    unsafe fn rows_into(&self, m: usize, a: &Q8Rows, first: usize, last: usize, out: *mut f32) {
+        let mut r = first;
+        // One activation row (a decode step): eight weight rows per tile, so
+        // the per-tile set-up is spread over twice the work.
+        if m == 1 {
+            while r + 2 * TILE_ROWS <= last {
+                unsafe { self.tile::<{ 2 * TILE_ROWS }, 1>(a, r, 0, out) };
+                r += 2 * TILE_ROWS;
             }
-            c += cols;
         }
-        r += rows;
+        while r < last {
+            let rows = (last - r).min(TILE_ROWS);
+            let mut c = 0;
+            while c < m {
+                let cols = (m - c).min(TILE_COLS);
+                unsafe {
+                    match (rows, cols) {
+                        (4, 4) => self.tile::<4, 4>(a, r, c, out),
+                        (4, 3) => self.tile::<4, 3>(a, r, c, out),
+                        (4, 2) => self.tile::<4, 2>(a, r, c, out),
+                        (4, 1) => self.tile::<4, 1>(a, r, c, out),
+                        (3, 4) => self.tile::<3, 4>(a, r, c, out),
+                        (3, 3) => self.tile::<3, 3>(a, r, c, out),
+                        (3, 2) => self.tile::<3, 2>(a, r, c, out),
+                        (3, 1) => self.tile::<3, 1>(a, r, c, out),
+                        (2, 4) => self.tile::<2, 4>(a, r, c, out),
+                        (2, 3) => self.tile::<2, 3>(a, r, c, out),
+                        (2, 2) => self.tile::<2, 2>(a, r, c, out),
+                        (2, 1) => self.tile::<2, 1>(a, r, c, out),
+                        (1, 4) => self.tile::<1, 4>(a, r, c, out),
+                        (1, 3) => self.tile::<1, 3>(a, r, c, out),
+                        (1, 2) => self.tile::<1, 2>(a, r, c, out),
+                        _ => self.tile::<1, 1>(a, r, c, out),
+                    }
+                }
+                c += cols;
+            }
+            r += rows;
+        }
     }
 }
 
 /// Writes a tile's sums, `sums[j][i]` at (c + j, r + i).
 ///
 /// # Safety
-/// As [`Tiled::tile`].
+/// As [`Q8Matrix::tile`].
 #[inline(always)]
 unsafe fn store<const R: usize, const C: usize>(
     sums: [[f32; R]; C],
@@ -858,11 +850,12 @@ unsafe fn store<const R: usize, const C: usize>(
     }
 }
 
-impl Tiled for Q8Matrix {
-    fn n(&self) -> usize {
-        self.n
-    }
-
+impl Q8Matrix {
+    /// Output columns `r..r + R` for activation rows `c..c + C`.
+    ///
+    /// # Safety
+    /// The CPU has the kernel; `out` is the `m × n` buffer and nothing else
+    /// writes those elements.
     #[inline(always)]
     unsafe fn tile<const R: usize, const C: usize>(
         &self,
@@ -886,14 +879,10 @@ impl Tiled for Q8Matrix {
 
 impl NibbleMatrix {
     fn matmul_groups(&self, a: &Q8Rows, m: usize) -> Vec<f32> {
-        let mut out = vec![0f32; m * self.n];
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        crate::pool::pool().run(self.groups(), |groups| {
-            let out_ptr = &out_ptr;
-            // SAFETY: ranges write disjoint groups of output columns.
-            unsafe { self.groups_into(a, m, groups, out_ptr.0) };
-        });
-        out
+        in_parts(m, self.n, self.groups(), |groups, out| {
+            // SAFETY: parts write disjoint groups of output columns.
+            unsafe { self.groups_into(a, m, groups, out) };
+        })
     }
 
     /// Output columns of `groups` for all `m` activation rows: a decode
@@ -1204,11 +1193,10 @@ fn avx512() -> bool {
 mod x86 {
     use super::{BLOCK, GROUP, GROUP_BLOCK, GroupTile, Q8Tile, SIX_CENTRE};
 
-    /// Asks for byte `at` of the weight row two tiles of `rows` on (rows
-    /// are contiguous). A tile reads its short rows side by side, a pattern
-    /// the hardware prefetcher follows badly: with this, one thread's
-    /// decode on SmolLM2 went from about 63 to 70–88 tok/s (Q4_1) and on
-    /// the Qwen2.5-0.5B shape from 20 to 27 (Q5_0). A hint only: past the
+    /// Asks for byte `at` of the Q8_0 weight row two tiles of `rows` on
+    /// (rows are contiguous). A tile reads its short rows side by side, a
+    /// pattern the hardware prefetcher follows badly (see
+    /// [`fetch_ahead`] for the 4- to 6-bit layout). A hint only: past the
     /// matrix's end it fetches nothing useful and faults nothing.
     #[inline(always)]
     fn ahead(row: &[i8], at: usize, rows: usize) {
@@ -1327,8 +1315,11 @@ mod x86 {
 
     /// Asks for block `b` of group `i` two tiles of `R` groups on (groups
     /// are contiguous in each table). A tile reads its groups side by
-    /// side, a pattern the hardware prefetcher follows badly. A hint only:
-    /// past a table's end it fetches nothing useful and faults nothing.
+    /// side, a pattern the hardware prefetcher follows badly: prefetching
+    /// (first of rows, in the earlier layout) took one thread's decode on
+    /// SmolLM2 from about 63 to 70–88 tok/s (Q4_1) and on the Qwen2.5-0.5B
+    /// shape from 20 to 27 (Q5_0). A hint only: past a table's end it
+    /// fetches nothing useful and faults nothing.
     #[inline(always)]
     fn fetch_ahead<const R: usize, const BITS: u32>(
         w: &GroupTile<R>,

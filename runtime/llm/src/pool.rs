@@ -50,15 +50,24 @@ pub fn pool() -> &'static Pool {
 }
 
 /// The default size described at [`pool`].
+/// A value of `GANGLION_MODEL_THREADS` that is not a positive whole number
+/// is logged and ignored.
 pub fn default_threads() -> usize {
-    std::env::var("GANGLION_MODEL_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if cores > 2 { cores - 1 } else { cores }
-        })
+    let cores = || {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores > 2 { cores - 1 } else { cores }
+    };
+    let Ok(set) = std::env::var("GANGLION_MODEL_THREADS") else {
+        return cores();
+    };
+    match set.trim().parse::<usize>() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            let default = cores();
+            tracing::warn!(value = %set, threads = default, "GANGLION_MODEL_THREADS is not a positive whole number; using the default");
+            default
+        }
+    }
 }
 
 /// Compute threads: `threads − 1` workers and the caller.
