@@ -12,6 +12,20 @@
 //! 100 in flight); messages/s = N ÷ (last output − first publish).
 //! Latency: messages at a fixed rate; each output's arrival minus its
 //! message's publish, p50 and p99.
+//!
+//! Two more figures tell what the machine allows, whatever the flow does:
+//! - a relay row: one rumqttc client that turns each message into the same
+//!   alert with no pipeline, plugin or confirmation, over the same four QoS 1
+//!   legs;
+//! - CPU per message in the throughput phase, from each thread's
+//!   `/proc/…/schedstat`: mosquitto, the flow under test, and the load
+//!   generator with the receiver; 2 cores ÷ their sum is the most this flow
+//!   could reach with both cores busy.
+//!
+//! And the host's steadiness: one thread running a fixed integer loop with
+//! nothing else running, its rate per 50 ms bin against its median. On a
+//! shared host the rate dips while the host runs other work; no process in
+//! this machine sees that as CPU time taken from it.
 
 use ganglion::llm::NoModel;
 use ganglion_tests::*;
@@ -48,6 +62,137 @@ struct Run {
     latency_rate: u64,
     received: usize,
     sent: usize,
+    /// µs of CPU per message in the throughput phase.
+    cpu: Cpu,
+}
+
+/// CPU time by party: in ns while sampled, in µs per message in a [`Run`].
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    broker: f64,
+    flow: f64,
+    harness: f64,
+}
+
+/// Nanoseconds on CPU of the threads of `pid` that `pick` (given the thread
+/// id and name) selects, from the first field of each thread's schedstat.
+fn cpu_ns(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            pick(&tid, comm.trim()).then_some(())?;
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// The bench's own threads: the main thread and the load runtime's are the
+/// harness, the rest (the flow runtime's, the gateway's epoch ticker) the flow.
+fn own_thread_is_harness(tid: &str, comm: &str) -> bool {
+    tid == std::process::id().to_string() || comm.starts_with("load")
+}
+
+/// Samples CPU time so far for the parties of one flow.
+fn sampler(broker: u32, external_flow: Option<u32>) -> impl Fn() -> Cpu {
+    move || Cpu {
+        broker: cpu_ns(&broker.to_string(), |_, _| true),
+        flow: match external_flow {
+            Some(pid) => cpu_ns(&pid.to_string(), |_, _| true),
+            None => cpu_ns("self", |t, c| !own_thread_is_harness(t, c)),
+        },
+        harness: cpu_ns("self", own_thread_is_harness),
+    }
+}
+
+/// Rate of a fixed integer loop on this thread per 50 ms bin for `secs`,
+/// divided by the median bin: (share of bins under half the median, lowest
+/// bin).
+fn host_steadiness(secs: f64) -> (f64, f64) {
+    let start = Instant::now();
+    let mut bins = Vec::new();
+    let mut x = 1u64;
+    while start.elapsed().as_secs_f64() < secs {
+        let bin = Instant::now();
+        let mut rounds = 0u64;
+        while bin.elapsed() < Duration::from_millis(50) {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(
+                    x.wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407),
+                );
+            }
+            rounds += 1;
+        }
+        bins.push(rounds as f64 / bin.elapsed().as_secs_f64());
+    }
+    let mut sorted = bins.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let low = bins.iter().filter(|&&b| b < median / 2.0).count();
+    (low as f64 / bins.len() as f64, sorted[0] / median)
+}
+
+/// A client that turns each `relay/<device>/telemetry` message into the
+/// alert the flows publish, on `relay/alert/<device>`: no pipeline, no plugin,
+/// and the input acknowledged on arrival, not after its output's PUBACK.
+async fn start_relay(port: u16) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut o = MqttOptions::new(format!("bench-relay-{}", free_port()), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
+    let (client, mut events) = AsyncClient::new(o, 1024);
+    events.set_network_options(ganglion::mqtt::network_options());
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let subscriber = client.clone();
+    let poll = tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => subscriber
+                    .subscribe("relay/+/telemetry", QoS::AtLeastOnce)
+                    .await
+                    .unwrap(),
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = in_tx.send(p);
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let publish = tokio::spawn(async move {
+        while let Some(p) = in_rx.recv().await {
+            let dev = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
+            let text = String::from_utf8_lossy(&p.payload);
+            let value = text
+                .split("\"value\":")
+                .nth(1)
+                .and_then(|v| v.split([',', '}']).next())
+                .unwrap_or_default();
+            let alert = format!(
+                r#"{{"device":"{dev}","level":"critical","text":"{dev}: temperature {value} above 0"}}"#
+            );
+            if client
+                .publish(format!("relay/alert/{dev}"), QoS::AtLeastOnce, false, alert)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    ready_rx.await.unwrap();
+    vec![poll, publish]
 }
 
 /// Publishes `n` messages (ids 1..=n) on `topic(i)` at `rate` per second
@@ -139,12 +284,27 @@ async fn drive(
     (s, g)
 }
 
-async fn measure(port: u16, prefix: &str, out_filter: &str, n: usize, latency_rate: u64) -> Run {
+async fn measure(
+    port: u16,
+    prefix: &str,
+    out_filter: &str,
+    n: usize,
+    latency_rate: u64,
+    cpu: impl Fn() -> Cpu,
+) -> Run {
+    let before = cpu();
     let (sent, got) = drive(port, prefix, out_filter, n, 0).await;
+    let after = cpu();
     let first = sent.iter().flatten().min().copied().unwrap();
     let last = got.iter().flatten().max().copied().unwrap_or(first);
     let received = got.iter().flatten().count();
     let throughput = received as f64 / (last - first).as_secs_f64();
+    let per_message = |a: f64, b: f64| (a - b) / 1e3 / received.max(1) as f64;
+    let cpu = Cpu {
+        broker: per_message(after.broker, before.broker),
+        flow: per_message(after.flow, before.flow),
+        harness: per_message(after.harness, before.harness),
+    };
 
     let m = (latency_rate * 5) as usize;
     let (sent, got) = drive(port, prefix, out_filter, m, latency_rate).await;
@@ -166,6 +326,7 @@ async fn measure(port: u16, prefix: &str, out_filter: &str, n: usize, latency_ra
         latency_rate,
         received,
         sent: n,
+        cpu,
     }
 }
 
@@ -228,69 +389,118 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
-    // The load generator and the receiver on one runtime, the gateway on
-    // another, as `ganglion run` has its own: sharing the gateway's two
-    // workers with the generator held its throughput down by about a third
-    // (Node-RED is a process of its own either way).
+    let (dipped, lowest) = host_steadiness(3.0);
+
+    // The load generator and the receiver on one runtime, the flow (gateway
+    // or relay) on another, as `ganglion run` has its own: sharing the
+    // gateway's two workers with the generator held its throughput down by
+    // about a third (Node-RED is a process of its own either way). The thread
+    // names tell the parties apart for the CPU figures.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("load")
         .enable_all()
         .build()
         .unwrap();
-    let gateway_rt = tokio::runtime::Builder::new_multi_thread()
+    let flow_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("flow")
         .enable_all()
         .build()
         .unwrap();
     let broker = Mosquitto::start("bench-mosquitto");
+    let broker_pid = broker.pid().unwrap();
     let dir = scratch("bench-rules");
     std::fs::write(dir.join("bench.toml"), RULE).unwrap();
-    let gw = gateway_rt.block_on(RunningGateway::start(
+    let gw = flow_rt.block_on(RunningGateway::start(
         &broker.url(),
         "bench-gw",
         &dir,
         Arc::new(NoModel),
     ));
     assert!(gw.problems.is_empty(), "{:?}", gw.problems);
-    let ganglion = rt.block_on(measure(
-        broker.port,
-        "bench",
-        "ganglion/alert/bench/#",
-        n,
-        latency_rate,
-    ));
-    gateway_rt.block_on(gw.stop());
-    rt.block_on(async {
-        let node_red = match start_node_red(broker.port) {
-            Some(mut child) => {
-                let r = measure(broker.port, "nr", "nodered/alert/#", n, latency_rate).await;
-                let _ = child.kill();
-                let _ = child.wait();
-                Some(r)
-            }
-            None => None,
-        };
+    let mut runs = vec![(
+        "Ganglion",
+        rt.block_on(measure(
+            broker.port,
+            "bench",
+            "ganglion/alert/bench/#",
+            n,
+            latency_rate,
+            sampler(broker_pid, None),
+        )),
+    )];
+    flow_rt.block_on(gw.stop());
 
-        println!("\n| flow | messages out of | throughput (msg/s) | latency at | p50 | p99 |");
-        println!("|---|---:|---:|---:|---:|---:|");
-        let row = |name: &str, r: &Run| {
-            println!(
-                "| {name} | {} / {} | {:.0} | {} msg/s | {:.2} ms | {:.2} ms |",
-                r.received,
-                r.sent,
-                r.throughput,
-                r.latency_rate,
-                r.p50.as_secs_f64() * 1e3,
-                r.p99.as_secs_f64() * 1e3
-            )
-        };
-        row("Ganglion", &ganglion);
-        if let Some(nr) = &node_red {
-            row("Node-RED", nr);
-            println!(
-                "\nthroughput ratio Ganglion ÷ Node-RED: {:.2}×",
-                ganglion.throughput / nr.throughput
-            );
-        }
-    });
+    let relay = flow_rt.block_on(start_relay(broker.port));
+    runs.push((
+        "relay (no pipeline)",
+        rt.block_on(measure(
+            broker.port,
+            "relay",
+            "relay/alert/#",
+            n,
+            latency_rate,
+            sampler(broker_pid, None),
+        )),
+    ));
+    relay.iter().for_each(tokio::task::JoinHandle::abort);
+
+    if let Some(mut child) = start_node_red(broker.port) {
+        runs.push((
+            "Node-RED",
+            rt.block_on(measure(
+                broker.port,
+                "nr",
+                "nodered/alert/#",
+                n,
+                latency_rate,
+                sampler(broker_pid, Some(child.id())),
+            )),
+        ));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    println!("\n| flow | messages out of | throughput (msg/s) | latency at | p50 | p99 |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, r) in &runs {
+        println!(
+            "| {name} | {} / {} | {:.0} | {} msg/s | {:.2} ms | {:.2} ms |",
+            r.received,
+            r.sent,
+            r.throughput,
+            r.latency_rate,
+            r.p50.as_secs_f64() * 1e3,
+            r.p99.as_secs_f64() * 1e3
+        );
+    }
+    println!("\nCPU per message in the throughput phase (µs); ceiling = 2 cores ÷ all:\n");
+    println!("| flow | mosquitto | flow | load generator + receiver | all | ceiling (msg/s) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, r) in &runs {
+        let all = r.cpu.broker + r.cpu.flow + r.cpu.harness;
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            r.cpu.broker,
+            r.cpu.flow,
+            r.cpu.harness,
+            all,
+            2e6 / all
+        );
+    }
+    if let (Some((_, g)), Some((_, nr))) = (
+        runs.iter().find(|(n, _)| *n == "Ganglion"),
+        runs.iter().find(|(n, _)| *n == "Node-RED"),
+    ) {
+        println!(
+            "\nthroughput ratio Ganglion ÷ Node-RED: {:.2}×",
+            g.throughput / nr.throughput
+        );
+    }
+    println!(
+        "\nhost steadiness (one thread, 3 s, before the flows): {:.0} % of 50 ms bins under half the median rate; lowest bin {:.0} % of the median",
+        dipped * 100.0,
+        lowest * 100.0
+    );
 }

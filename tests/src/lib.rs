@@ -206,6 +206,11 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Stops the broker with SIGTERM (it saves its persistence file) and waits.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
