@@ -282,6 +282,37 @@ impl ReloadConfig {
     }
 }
 
+/// The async runtime that `ganglion run` serves on.
+///
+/// ```toml
+/// [runtime]
+/// workers = 1   # threads for MQTT, the rules and plugin calls
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 or unset: one fewer than the cores, at least 1.
+    /// The spare core is for the broker (mosquitto beside the gateway, or
+    /// the embedded one, which has threads of its own): on 2 cores, one
+    /// worker gave about 13 % more messages per second than two through a
+    /// local mosquitto, and 14 % less CPU per message, since fewer threads
+    /// then compete for the cores (docs/BENCHMARKS.md). The model's compute
+    /// pool is sized apart (`[model] threads`).
+    pub workers: usize,
+}
+
+impl RuntimeConfig {
+    /// The worker threads to start.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .max(1)
+    }
+}
+
 /// The whole `ganglion.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -302,6 +333,8 @@ pub struct GanglionConfig {
     pub audit: crate::audit::AuditConfig,
     /// The language model (see [`ganglion_llm::EngineConfig`]).
     pub model: ganglion_llm::EngineConfig,
+    /// `[runtime]`: the async runtime's threads.
+    pub runtime: RuntimeConfig,
 }
 
 /// Why [`GanglionConfig::load`] failed.
@@ -365,5 +398,18 @@ mod tests {
         let ok = GanglionConfig::parse("[plugins.limits]\ncall_timeout_ms = 5\n").unwrap();
         assert_eq!(ok.plugins.limits.call_timeout_ms, 5);
         assert_eq!(ok.plugins.limits.max_memory_mib, 64);
+    }
+
+    #[test]
+    fn workers_default_to_one_fewer_than_the_cores() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        let default = GanglionConfig::parse("").unwrap().runtime;
+        assert_eq!(default.worker_threads(), (cores - 1).max(1));
+        let zero = GanglionConfig::parse("[runtime]\nworkers = 0\n").unwrap();
+        assert_eq!(zero.runtime.worker_threads(), (cores - 1).max(1));
+        let three = GanglionConfig::parse("[runtime]\nworkers = 3\n").unwrap();
+        assert_eq!(three.runtime.worker_threads(), 3);
+        let err = GanglionConfig::parse("[runtime]\nthreads = 3\n").unwrap_err();
+        assert!(err.contains("threads") && err.contains("line 2"), "{err}");
     }
 }

@@ -183,6 +183,7 @@ fn main() -> Result<()> {
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads())
         .enable_all()
         .build()?
         .block_on(async_main(cli, config))

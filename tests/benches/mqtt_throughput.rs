@@ -138,23 +138,33 @@ fn host_steadiness(secs: f64) -> (f64, f64) {
     (low as f64 / bins.len() as f64, sorted[0] / median)
 }
 
-/// A client that turns each `relay/<device>/telemetry` message into the
-/// alert the flows publish, on `relay/alert/<device>`: no pipeline, no plugin,
-/// and the input acknowledged on arrival, not after its output's PUBACK.
-async fn start_relay(port: u16) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut o = MqttOptions::new(format!("bench-relay-{}", free_port()), "127.0.0.1", port);
+/// A client of the bench's broker, named `<name>-<unique>`.
+fn client(port: u16, name: &str) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut o = MqttOptions::new(format!("{name}-{}", free_port()), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
     let (client, mut events) = AsyncClient::new(o, 1024);
     events.set_network_options(ganglion::mqtt::network_options());
-    let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
+    (client, events)
+}
+
+/// Subscribes a new client to `filter` at QoS 1 and hands each message to
+/// `on_publish` on the client's event loop (each acknowledged on arrival);
+/// returns once the broker confirms the subscription.
+async fn subscriber(
+    port: u16,
+    name: &str,
+    filter: &str,
+    mut on_publish: impl FnMut(rumqttc::Publish) + Send + 'static,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let (client, mut events) = client(port, name);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let subscriber = client.clone();
-    let poll = tokio::spawn(async move {
+    let (subscribing, filter) = (client.clone(), filter.to_owned());
+    let task = tokio::spawn(async move {
         let mut ready = Some(ready_tx);
         loop {
             match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => subscriber
-                    .subscribe("relay/+/telemetry", QoS::AtLeastOnce)
+                Ok(Event::Incoming(Packet::ConnAck(_))) => subscribing
+                    .subscribe(filter.clone(), QoS::AtLeastOnce)
                     .await
                     .unwrap(),
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -162,14 +172,25 @@ async fn start_relay(port: u16) -> Vec<tokio::task::JoinHandle<()>> {
                         let _ = r.send(());
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = in_tx.send(p);
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(p),
                 Ok(_) => {}
                 Err(_) => return,
             }
         }
     });
+    ready_rx.await.unwrap();
+    (client, task)
+}
+
+/// A client that turns each `relay/<device>/telemetry` message into the
+/// alert the flows publish, on `relay/alert/<device>`: no pipeline, no plugin,
+/// and the input acknowledged on arrival, not after its output's PUBACK.
+async fn start_relay(port: u16) -> Vec<tokio::task::JoinHandle<()>> {
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
+    let (client, poll) = subscriber(port, "bench-relay", "relay/+/telemetry", move |p| {
+        let _ = in_tx.send(p);
+    })
+    .await;
     let publish = tokio::spawn(async move {
         while let Some(p) = in_rx.recv().await {
             let dev = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
@@ -191,7 +212,6 @@ async fn start_relay(port: u16) -> Vec<tokio::task::JoinHandle<()>> {
             }
         }
     });
-    ready_rx.await.unwrap();
     vec![poll, publish]
 }
 
@@ -206,52 +226,25 @@ async fn drive(
 ) -> (Vec<Option<Instant>>, Vec<Option<Instant>>) {
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n + 1]));
     let got: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n + 1]));
-    let mut o = MqttOptions::new(format!("bench-rx-{}", free_port()), "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
-    let (rx_client, mut rx_loop) = AsyncClient::new(o, 1024);
-    rx_loop.set_network_options(ganglion::mqtt::network_options());
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let got2 = got.clone();
-    let filter = out_filter.to_owned();
-    let receiver = tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        loop {
-            match rx_loop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => rx_client
-                    .subscribe(filter.clone(), QoS::AtLeastOnce)
-                    .await
-                    .unwrap(),
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let now = Instant::now();
-                    let text = String::from_utf8_lossy(&p.payload);
-                    if let Some(id) = text
-                        .split("temperature ")
-                        .nth(1)
-                        .and_then(|t| t.split(' ').next())
-                        .and_then(|v| v.parse::<usize>().ok())
-                    {
-                        let mut g = got2.lock().unwrap();
-                        if id < g.len() && g[id].is_none() {
-                            g[id] = Some(now);
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
+    let (_rx_client, receiver) = subscriber(port, "bench-rx", out_filter, move |p| {
+        let now = Instant::now();
+        let text = String::from_utf8_lossy(&p.payload);
+        if let Some(id) = text
+            .split("temperature ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            let mut g = got2.lock().unwrap();
+            if id < g.len() && g[id].is_none() {
+                g[id] = Some(now);
             }
         }
-    });
-    ready_rx.await.unwrap();
+    })
+    .await;
 
-    let mut o = MqttOptions::new(format!("bench-tx-{}", free_port()), "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
-    let (tx_client, mut tx_loop) = AsyncClient::new(o, 1024);
-    tx_loop.set_network_options(ganglion::mqtt::network_options());
+    let (tx_client, mut tx_loop) = client(port, "bench-tx");
     let poller = tokio::spawn(async move { while tx_loop.poll().await.is_ok() {} });
     let start = Instant::now();
     for id in 1..=n {
@@ -392,10 +385,15 @@ fn main() {
     let (dipped, lowest) = host_steadiness(3.0);
 
     // The load generator and the receiver on one runtime, the flow (gateway
-    // or relay) on another, as `ganglion run` has its own: sharing the
-    // gateway's two workers with the generator held its throughput down by
-    // about a third (Node-RED is a process of its own either way). The thread
-    // names tell the parties apart for the CPU figures.
+    // or relay) on another with as many workers as `ganglion run` would
+    // start (`[runtime] workers`, `FLOW_WORKERS` here): sharing the gateway's
+    // workers with the generator held its throughput down by about a third
+    // (Node-RED is a process of its own either way). The thread names tell
+    // the parties apart for the CPU figures.
+    let workers = std::env::var("FLOW_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| ganglion::config::RuntimeConfig::default().worker_threads());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("load")
@@ -403,7 +401,7 @@ fn main() {
         .build()
         .unwrap();
     let flow_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .thread_name("flow")
         .enable_all()
         .build()
@@ -498,8 +496,9 @@ fn main() {
             g.throughput / nr.throughput
         );
     }
+    println!("\nflow runtime: {workers} worker thread(s)");
     println!(
-        "\nhost steadiness (one thread, 3 s, before the flows): {:.0} % of 50 ms bins under half the median rate; lowest bin {:.0} % of the median",
+        "host steadiness (one thread, 3 s, before the flows): {:.0} % of 50 ms bins under half the median rate; lowest bin {:.0} % of the median",
         dipped * 100.0,
         lowest * 100.0
     );
