@@ -9,7 +9,11 @@
 //! mqtt_throughput` (Node-RED rows only when target/node-red has it).
 //!
 //! Throughput: N messages published as fast as the broker takes them (QoS 1,
-//! 100 in flight); messages/s = N ÷ (last output − first publish).
+//! 100 in flight); messages/s = N ÷ (last output − first publish). The load
+//! generator and the receiver are minimal MQTT clients on blocking sockets
+//! (`ganglion_tests::wire`), many messages to a write, so that they take as
+//! little as they can of the two cores they share with what they measure;
+//! sensors would publish from other machines.
 //! Latency: messages at a fixed rate; each output's arrival minus its
 //! message's publish, p50 and p99.
 //!
@@ -30,6 +34,8 @@
 use ganglion::llm::NoModel;
 use ganglion_tests::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,8 +98,9 @@ fn cpu_ns(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {
         .sum()
 }
 
-/// The bench's own threads: the main thread and the load runtime's are the
-/// harness, the rest (the flow runtime's, the gateway's epoch ticker) the flow.
+/// The bench's own threads: the main thread (the publisher) and the `load…`
+/// threads are the harness, the rest (the flow runtime's, the gateway's
+/// epoch ticker) the flow.
 fn own_thread_is_harness(tid: &str, comm: &str) -> bool {
     tid == std::process::id().to_string() || comm.starts_with("load")
 }
@@ -215,69 +222,158 @@ async fn start_relay(port: u16) -> Vec<tokio::task::JoinHandle<()>> {
     vec![poll, publish]
 }
 
-/// Publishes `n` messages (ids 1..=n) on `topic(i)` at `rate` per second
-/// (0: as fast as possible) and times the outputs on `out_filter`.
-async fn drive(
+/// Publishes `n` messages (ids 1..=n) on `<prefix>/d<id % 16>/telemetry` at
+/// `rate` per second (0: as fast as the broker takes them, 100 in flight) and
+/// times the outputs on `out_filter`, with [`wire`] clients on threads of
+/// their own (named `load…`): the publisher writes every message that is due
+/// and fits the window in one write, the receiver acknowledges each read's
+/// messages in one write.
+fn drive(
     port: u16,
     prefix: &str,
     out_filter: &str,
     n: usize,
     rate: u64,
 ) -> (Vec<Option<Instant>>, Vec<Option<Instant>>) {
-    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n + 1]));
+    const WINDOW: usize = 100;
     let got: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n + 1]));
-    let got2 = got.clone();
-    let (_rx_client, receiver) = subscriber(port, "bench-rx", out_filter, move |p| {
-        let now = Instant::now();
-        let text = String::from_utf8_lossy(&p.payload);
-        if let Some(id) = text
-            .split("temperature ")
-            .nth(1)
-            .and_then(|t| t.split(' ').next())
-            .and_then(|v| v.parse::<usize>().ok())
-        {
-            let mut g = got2.lock().unwrap();
-            if id < g.len() && g[id].is_none() {
-                g[id] = Some(now);
-            }
-        }
-    })
-    .await;
+    let stop = Arc::new(AtomicBool::new(false));
 
-    let (tx_client, mut tx_loop) = client(port, "bench-tx");
-    let poller = tokio::spawn(async move { while tx_loop.poll().await.is_ok() {} });
+    let mut rx = wire::connect(port, &format!("bench-rx-{}", free_port())).unwrap();
+    wire::subscribe(&mut rx, out_filter).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let receiver = {
+        let (got, stop) = (got.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("load-rx".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut filled = 0;
+                let mut acks = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if filled == buf.len() {
+                        buf.resize(buf.len() * 2, 0);
+                    }
+                    match rx.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(k) => filled += k,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            continue;
+                        }
+                        Err(_) => break,
+                    }
+                    let now = Instant::now();
+                    let (packets, used) = wire::packets(&buf[..filled]);
+                    {
+                        let mut g = got.lock().unwrap();
+                        for (pkid, payload) in packets.iter().filter_map(wire::Packet::publish) {
+                            wire::encode_puback(&mut acks, pkid);
+                            let text = String::from_utf8_lossy(payload);
+                            if let Some(id) = text
+                                .split("temperature ")
+                                .nth(1)
+                                .and_then(|t| t.split(' ').next())
+                                .and_then(|v| v.parse::<usize>().ok())
+                                && id < g.len()
+                                && g[id].is_none()
+                            {
+                                g[id] = Some(now);
+                            }
+                        }
+                    }
+                    buf.copy_within(used..filled, 0);
+                    filled -= used;
+                    if !acks.is_empty() {
+                        if rx.write_all(&acks).is_err() {
+                            break;
+                        }
+                        acks.clear();
+                    }
+                }
+                wire::disconnect(&mut rx);
+            })
+            .unwrap()
+    };
+
+    let mut tx = wire::connect(port, &format!("bench-tx-{}", free_port())).unwrap();
+    let in_flight = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+    let acker = {
+        let (mut acks, in_flight) = (tx.try_clone().unwrap(), in_flight.clone());
+        std::thread::Builder::new()
+            .name("load-ack".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 1 << 14];
+                let mut filled = 0;
+                while let Ok(k) = acks.read(&mut buf[filled..]) {
+                    if k == 0 {
+                        break;
+                    }
+                    filled += k;
+                    let (packets, used) = wire::packets(&buf[..filled]);
+                    let acked = packets.iter().filter(|p| p.kind == wire::PUBACK).count();
+                    buf.copy_within(used..filled, 0);
+                    filled -= used;
+                    let (count, freed) = &*in_flight;
+                    *count.lock().unwrap() -= acked;
+                    freed.notify_one();
+                }
+            })
+            .unwrap()
+    };
+    let mut sent = vec![None; n + 1];
+    let mut batch = Vec::new();
     let start = Instant::now();
-    for id in 1..=n {
+    let due = |id: usize| start + Duration::from_secs_f64((id - 1) as f64 / rate as f64);
+    let mut id = 1;
+    while id <= n {
+        let room = {
+            let (count, freed) = &*in_flight;
+            let mut c = count.lock().unwrap();
+            while *c >= WINDOW {
+                c = freed.wait(c).unwrap();
+            }
+            WINDOW - *c
+        };
         if rate > 0 {
-            tokio::time::sleep_until(
-                (start + Duration::from_secs_f64((id - 1) as f64 / rate as f64)).into(),
-            )
-            .await;
+            std::thread::sleep(due(id).saturating_duration_since(Instant::now()));
         }
-        let payload = format!(r#"{{"metric":"temperature","value":{id},"unit":"C"}}"#);
-        sent.lock().unwrap()[id] = Some(Instant::now());
-        tx_client
-            .publish(
-                format!("{prefix}/d{}/telemetry", id % 16),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-            )
-            .await
-            .unwrap();
+        let now = Instant::now();
+        batch.clear();
+        let first = id;
+        while id <= n && id - first < room && (rate == 0 || due(id) <= now) {
+            let payload = format!(r#"{{"metric":"temperature","value":{id},"unit":"C"}}"#);
+            let pkid = ((id - 1) % usize::from(u16::MAX) + 1) as u16;
+            wire::encode_publish(
+                &mut batch,
+                &format!("{prefix}/d{}/telemetry", id % 16),
+                pkid,
+                payload.as_bytes(),
+            );
+            sent[id] = Some(now);
+            id += 1;
+        }
+        *in_flight.0.lock().unwrap() += id - first;
+        tx.write_all(&batch).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while got.lock().unwrap().iter().skip(1).any(Option::is_none) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::thread::sleep(Duration::from_millis(20));
     }
-    receiver.abort();
-    poller.abort();
-    let s = sent.lock().unwrap().clone();
+    stop.store(true, Ordering::Relaxed);
+    wire::disconnect(&mut tx);
+    let _ = acker.join();
+    let _ = receiver.join();
     let g = got.lock().unwrap().clone();
-    (s, g)
+    (sent, g)
 }
 
-async fn measure(
+fn measure(
     port: u16,
     prefix: &str,
     out_filter: &str,
@@ -286,7 +382,7 @@ async fn measure(
     cpu: impl Fn() -> Cpu,
 ) -> Run {
     let before = cpu();
-    let (sent, got) = drive(port, prefix, out_filter, n, 0).await;
+    let (sent, got) = drive(port, prefix, out_filter, n, 0);
     let after = cpu();
     let first = sent.iter().flatten().min().copied().unwrap();
     let last = got.iter().flatten().max().copied().unwrap_or(first);
@@ -300,7 +396,7 @@ async fn measure(
     };
 
     let m = (latency_rate * 5) as usize;
-    let (sent, got) = drive(port, prefix, out_filter, m, latency_rate).await;
+    let (sent, got) = drive(port, prefix, out_filter, m, latency_rate);
     let mut lat: Vec<Duration> = sent
         .iter()
         .zip(&got)
@@ -384,22 +480,15 @@ fn main() {
         .unwrap_or(2_000);
     let (dipped, lowest) = host_steadiness(3.0);
 
-    // The load generator and the receiver on one runtime, the flow (gateway
-    // or relay) on another with as many workers as `ganglion run` would
-    // start (`[runtime] workers`, `FLOW_WORKERS` here): sharing the gateway's
-    // workers with the generator held its throughput down by about a third
-    // (Node-RED is a process of its own either way). The thread names tell
+    // The flow (gateway or relay) on a runtime of its own with as many
+    // workers as `ganglion run` would start (`[runtime] workers`,
+    // `FLOW_WORKERS` here); the load generator and receiver on threads of
+    // their own (Node-RED is a process of its own). The thread names tell
     // the parties apart for the CPU figures.
     let workers = std::env::var("FLOW_WORKERS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| ganglion::config::RuntimeConfig::default().worker_threads());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("load")
-        .enable_all()
-        .build()
-        .unwrap();
     let flow_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("flow")
@@ -419,42 +508,42 @@ fn main() {
     assert!(gw.problems.is_empty(), "{:?}", gw.problems);
     let mut runs = vec![(
         "Ganglion",
-        rt.block_on(measure(
+        measure(
             broker.port,
             "bench",
             "ganglion/alert/bench/#",
             n,
             latency_rate,
             sampler(broker_pid, None),
-        )),
+        ),
     )];
     flow_rt.block_on(gw.stop());
 
     let relay = flow_rt.block_on(start_relay(broker.port));
     runs.push((
         "relay (no pipeline)",
-        rt.block_on(measure(
+        measure(
             broker.port,
             "relay",
             "relay/alert/#",
             n,
             latency_rate,
             sampler(broker_pid, None),
-        )),
+        ),
     ));
     relay.iter().for_each(tokio::task::JoinHandle::abort);
 
     if let Some(mut child) = start_node_red(broker.port) {
         runs.push((
             "Node-RED",
-            rt.block_on(measure(
+            measure(
                 broker.port,
                 "nr",
                 "nodered/alert/#",
                 n,
                 latency_rate,
                 sampler(broker_pid, Some(child.id())),
-            )),
+            ),
         ));
         let _ = child.kill();
         let _ = child.wait();

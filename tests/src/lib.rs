@@ -1,4 +1,7 @@
 //! Helpers for the integration tests: built plugins, hosts with test limits.
+//! `wire` is a minimal MQTT client for the benchmarks' load generation.
+
+pub mod wire;
 
 use ganglion::config::{Limits, PluginConfig};
 use ganglion::llm::{LlmEngine, NoModel};
