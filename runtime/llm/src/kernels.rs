@@ -2173,24 +2173,21 @@ mod tests {
         if !supported() {
             return;
         }
-        let blocks = 64 * 576 / BLOCK;
-        let (w, _, _) = matrix(GgmlDType::Q4_1, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * 24);
-        let (w, _, _) = matrix(GgmlDType::Q4_0, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * 20);
-        let (w, _, _) = matrix(GgmlDType::Q5_0, 64, 576, 2);
-        assert_eq!(w.bytes(), blocks * 24);
-        let (w, _, _) = matrix(GgmlDType::Q5_1, 60, 576, 2);
-        assert_eq!(w.bytes(), blocks * 28);
-        let (w8, _, _) = matrix(GgmlDType::Q8_0, 64, 576, 2);
-        assert_eq!(w8.bytes(), blocks * (32 + 4));
-        let blocks = 64 * 512 / BLOCK;
-        let (w, _, _) = matrix(GgmlDType::Q4K, 64, 512, 2);
-        assert_eq!(w.bytes(), blocks * 24);
-        let (w, _, _) = matrix(GgmlDType::Q5K, 64, 512, 2);
-        assert_eq!(w.bytes(), blocks * 28);
-        let (w, _, _) = matrix(GgmlDType::Q6K, 64, 512, 2);
-        assert_eq!(w.bytes(), blocks * 32);
+        // (format, rows, columns, bytes per 32 weights); Q5_1's 60 rows pad
+        // to 64.
+        for (dtype, rows, cols, per_block) in [
+            (GgmlDType::Q4_1, 64, 576, 24),
+            (GgmlDType::Q4_0, 64, 576, 20),
+            (GgmlDType::Q5_0, 64, 576, 24),
+            (GgmlDType::Q5_1, 60, 576, 28),
+            (GgmlDType::Q8_0, 64, 576, 32 + 4),
+            (GgmlDType::Q4K, 64, 512, 24),
+            (GgmlDType::Q5K, 64, 512, 28),
+            (GgmlDType::Q6K, 64, 512, 32),
+        ] {
+            let (w, _, _) = matrix(dtype, rows, cols, 2);
+            assert_eq!(w.bytes(), 64 * cols / BLOCK * per_block, "{dtype:?}");
+        }
     }
 
     /// The paths side by side, in GMAC/s. It switches the process-wide
