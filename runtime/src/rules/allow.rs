@@ -1,0 +1,734 @@
+//! The allow-list (`[allow]` in a rule): what a rule may emit, and the check
+//! every proposed action passes before it is published.
+//!
+//! Plugins and the model are untrusted: an action may name any topic, device
+//! or value. Patterns are compared level by level ([`pattern_matches`]), every
+//! entry that matches an action must allow it (a loose entry cannot widen a
+//! tight one), `retain` is opt-in per entry, and the gateway's and the
+//! broker's own topics ([`is_reserved`]) are never a `publish` target.
+
+use super::topic::{Fill, check_device, is_reserved, pattern_matches, validate_topic};
+use crate::types::{Action, Qos, Value};
+use serde::Deserialize;
+
+/// One entry of `[allow] publish`: a topic pattern, or a table.
+///
+/// ```toml
+/// publish = ["plant/{device}/cmd", { topic = "plant/{device}/setpoint", min = 0.0, max = 80.0, retain = true }]
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PublishAllow {
+    /// A topic pattern; any payload, never retained.
+    Topic(String),
+    /// A topic pattern with bounds on the payload's number and whether the
+    /// message may be retained.
+    Entry(PublishEntry),
+}
+
+/// A table entry of `[allow] publish`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishEntry {
+    /// The topic pattern.
+    pub topic: String,
+    /// Lowest allowed value, inclusive; with `max`, the payload must hold a
+    /// number (plain, or an object's `value`).
+    pub min: Option<f64>,
+    /// Highest allowed value, inclusive.
+    pub max: Option<f64>,
+    /// Whether an action may ask the broker to retain the message. Default
+    /// false: a retained message outlives the decision that made it and
+    /// reaches every later subscriber.
+    #[serde(default)]
+    pub retain: bool,
+}
+
+impl PublishAllow {
+    /// The entry's topic pattern.
+    pub fn topic(&self) -> &str {
+        match self {
+            PublishAllow::Topic(t) | PublishAllow::Entry(PublishEntry { topic: t, .. }) => t,
+        }
+    }
+
+    fn bounds(&self) -> Option<(Option<f64>, Option<f64>)> {
+        match self {
+            PublishAllow::Entry(PublishEntry { min, max, .. })
+                if min.is_some() || max.is_some() =>
+            {
+                Some((*min, *max))
+            }
+            _ => None,
+        }
+    }
+
+    fn retain(&self) -> bool {
+        matches!(self, PublishAllow::Entry(PublishEntry { retain: true, .. }))
+    }
+}
+
+/// One entry of `[allow] commands`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandAllow {
+    /// A device name, `{device}` (the window's device) or `*`.
+    pub device: String,
+    /// The command name.
+    pub name: String,
+    /// Lowest allowed numeric value, inclusive.
+    pub min: Option<f64>,
+    /// Highest allowed numeric value, inclusive.
+    pub max: Option<f64>,
+    /// Allowed text values, when the value is text.
+    pub values: Option<Vec<String>>,
+}
+
+/// What a rule may emit (`[allow]`); any other action is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllowList {
+    /// Topic patterns; `{device}` and `{rule}` are filled in, `+`/`#` match as in MQTT.
+    pub publish: Vec<PublishAllow>,
+    /// Whether alerts are allowed. Default true.
+    pub alerts: bool,
+    /// Where alerts are published; `{rule}` and `{device}` are filled in.
+    /// Default `ganglion/alert/{rule}/{device}`.
+    pub alert_topic: String,
+    /// Where commands are published; `{rule}`, `{device}` and `{command}`
+    /// are filled in. Default `ganglion/command/{device}/{command}`.
+    pub command_topic: String,
+    /// Commands allowed. Default none.
+    pub commands: Vec<CommandAllow>,
+    /// Constrain the model's answers to the actions this list allows (a JSON
+    /// schema in json-actions' format, built per device; see
+    /// [`AllowList::action_schema`]). It replaces any constraint the prompt
+    /// plugin sets. Default false.
+    pub constrain_model: bool,
+}
+
+impl Default for AllowList {
+    fn default() -> Self {
+        AllowList {
+            publish: Vec::new(),
+            alerts: true,
+            alert_topic: "ganglion/alert/{rule}/{device}".into(),
+            command_topic: "ganglion/command/{device}/{command}".into(),
+            commands: Vec::new(),
+            constrain_model: false,
+        }
+    }
+}
+
+impl AllowList {
+    /// A JSON schema of the answers whose actions this list lets out for
+    /// `device` in rule `rule`, in json-actions' format
+    /// (`{"actions":[...]}`): each allowed command with its device, name and
+    /// values or bounds; alerts when allowed; publishes to topics that have
+    /// no wildcard once `{rule}` and `{device}` are filled in (a wildcard
+    /// topic is left out: the model is not offered it). At most
+    /// `max_actions` actions; an empty list is always allowed.
+    pub fn action_schema(&self, rule: &str, device: &str, max_actions: usize) -> serde_json::Value {
+        use serde_json::json;
+        let mut choices = Vec::new();
+        for c in &self.commands {
+            let target = match c.device.as_str() {
+                "*" => json!({"type": "string", "minLength": 1, "maxLength": 64}),
+                "{device}" => json!({"const": device}),
+                d => json!({"const": d}),
+            };
+            let value = match (&c.values, c.min, c.max) {
+                (Some(values), _, _) => Some(json!({"enum": values})),
+                (None, None, None) => None,
+                (None, min, max) => {
+                    let mut v = json!({"type": "number"});
+                    if let Some(min) = min {
+                        v["minimum"] = json!(min);
+                    }
+                    if let Some(max) = max {
+                        v["maximum"] = json!(max);
+                    }
+                    Some(v)
+                }
+            };
+            let mut properties = json!({
+                "type": {"const": "command"},
+                "device": target,
+                "command": {"const": c.name},
+            });
+            let mut required = vec!["type", "device", "command"];
+            if let Some(v) = value {
+                properties["value"] = v;
+                required.push("value");
+            }
+            choices.push(json!({
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": false,
+            }));
+        }
+        if self.alerts {
+            choices.push(json!({
+                "type": "object",
+                "properties": {
+                    "type": {"const": "alert"},
+                    "level": {"enum": ["info", "warning", "critical"]},
+                    "text": {"type": "string", "maxLength": 80},
+                },
+                "required": ["type", "level", "text"],
+                "additionalProperties": false,
+            }));
+        }
+        for p in &self.publish {
+            let fill = Fill {
+                rule,
+                device,
+                command: "",
+            };
+            let Some(topic) = fill.topic(p.topic()) else {
+                continue;
+            };
+            if validate_topic(&topic).is_err() || is_reserved(&topic) {
+                continue;
+            }
+            let payload = match p {
+                PublishAllow::Topic(_)
+                | PublishAllow::Entry(PublishEntry {
+                    min: None,
+                    max: None,
+                    ..
+                }) => json!({"type": "string", "maxLength": 256}),
+                PublishAllow::Entry(PublishEntry { min, max, .. }) => {
+                    let mut v = json!({"type": "number"});
+                    if let Some(min) = min {
+                        v["minimum"] = json!(min);
+                    }
+                    if let Some(max) = max {
+                        v["maximum"] = json!(max);
+                    }
+                    v
+                }
+            };
+            choices.push(json!({
+                "type": "object",
+                "properties": {
+                    "type": {"const": "publish"},
+                    "topic": {"const": topic},
+                    "payload": payload,
+                },
+                "required": ["type", "topic", "payload"],
+                "additionalProperties": false,
+            }));
+        }
+        let items = match choices.len() {
+            0 => json!(false),
+            1 => choices.remove(0),
+            _ => json!({"anyOf": choices}),
+        };
+        json!({
+            "type": "object",
+            "properties": {
+                "actions": {"type": "array", "items": items, "maxItems": max_actions},
+            },
+            "required": ["actions"],
+            "additionalProperties": false,
+        })
+    }
+
+    /// Checks an action of rule `rule` against the list and turns it into
+    /// what to publish, or says why it is refused. `device` is the window's
+    /// device (empty for none: `{device}` then matches nothing); `qos` is the
+    /// rule's, an upper bound.
+    pub fn authorize(
+        &self,
+        rule: &str,
+        qos: Qos,
+        action: &Action,
+        device: &str,
+    ) -> Result<Outgoing, String> {
+        // The pipeline refuses such a device before its window opens; here it
+        // is taken as no device, so `{device}` can never fill in `$`, `/` or
+        // a wildcard whatever the caller passes.
+        let device = if check_device(device, usize::MAX).is_ok() {
+            device
+        } else {
+            ""
+        };
+        match action {
+            Action::Publish {
+                topic,
+                payload,
+                qos: asked,
+                retain,
+            } => {
+                validate_topic(topic).map_err(|m| format!("publish to `{topic}`: {m}"))?;
+                if is_reserved(topic) {
+                    return Err(format!(
+                        "publish to `{topic}`: the gateway's (`ganglion/...`) and the broker's (`$...`) topics are reserved"
+                    ));
+                }
+                let fill = Fill {
+                    rule,
+                    device,
+                    command: "",
+                };
+                let mut matching = self
+                    .publish
+                    .iter()
+                    .filter(|p| pattern_matches(p.topic(), &fill, topic))
+                    .peekable();
+                if matching.peek().is_none() {
+                    return Err(format!(
+                        "publish to `{topic}` is not in the rule's allow-list"
+                    ));
+                }
+                // Every entry that matches must allow it: a broad entry
+                // (`plant/#`) cannot lift the bounds of a narrow one.
+                for entry in matching {
+                    if let Some((min, max)) = entry.bounds() {
+                        let v = payload_number(payload).ok_or_else(|| format!("publish to `{topic}`: payload has no numeric value to check against the bounds of `{}`", entry.topic()))?;
+                        check_bounds(v, min, max)
+                            .map_err(|m| format!("publish to `{topic}`: {m}"))?;
+                    }
+                    if *retain && !entry.retain() {
+                        return Err(format!(
+                            "publish to `{topic}`: retain is not allowed by the allow-list entry `{}` (set `retain = true` on it)",
+                            entry.topic()
+                        ));
+                    }
+                }
+                Ok(Outgoing {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                    qos: (*asked).min(qos),
+                    retain: *retain,
+                })
+            }
+            Action::Alert {
+                level,
+                device: alert_device,
+                text,
+            } => {
+                if !self.alerts {
+                    return Err("alerts are not allowed by this rule".into());
+                }
+                let d = if alert_device.is_empty() {
+                    device
+                } else {
+                    alert_device
+                };
+                if !d.is_empty() {
+                    check_device(d, usize::MAX).map_err(|m| format!("alert: {m}"))?;
+                }
+                let fill = Fill {
+                    rule,
+                    device: d,
+                    command: "",
+                };
+                let topic = fill.topic(&self.alert_topic).ok_or_else(|| {
+                    format!(
+                        "alert topic `{}` needs a device and the alert names none",
+                        self.alert_topic
+                    )
+                })?;
+                validate_topic(&topic).map_err(|m| format!("alert topic `{topic}`: {m}"))?;
+                let payload = serde_json::json!({ "rule": rule, "device": d, "level": format!("{level:?}").to_lowercase(), "text": text });
+                Ok(Outgoing {
+                    topic,
+                    payload: payload.to_string().into_bytes(),
+                    qos,
+                    retain: false,
+                })
+            }
+            Action::Command {
+                device: target,
+                name,
+                value,
+            } => {
+                check_device(target, usize::MAX).map_err(|m| format!("command `{name}`: {m}"))?;
+                check_device(name, usize::MAX)
+                    .map_err(|m| format!("command name: {}", m.replace("device id", "name")))?;
+                let mut matching = self
+                    .commands
+                    .iter()
+                    .filter(|c| {
+                        c.name == *name
+                            && match c.device.as_str() {
+                                "*" => true,
+                                "{device}" => !device.is_empty() && target == device,
+                                d => d == target,
+                            }
+                    })
+                    .peekable();
+                if matching.peek().is_none() {
+                    return Err(format!(
+                        "command `{name}` to `{target}` is not in the rule's allow-list"
+                    ));
+                }
+                for entry in matching {
+                    check_command_value(entry, name, value.as_ref())?;
+                }
+                let fill = Fill {
+                    rule,
+                    device: target,
+                    command: name,
+                };
+                let topic = fill.topic(&self.command_topic).ok_or_else(|| {
+                    format!("command topic `{}` cannot be filled", self.command_topic)
+                })?;
+                validate_topic(&topic).map_err(|m| format!("command topic `{topic}`: {m}"))?;
+                let value_json = match value {
+                    None => serde_json::Value::Null,
+                    Some(Value::Number(n)) => serde_json::json!(n),
+                    Some(Value::Boolean(b)) => serde_json::json!(b),
+                    Some(Value::Text(t)) => serde_json::json!(t),
+                };
+                let payload = serde_json::json!({ "rule": rule, "device": target, "command": name, "value": value_json });
+                Ok(Outgoing {
+                    topic,
+                    payload: payload.to_string().into_bytes(),
+                    qos,
+                    retain: false,
+                })
+            }
+        }
+    }
+}
+
+/// Whether one matching `[allow] commands` entry lets `value` through.
+fn check_command_value(
+    entry: &CommandAllow,
+    name: &str,
+    value: Option<&Value>,
+) -> Result<(), String> {
+    match value {
+        Some(Value::Text(t)) => {
+            if let Some(values) = &entry.values
+                && !values.contains(t)
+            {
+                return Err(format!(
+                    "command `{name}` value `{t}` is not one of {values:?}"
+                ));
+            }
+            if entry.values.is_none() && (entry.min.is_some() || entry.max.is_some()) {
+                return Err(format!("command `{name}` needs a number, got `{t}`"));
+            }
+        }
+        Some(v) => {
+            if entry.values.is_some() {
+                return Err(format!(
+                    "command `{name}` takes one of {:?}, not a number or boolean",
+                    entry.values.as_deref().unwrap_or_default()
+                ));
+            }
+            if entry.min.is_some() || entry.max.is_some() {
+                let n = v.as_f64().unwrap_or(f64::NAN);
+                check_bounds(n, entry.min, entry.max)
+                    .map_err(|m| format!("command `{name}`: {m}"))?;
+            }
+        }
+        None => {
+            if entry.values.is_some() || entry.min.is_some() || entry.max.is_some() {
+                return Err(format!("command `{name}` needs a value"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A message to publish, after the allow-list check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The topic, with patterns filled in.
+    pub topic: String,
+    /// The message body (JSON for alerts and commands).
+    pub payload: Vec<u8>,
+    /// The QoS, at most the rule's.
+    pub qos: Qos,
+    /// Whether the broker retains the message.
+    pub retain: bool,
+}
+
+fn check_bounds(v: f64, min: Option<f64>, max: Option<f64>) -> Result<(), String> {
+    if !v.is_finite() {
+        return Err("value is not a finite number".into());
+    }
+    if let Some(min) = min.filter(|m| v < *m) {
+        return Err(format!("value {v} below the allowed minimum {min}"));
+    }
+    if let Some(max) = max.filter(|m| v > *m) {
+        return Err(format!("value {v} above the allowed maximum {max}"));
+    }
+    Ok(())
+}
+
+/// A number payload, or a JSON object's numeric `value`.
+fn payload_number(payload: &[u8]) -> Option<f64> {
+    match serde_json::from_slice::<serde_json::Value>(payload).ok()? {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::Object(o) => o.get("value").and_then(serde_json::Value::as_f64),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::Rule;
+    use crate::types::AlertLevel;
+
+    const RULE: &str = r#"
+topics = ["factory/+/telemetry"]
+[[preprocess]]
+plugin = "clean-readings"
+[postprocess]
+plugin = "json-actions"
+[allow]
+publish = ["plant/{device}/cmd", { topic = "plant/{device}/setpoint", min = 0.0, max = 80.0 }]
+commands = [{ device = "{device}", name = "fan", values = ["on", "off"] }, { device = "*", name = "setpoint", min = 5.0, max = 30.0 }]
+"#;
+
+    #[test]
+    fn the_allow_list_as_a_model_constraint() {
+        let rule = Rule::parse(RULE, "plant", None).unwrap();
+        let schema = rule.allow.action_schema("plant", "m1", 3);
+        let actions = &schema["properties"]["actions"];
+        assert_eq!(actions["maxItems"], 3);
+        let choices = actions["items"]["anyOf"].as_array().unwrap();
+        // fan (this device, on/off), setpoint (any device, 5..30), alerts, and
+        // the two publish topics once `{device}` is filled in.
+        assert_eq!(choices.len(), 5, "{schema:#}");
+        assert_eq!(choices[0]["properties"]["device"]["const"], "m1");
+        assert_eq!(choices[0]["properties"]["value"]["enum"][1], "off");
+        assert_eq!(choices[1]["properties"]["device"]["type"], "string");
+        assert_eq!(choices[1]["properties"]["value"]["maximum"], 30.0);
+        assert_eq!(choices[2]["properties"]["type"]["const"], "alert");
+        assert_eq!(choices[3]["properties"]["topic"]["const"], "plant/m1/cmd");
+        assert_eq!(choices[4]["properties"]["payload"]["maximum"], 80.0);
+        // Wildcard topics are not offered; no allowed action: only `[]`.
+        let mut allow = rule.allow.clone();
+        allow.publish = vec![PublishAllow::Topic("plant/+/cmd".into())];
+        allow.commands.clear();
+        allow.alerts = false;
+        let none = allow.action_schema("plant", "m1", 3);
+        assert_eq!(none["properties"]["actions"]["items"], false);
+    }
+
+    #[test]
+    fn allow_list() {
+        let rule = Rule::parse(RULE, "overheat", None).unwrap();
+        assert_eq!(rule.name, "overheat");
+        assert_eq!(rule.dead_letter_topic, "ganglion/dead-letter/overheat");
+        let publish = |topic: &str, payload: &str| Action::Publish {
+            topic: topic.into(),
+            payload: payload.as_bytes().to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+        };
+        assert!(rule.authorize(&publish("plant/m1/cmd", "x"), "m1").is_ok());
+        assert!(
+            rule.authorize(&publish("plant/m2/cmd", "x"), "m1").is_err(),
+            "another device's topic"
+        );
+        assert!(
+            rule.authorize(&publish("plant/m1/setpoint", "{\"value\": 50}"), "m1")
+                .is_ok()
+        );
+        assert!(
+            rule.authorize(&publish("plant/m1/setpoint", "90"), "m1")
+                .unwrap_err()
+                .contains("above the allowed maximum")
+        );
+        assert!(
+            rule.authorize(&publish("plant/m1/setpoint", "hot"), "m1")
+                .is_err()
+        );
+        let alert = rule
+            .authorize(
+                &Action::Alert {
+                    level: AlertLevel::Critical,
+                    device: String::new(),
+                    text: "t".into(),
+                },
+                "m1",
+            )
+            .unwrap();
+        assert_eq!(alert.topic, "ganglion/alert/overheat/m1");
+        let cmd = |device: &str, name: &str, value: Option<Value>| Action::Command {
+            device: device.into(),
+            name: name.into(),
+            value,
+        };
+        assert_eq!(
+            rule.authorize(&cmd("m1", "fan", Some(Value::Text("on".into()))), "m1")
+                .unwrap()
+                .topic,
+            "ganglion/command/m1/fan"
+        );
+        assert!(
+            rule.authorize(&cmd("m2", "fan", Some(Value::Text("on".into()))), "m1")
+                .is_err(),
+            "{{device}} is the window's device"
+        );
+        assert!(
+            rule.authorize(&cmd("m1", "fan", Some(Value::Text("max".into()))), "m1")
+                .is_err()
+        );
+        assert!(
+            rule.authorize(&cmd("x9", "setpoint", Some(Value::Number(21.0))), "m1")
+                .is_ok()
+        );
+        assert!(
+            rule.authorize(&cmd("x9", "setpoint", Some(Value::Number(31.0))), "m1")
+                .is_err()
+        );
+        assert!(rule.authorize(&cmd("x9", "unlock", None), "m1").is_err());
+    }
+
+    fn publish(topic: &str, payload: &str, retain: bool) -> Action {
+        Action::Publish {
+            topic: topic.into(),
+            payload: payload.as_bytes().to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain,
+        }
+    }
+
+    fn rule_allowing(allow: &str) -> Rule {
+        let text = format!(
+            "topics = [\"plant/+/telemetry\"]\n[[preprocess]]\nplugin = \"p\"\n[postprocess]\nplugin = \"q\"\n[allow]\n{allow}\n"
+        );
+        Rule::parse(&text, "plant", None).unwrap()
+    }
+
+    #[test]
+    fn device_hash_cannot_reach_another_devices_setpoint() {
+        let rule = rule_allowing(
+            r#"publish = ["plant/{device}/cmd", { topic = "plant/boiler/setpoint", min = 0.0, max = 80.0 }]"#,
+        );
+        for device in ["#", "+", "boiler/setpoint", "boiler/#"] {
+            assert!(
+                rule.authorize(&publish("plant/boiler/setpoint", "500", false), device)
+                    .is_err(),
+                "{device}"
+            );
+            assert!(
+                rule.authorize(&publish("plant/boiler/cmd", "x", false), device)
+                    .is_err(),
+                "{device}"
+            );
+        }
+        assert!(
+            rule.authorize(&publish("plant/m1/cmd", "x", false), "m1")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_broad_entry_cannot_lift_a_narrow_entrys_bounds() {
+        let rule = rule_allowing(
+            r#"publish = ["plant/#", { topic = "plant/boiler/setpoint", min = 0.0, max = 80.0 }]"#,
+        );
+        let err = rule
+            .authorize(&publish("plant/boiler/setpoint", "500", false), "m1")
+            .unwrap_err();
+        assert!(err.contains("above the allowed maximum"), "{err}");
+        assert!(
+            rule.authorize(&publish("plant/boiler/setpoint", "50", false), "m1")
+                .is_ok()
+        );
+        assert!(
+            rule.authorize(&publish("plant/other", "anything", false), "m1")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn retain_from_a_plugin_needs_an_entry_that_allows_it() {
+        let rule = rule_allowing(
+            r#"publish = ["plant/{device}/cmd", { topic = "plant/{device}/state", retain = true }]"#,
+        );
+        let err = rule
+            .authorize(&publish("plant/m1/cmd", "on", true), "m1")
+            .unwrap_err();
+        assert!(err.contains("retain is not allowed"), "{err}");
+        let ok = rule
+            .authorize(&publish("plant/m1/state", "on", true), "m1")
+            .unwrap();
+        assert!(ok.retain);
+        assert!(
+            rule.authorize(&publish("plant/m1/cmd", "on", false), "m1")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn publishing_to_the_gateways_and_brokers_own_topics_is_refused() {
+        let rule = rule_allowing(r##"publish = ["#", "+/#"]"##);
+        for topic in [
+            "ganglion/command/boiler/setpoint",
+            "ganglion/status/ganglion-demo",
+            "$SYS/broker/clients",
+        ] {
+            let err = rule
+                .authorize(&publish(topic, "1", false), "m1")
+                .unwrap_err();
+            assert!(err.contains("reserved"), "{topic}: {err}");
+        }
+        let text = "topics = [\"a\"]\n[handler]\nplugin = \"h\"\n[allow]\npublish = [\"ganglion/command/{device}/x\"]\n";
+        let err = Rule::parse(text, "r", None).unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
+    }
+
+    #[test]
+    fn command_device_with_topic_syntax_is_refused() {
+        let rule = rule_allowing(
+            r#"commands = [{ device = "*", name = "fan", values = ["on", "off"] }, { device = "{device}", name = "heat", values = ["on", "off"] }]"#,
+        );
+        let cmd = |device: &str, name: &str| Action::Command {
+            device: device.into(),
+            name: name.into(),
+            value: Some(Value::Text("on".into())),
+        };
+        for target in ["boiler/setpoint", "#", "+", "$SYS", "a\0b"] {
+            assert!(
+                rule.authorize(&cmd(target, "fan"), "m1").is_err(),
+                "{target:?}"
+            );
+        }
+        assert!(rule.authorize(&cmd("m2", "fan/../x"), "m1").is_err());
+        // `{device}` written out by the model is not the window's device.
+        assert!(rule.authorize(&cmd("{device}", "heat"), "m1").is_err());
+        assert!(rule.authorize(&cmd("m1", "heat"), "m1").is_ok());
+        assert!(
+            rule.authorize(&cmd("m1", "heat"), "").is_err(),
+            "no window device"
+        );
+        // A text command given a number is refused.
+        let number = Action::Command {
+            device: "m1".into(),
+            name: "fan".into(),
+            value: Some(Value::Number(3.0)),
+        };
+        assert!(rule.authorize(&number, "m1").is_err());
+    }
+
+    #[test]
+    fn alert_device_with_topic_syntax_is_refused() {
+        let rule = rule_allowing("alerts = true");
+        let alert = |device: &str| Action::Alert {
+            level: AlertLevel::Warning,
+            device: device.into(),
+            text: "t".into(),
+        };
+        for d in ["a/b", "#", "+", "$SYS"] {
+            assert!(rule.authorize(&alert(d), "m1").is_err(), "{d}");
+        }
+        assert!(rule.authorize(&alert(""), "").is_err(), "no device at all");
+        assert_eq!(
+            rule.authorize(&alert(""), "m1").unwrap().topic,
+            "ganglion/alert/plant/m1"
+        );
+    }
+}
