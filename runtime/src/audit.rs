@@ -8,7 +8,11 @@
 //! path = ".ganglion/audit.jsonl"
 //! max_mib = 16        # rotate when the file would grow past this
 //! keep = 4            # rotated files kept: audit.jsonl.1 (newest) .. audit.jsonl.4
+//! queue = 1024        # records waiting for the writer; beyond, records are dropped and counted
 //! ```
+//!
+//! Files are created readable by their owner only (`0600` on unix): records
+//! hold prompts, completions and readings.
 //!
 //! A record holds what is needed to judge the decision and to take it again:
 //! the rule, the device and its window of readings, the versions of the
@@ -40,6 +44,11 @@ pub struct AuditConfig {
     pub max_mib: u64,
     /// Rotated files kept (default 4).
     pub keep: u32,
+    /// Records that may wait for the writer thread (default 1024; 0 counts
+    /// as 1). When the disk cannot keep up, further records are dropped and
+    /// counted ([`AuditLog::dropped`]) rather than held in memory without
+    /// bound or making the pipeline wait.
+    pub queue: usize,
 }
 
 impl Default for AuditConfig {
@@ -49,6 +58,7 @@ impl Default for AuditConfig {
             path: PathBuf::from(".ganglion/audit.jsonl"),
             max_mib: 16,
             keep: 4,
+            queue: 1024,
         }
     }
 }
@@ -288,13 +298,15 @@ pub fn record_completion(completion: &Result<Completion, LlmError>) -> RecordedC
 }
 
 /// Appends records from any task; cheap to clone. Writing happens on a
-/// thread of its own, so a slow disk never holds a rule; records wait in
-/// memory meanwhile (none is dropped). A write error is logged and the
-/// record is lost to the log, never to the pipeline.
+/// thread of its own, so a slow disk never holds a rule; up to `queue`
+/// records wait in memory meanwhile, and records beyond are dropped and
+/// counted. A write error is logged and the record is lost to the log,
+/// never to the pipeline.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: std::sync::mpsc::Sender<Write>,
+    tx: std::sync::mpsc::SyncSender<Write>,
     model_hash: Option<String>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What the writer thread is asked to do.
@@ -323,12 +335,8 @@ impl AuditLog {
         if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&config.path)
-            .map_err(err)?;
-        let (tx, rx) = std::sync::mpsc::channel::<Write>();
+        let file = open_private(&config.path).map_err(err)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Write>(config.queue.max(1));
         let (path, max, keep) = (
             config.path.clone(),
             config.max_mib.max(1) * (1 << 20),
@@ -338,7 +346,16 @@ impl AuditLog {
             .name("ganglion-audit".into())
             .spawn(move || write_loop(file, rx, &path, max, keep))
             .map_err(err)?;
-        Ok(AuditLog { tx, model_hash })
+        Ok(AuditLog {
+            tx,
+            model_hash,
+            dropped: Default::default(),
+        })
+    }
+
+    /// Records dropped so far because `queue` records were already waiting.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The model file's hash recorded with decisions.
@@ -346,21 +363,35 @@ impl AuditLog {
         self.model_hash.clone()
     }
 
-    /// Queues a record for writing.
+    /// Queues a record for writing, or drops and counts it when the queue
+    /// is full; never waits.
     pub fn append(&self, record: &DecisionRecord) {
         match serde_json::to_vec(record) {
             Ok(mut line) => {
                 line.push(b'\n');
-                if self.tx.send(Write::Line(line)).is_err() {
-                    tracing::error!("audit writer stopped; decision not recorded");
+                match self.tx.try_send(Write::Line(line)) {
+                    Ok(()) => {}
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                        let n = self
+                            .dropped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                            + 1;
+                        // Warn at 1, 2, 4, 8... drops: seen, without a flood.
+                        if n.is_power_of_two() {
+                            tracing::warn!(dropped = n, "audit queue full; decision not recorded");
+                        }
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                        tracing::error!("audit writer stopped; decision not recorded");
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "decision not recorded"),
         }
     }
 
-    /// Waits (blocking, briefly) until every record appended so far is
-    /// written to the file.
+    /// Waits (blocking, briefly) until every record appended so far (and
+    /// not dropped) is written to the file.
     pub fn flush(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
         if self.tx.send(Write::Flush(tx)).is_ok() {
@@ -425,10 +456,26 @@ fn rotate(path: &Path, keep: u32) -> std::io::Result<std::fs::File> {
         }
         std::fs::rename(path, numbered(1))?;
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    open_private(path)
+}
+
+/// Opens `path` for appending, created `0600` on unix; an existing file is
+/// set to `0600` too (rotated files keep the mode of the file they were).
+fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        options.mode(0o600);
+        let file = options.open(path)?;
+        if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), error = %e, "audit log's mode not set to 0600");
+        }
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    options.open(path)
 }
 
 /// blake3 of a file, hex (read on a blocking thread); `None` when it

@@ -7,12 +7,17 @@
 //!
 //! [plugins.limits]
 //! call_timeout_ms = 100        # guest time per stage call (host waits excluded)
-//! max_memory_mib = 64          # linear memory per instance
+//! max_memory_mib = 64          # all linear memories and tables of an instance together
 //! max_output_bytes = 1048576   # data a call may return
 //! fuel = 0                     # instructions per call; 0 = unmetered
 //! max_instances = 8            # concurrent instances per plugin and rule
 //! max_log_lines_per_call = 100
+//! max_log_line_bytes = 4096    # longer lines are cut, with a marker
 //! llm_timeout_ms = 30000       # how long a plugin may wait on one llm call
+//! max_llm_calls_per_call = 16  # generate/classify/embed calls per stage call
+//! max_llm_time_per_call_ms = 60000 # wall time in llm calls per stage call
+//! max_texts_per_request = 64   # texts (embed) or labels (classify) per request
+//! max_text_bytes_per_request = 65536 # bytes of all texts and labels of one request
 //! ```
 
 use serde::Deserialize;
@@ -26,7 +31,9 @@ pub struct Limits {
     /// Guest time per stage call, in milliseconds; time spent waiting on the
     /// host (e.g. `llm` calls) is not counted. Default 100.
     pub call_timeout_ms: u64,
-    /// Cap on each linear memory of an instance, in MiB. Default 64.
+    /// Cap on an instance's linear memories and tables together, in MiB
+    /// (a component may define up to 16 memories; each counts against the
+    /// same cap). Default 64.
     pub max_memory_mib: u64,
     /// Size of the data one call may return, in bytes. Default 1 MiB.
     pub max_output_bytes: usize,
@@ -36,9 +43,27 @@ pub struct Limits {
     pub max_instances: u32,
     /// Log lines a call may emit; later lines are dropped and counted. Default 100.
     pub max_log_lines_per_call: u32,
+    /// Bytes of one log line after control characters are escaped; the rest
+    /// is cut and replaced by a marker giving its length. Default 4096.
+    pub max_log_line_bytes: usize,
     /// How long a plugin may wait on one `llm` call, in milliseconds; a
     /// shorter `deadline-ms` in the request wins. Default 30 000.
     pub llm_timeout_ms: u64,
+    /// `generate`, `classify` and `embed` calls one stage call may make;
+    /// further ones get `invalid-input` without reaching the model, so a
+    /// plugin looping on the model cannot hold its lane and the engine.
+    /// Default 16.
+    pub max_llm_calls_per_call: u32,
+    /// Wall time one stage call may spend waiting on `llm` calls (all four,
+    /// `count-tokens` included), in milliseconds; a call that would run past
+    /// it gets `deadline-exceeded`. Default 60 000.
+    pub max_llm_time_per_call_ms: u64,
+    /// Texts (`embed`) or labels (`classify`) one request may carry; more
+    /// are refused with `invalid-input`. Default 64.
+    pub max_texts_per_request: usize,
+    /// Bytes of all texts and labels of one `classify` or `embed` request
+    /// together; more are refused with `invalid-input`. Default 65 536.
+    pub max_text_bytes_per_request: usize,
 }
 
 impl Default for Limits {
@@ -50,7 +75,12 @@ impl Default for Limits {
             fuel: 0,
             max_instances: 8,
             max_log_lines_per_call: 100,
+            max_log_line_bytes: 4096,
             llm_timeout_ms: 30_000,
+            max_llm_calls_per_call: 16,
+            max_llm_time_per_call_ms: 60_000,
+            max_texts_per_request: 64,
+            max_text_bytes_per_request: 65_536,
         }
     }
 }
@@ -69,6 +99,11 @@ impl Limits {
     /// [`Self::llm_timeout_ms`] as a [`Duration`].
     pub fn llm_timeout(&self) -> Duration {
         Duration::from_millis(self.llm_timeout_ms)
+    }
+
+    /// [`Self::max_llm_time_per_call_ms`] as a [`Duration`].
+    pub fn max_llm_time_per_call(&self) -> Duration {
+        Duration::from_millis(self.max_llm_time_per_call_ms)
     }
 }
 
@@ -194,6 +229,14 @@ impl StateConfig {
 /// extra_dirs = ["examples/packs/traffic/rules"]
 /// lanes = 4            # concurrent messages per rule (ordered per topic)
 /// lane_capacity = 64   # queued messages per lane before intake waits
+///
+/// [rules.limits]       # bounds on what devices can make a rule hold
+/// max_device_bytes = 128           # longer device ids are dead-lettered (`bad-device`)
+/// max_windows = 10000              # open windows per rule; a new device past it is dead-lettered (`too-many-windows`)
+/// max_window_readings = 10000      # a window this full runs at once, whatever its count
+/// window_idle_seconds = 3600       # a window without a new reading this long runs (count-only windows too)
+/// dead_letter_payload_bytes = 4096 # payload prefix a dead letter carries, with the length and BLAKE3 hash
+/// persist_windows = true           # open windows are kept in the state store and survive a crash
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -207,6 +250,51 @@ pub struct RulesConfig {
     pub lanes: usize,
     /// Messages queued per lane before intake waits; 0 counts as 1. Default 64.
     pub lane_capacity: usize,
+    /// Bounds on windows, device ids and dead letters (`[rules.limits]`).
+    pub limits: PipelineLimits,
+}
+
+/// Bounds on what devices can make a rule hold (`[rules.limits]`): devices
+/// are untrusted, and every device id opens a window that holds memory
+/// until it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineLimits {
+    /// Longest device id, in bytes; longer ones are dead-lettered with kind
+    /// `bad-device`, like ids holding `/`, `+`, `#`, `$` or control
+    /// characters. Default 128.
+    pub max_device_bytes: usize,
+    /// Open windows per rule (one per device); readings of a further device
+    /// are dead-lettered with kind `too-many-windows`. Default 10 000.
+    pub max_windows: usize,
+    /// Readings one window holds; a window that reaches it runs at once.
+    /// Default 10 000.
+    pub max_window_readings: usize,
+    /// A window that has had no new reading for this long runs, also one
+    /// that closes only by count; 0 never. Default 3600.
+    pub window_idle_seconds: u64,
+    /// Bytes of the payload a dead letter carries (with the payload's length
+    /// and BLAKE3 hash), so that a large message cannot make a larger dead
+    /// letter. Default 4096.
+    pub dead_letter_payload_bytes: usize,
+    /// Keep open windows in the state store (`[state] path`), so that a
+    /// crash or kill loses no reading a window accepted: a message that adds
+    /// to a window is acknowledged once the window is durable (at most
+    /// `[state] flush_interval_ms` later). Default true.
+    pub persist_windows: bool,
+}
+
+impl Default for PipelineLimits {
+    fn default() -> Self {
+        PipelineLimits {
+            max_device_bytes: 128,
+            max_windows: 10_000,
+            max_window_readings: 10_000,
+            window_idle_seconds: 3600,
+            dead_letter_payload_bytes: 4096,
+            persist_windows: true,
+        }
+    }
 }
 
 impl Default for RulesConfig {
@@ -216,6 +304,7 @@ impl Default for RulesConfig {
             extra_dirs: Vec::new(),
             lanes: 4,
             lane_capacity: 64,
+            limits: PipelineLimits::default(),
         }
     }
 }
@@ -225,18 +314,35 @@ impl Default for RulesConfig {
 /// ```toml
 /// [broker]
 /// listen = "127.0.0.1:1883"
+/// users = { sensor = "s3cret" }             # accounts (user name = password); none: anonymous
+/// users_file = "/etc/ganglion/broker-users" # more accounts, `name:password` per line, read at start
 /// ```
+///
+/// With no account, any client may connect, so the broker listens on a
+/// loopback address only: any other `listen` is refused at start. With
+/// accounts, every client must log in with one, and the gateway's own client
+/// ids (`[mqtt] client_id` and its `-out` connection) are reserved to the
+/// account the gateway uses (`[mqtt] username`, or an account made at each
+/// start with a random password when that is unset).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// Address the broker listens on. Default `127.0.0.1:1883`.
     pub listen: std::net::SocketAddr,
+    /// Accounts, user name to password. Default none.
+    pub users: std::collections::BTreeMap<String, String>,
+    /// A file of more accounts, one `name:password` a line (blank lines and
+    /// lines starting with `#` are skipped), read when the broker starts so
+    /// passwords need not sit in this file. Default none.
+    pub users_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 1883)),
+            users: std::collections::BTreeMap::new(),
+            users_file: None,
         }
     }
 }
@@ -287,8 +393,9 @@ impl ReloadConfig {
 /// ```toml
 /// [runtime]
 /// workers = 1   # threads for MQTT, the rules and plugin calls
+/// drain_timeout_ms = 8000  # how long a stop (Ctrl-C, SIGTERM) waits for messages in flight
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Worker threads; 0 or unset: one fewer than the cores, at least 1.
@@ -299,9 +406,33 @@ pub struct RuntimeConfig {
     /// then compete for the cores (docs/BENCHMARKS.md). The model's compute
     /// pool is sized apart (`[model] threads`).
     pub workers: usize,
+    /// How long `ganglion run`, once told to stop (Ctrl-C, SIGTERM, or the
+    /// end of `--duration`), waits for the messages in flight to be
+    /// published and acknowledged, in milliseconds. What is not done by
+    /// then stays unacknowledged for the broker to deliver again, and the
+    /// process exits with status 1 (a broker that is down never confirms
+    /// anything, so without a limit the stop would wait for it forever).
+    /// Keep it below the supervisor's own kill timeout (systemd's
+    /// `TimeoutStopSec`, 90 s by default; docker's `stop` grace, 10 s by
+    /// default, hence the default's 2 s margin). Default 8000.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            workers: 0,
+            drain_timeout_ms: 8_000,
+        }
+    }
 }
 
 impl RuntimeConfig {
+    /// [`Self::drain_timeout_ms`] as a [`Duration`].
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
     /// The worker threads to start.
     pub fn worker_threads(&self) -> usize {
         if self.workers > 0 {

@@ -204,6 +204,7 @@ async fn the_log_rotates_by_size_and_keeps_whole_records() {
             path: path.clone(),
             max_mib: 1,
             keep: 2,
+            ..AuditConfig::default()
         },
         Some("h".into()),
     )
@@ -304,4 +305,114 @@ async fn replay_with_the_default_model_and_greedy_decoding_changes_nothing() {
         again.iter().all(|c| c.changed.is_empty()),
         "{again:?}\nrecorded: {records:?}"
     );
+}
+
+/// A record whose prompt is `user_bytes` long, built without a runtime.
+fn synthetic_record(user_bytes: usize) -> DecisionRecord {
+    serde_json::from_value(serde_json::json!({
+        "v": 1, "timestamp": 0, "rule": "r", "device": "d",
+        "window_start": 0, "window_end": 0, "window": [],
+        "prompt_plugin": {"name": "p", "version": "000000000000"},
+        "postprocess_plugin": {"name": "q", "version": "000000000000"},
+        "model": {"id": "m", "hash": null},
+        "prompt": {
+            "system": "", "user": "x".repeat(user_bytes), "max_tokens": 1,
+            "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 1.0,
+            "seed": null, "stop": [], "deadline_ms": null,
+            "constraint": "none", "constraint_value": null
+        },
+        "completion": {"text": "", "finish": "stop", "prompt_tokens": 0,
+            "completion_tokens": 0, "error": null},
+        "actions": [], "error": null,
+        "timings": {"prompt_ms": 0.0, "llm_ms": 0.0, "postprocess_ms": 0.0}
+    }))
+    .unwrap()
+}
+
+#[cfg(unix)]
+#[test]
+fn a_stalled_audit_disk_cannot_queue_decisions_without_bound() {
+    use std::io::Read as _;
+    // A FIFO nobody reads yet stands for a disk that stopped: the writer
+    // thread blocks on its first record (larger than the pipe's buffer).
+    let root = scratch("audit-queue");
+    let path = root.join("a.jsonl");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let reader = {
+        let path = path.clone();
+        std::thread::spawn(move || std::fs::File::open(path).unwrap())
+    };
+    let log = AuditLog::open(
+        &AuditConfig {
+            path: path.clone(),
+            queue: 4,
+            ..AuditConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    let mut reader = reader.join().unwrap();
+    let big = synthetic_record(200_000);
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        log.append(&big);
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "appending never waits for the writer: {:?}",
+        started.elapsed()
+    );
+    // At most the queue and the record being written are kept.
+    let dropped = log.dropped();
+    assert!((195..=196).contains(&dropped), "{dropped} dropped");
+    // The disk comes back: what was kept is written, whole.
+    let drain = std::thread::spawn(move || {
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        text
+    });
+    log.flush();
+    drop(log);
+    let text = drain.join().unwrap();
+    let lines = text.lines().count() as u64;
+    assert_eq!(lines + dropped, 200);
+    assert!(
+        text.lines()
+            .all(|l| serde_json::from_str::<DecisionRecord>(l).is_ok())
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn audit_log_files_are_not_readable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = scratch("audit-mode");
+    let path = root.join("a.jsonl");
+    // A log left world-readable by an earlier version is made private too.
+    std::fs::write(&path, "").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let log = AuditLog::open(
+        &AuditConfig {
+            path: path.clone(),
+            max_mib: 1,
+            keep: 2,
+            ..AuditConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    let big = synthetic_record(300_000);
+    for _ in 0..8 {
+        log.append(&big);
+    }
+    log.flush();
+    let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+    for p in [path.clone(), numbered(1), numbered(2)] {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
 }

@@ -3,7 +3,7 @@
 
 use ganglion::config::Limits;
 use ganglion::llm::NoModel;
-use ganglion::plugin::{CallError, InstancePool};
+use ganglion::plugin::{CallError, InstancePool, LoadError};
 use ganglion::types::*;
 use ganglion_tests::*;
 use serde_json::json;
@@ -98,6 +98,46 @@ async fn memory_hog_is_stopped_by_its_cap() {
         }
         other => panic!("expected the memory cap, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn many_memories_cannot_exceed_the_instance_cap() {
+    let load = async |max_memory_mib| {
+        let host = host_with(
+            Limits {
+                max_memory_mib,
+                ..Limits::default()
+            },
+            Arc::new(NoModel),
+        );
+        host.load_file(&wat_fixture("many-memories.wat"))
+            .await
+            .expect_err("the fixture's stage export is a stub")
+    };
+    // Four memories of 10 MiB each, every one under a 16 MiB cap.
+    match load(16).await {
+        LoadError::Instantiate {
+            reason: CallError::MemoryLimit { limit, requested },
+            ..
+        } => {
+            assert_eq!(limit, 16 << 20);
+            assert!(requested > limit && requested < 21 << 20, "{requested}");
+        }
+        other => panic!("expected the instance's memory cap, got {other}"),
+    }
+    // Under a cap that holds all four, they are allowed (and the stub
+    // export is what is refused).
+    let e = load(41).await;
+    assert!(
+        matches!(
+            e,
+            LoadError::Instantiate {
+                reason: CallError::Incompatible { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,6 +301,46 @@ async fn rules_can_grant_env_and_read_only_directories() {
         .err()
         .expect("a missing directory is refused");
     assert!(refused.contains("/no/such/dir"), "{refused}");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_granted_symlink_swapped_after_binding_does_not_redirect_the_plugin() {
+    let host = host_with(Limits::default(), Arc::new(NoModel));
+    let plugin = load(&host, &fixture("misbehave")).await;
+    let dir = scratch("grant-link");
+    let (tables, secrets, link) = (dir.join("tables"), dir.join("secrets"), dir.join("link"));
+    for (d, text) in [(&tables, "table v1"), (&secrets, "secret")] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("probe.txt"), text).unwrap();
+    }
+    std::os::unix::fs::symlink(&tables, &link).unwrap();
+    let grants = toml_grants(&format!(
+        "dirs = [{{ host = \"{}\", guest = \"/data\" }}]",
+        link.display()
+    ));
+    // Instances are made on the first call, after the link is pointed
+    // elsewhere; the grant stays on the directory it named when bound.
+    let pool = host
+        .pool_with_grants(&plugin, "r", config(json!({})), grants)
+        .unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&secrets, &link).unwrap();
+    let get = probe_capabilities(&pool).await;
+    assert_eq!(get("granted-file"), Value::Text("table v1".into()));
+
+    // A link to a file is refused.
+    let file_link = dir.join("file-link");
+    std::os::unix::fs::symlink(tables.join("probe.txt"), &file_link).unwrap();
+    let to_file = toml_grants(&format!(
+        "dirs = [{{ host = \"{}\", guest = \"/data\" }}]",
+        file_link.display()
+    ));
+    let refused = host
+        .pool_with_grants(&plugin, "r", config(json!({})), to_file)
+        .err()
+        .expect("a link to a file is refused");
+    assert!(refused.contains("not a directory"), "{refused}");
 }
 
 /// What the fixture could reach, by probe name.

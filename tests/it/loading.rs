@@ -216,3 +216,62 @@ async fn different_content_means_a_different_version() {
     let again = load(&host, &example("clean-readings")).await;
     assert_eq!(a.version.hash, again.version.hash);
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_world_writable_cache_entry_is_not_loaded() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let cache = scratch("cache-perms").join("compiled");
+    let make = || {
+        let config = PluginConfig {
+            cache_dir: Some(cache.clone()),
+            limits: Limits::default(),
+            total_instances: 16,
+            ..Default::default()
+        };
+        PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap()
+    };
+    let load = async || {
+        make()
+            .load_file(&example("threshold-alert"))
+            .await
+            .unwrap()
+            .compiled
+    };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    let set_mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    assert_eq!(load().await, CompileSource::Compiled);
+    let artefact = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .expect("an artefact was stored");
+    assert_eq!(mode(&cache), 0o700);
+    assert_eq!(mode(&artefact), 0o600);
+    assert_eq!(load().await, CompileSource::Cached);
+
+    // Anyone could have replaced native code in a world-writable artefact:
+    // it is compiled again, and the new artefact is private again.
+    set_mode(&artefact, 0o666);
+    assert_eq!(load().await, CompileSource::Compiled);
+    assert_eq!(mode(&artefact), 0o600);
+    assert_eq!(load().await, CompileSource::Cached);
+
+    // The same for a folder others may write to (set after the host opened
+    // the cache, which makes its folder private).
+    let host = make();
+    set_mode(&cache, 0o777);
+    let p = host.load_file(&example("threshold-alert")).await.unwrap();
+    assert_eq!(p.compiled, CompileSource::Compiled);
+    set_mode(&cache, 0o700);
+
+    // And for an artefact of another user (only root can make one).
+    let me = std::fs::metadata(&artefact).unwrap().uid();
+    if me == 0 {
+        std::os::unix::fs::chown(&artefact, Some(65534), None).unwrap();
+        assert_eq!(load().await, CompileSource::Compiled);
+        assert_eq!(std::fs::metadata(&artefact).unwrap().uid(), 0);
+    }
+}

@@ -64,6 +64,9 @@ impl std::fmt::Display for DeadlineHit {
 
 impl std::error::Error for DeadlineHit {}
 
+/// Epoch ticks a guest runs between yields to the executor (10 ms).
+const YIELD_TICKS: u64 = 5;
+
 fn ticks(d: Duration) -> u64 {
     (d.as_micros() / TICK.as_micros()) as u64 + 1
 }
@@ -91,13 +94,26 @@ impl Instance {
         let fuel = binding.limits.fuel;
         let mut store = Store::new(engine, HostState::new(binding));
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_callback(|ctx| {
-            let c = ctx.data().clock;
+        store.epoch_deadline_callback(|mut ctx| {
+            let now = Instant::now();
+            let c = &mut ctx.data_mut().clock;
+            // Checks come every slice while the guest runs; a longer gap is
+            // time spent waiting for the executor after a yield, which is
+            // not the guest's.
+            let gap = now.duration_since(c.last_check);
+            c.host_wait += gap.saturating_sub(2 * YIELD_TICKS as u32 * TICK);
+            c.last_check = now;
+            let c = *c;
             let used = c.started.elapsed().saturating_sub(c.host_wait);
             if used >= c.budget {
                 return Err(wasmtime::Error::new(DeadlineHit));
             }
-            Ok(UpdateDeadline::Continue(ticks(c.budget - used)))
+            // Yield to the executor every slice: a guest that computes for
+            // its whole budget must not hold a worker thread that long (with
+            // one worker, the MQTT event loop would stop reading meanwhile).
+            Ok(UpdateDeadline::Yield(
+                ticks(c.budget - used).min(YIELD_TICKS),
+            ))
         });
         let mut instance = Instance {
             store,
@@ -147,13 +163,13 @@ impl Instance {
         Ok(instance)
     }
 
-    /// True once a memory of the instance has grown past three quarters of
-    /// the cap. Garbage-collected guests (JavaScript, Python) never give
-    /// memory back, so such an instance would sooner or later fault on some
-    /// message; it is retired after its call instead.
+    /// True once the instance's memories and tables together have grown past
+    /// three quarters of the cap. Garbage-collected guests (JavaScript,
+    /// Python) never give memory back, so such an instance would sooner or
+    /// later fault on some message; it is retired after its call instead.
     pub fn is_worn(&self) -> bool {
         let limiter = &self.store.data().limiter;
-        limiter.largest > limiter.max_bytes / 4 * 3
+        limiter.total > limiter.max_bytes / 4 * 3
     }
 
     /// True once the instance trapped or was stopped: it must not be reused.
@@ -164,11 +180,15 @@ impl Instance {
     fn begin(&mut self) {
         let data = self.store.data_mut();
         data.clock.started = Instant::now();
+        data.clock.last_check = data.clock.started;
         data.clock.host_wait = Duration::ZERO;
         data.clock.logs = 0;
+        data.clock.llm_calls = 0;
+        data.clock.llm_time = Duration::ZERO;
         data.limiter.denied = None;
         let budget = data.clock.budget;
-        self.store.set_epoch_deadline(ticks(budget));
+        self.store
+            .set_epoch_deadline(ticks(budget).min(YIELD_TICKS));
         if self.fuel > 0 {
             // Fails only when the engine was built without fuel metering.
             let _ = self.store.set_fuel(self.fuel);

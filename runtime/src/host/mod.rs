@@ -57,43 +57,90 @@ impl BindingCtx {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CallClock {
     pub started: Instant,
-    /// Time spent waiting on the host (llm), which the guest deadline excludes.
+    /// Time spent waiting on the host (llm), or for the executor after a
+    /// yield, which the guest deadline excludes.
     pub host_wait: Duration,
+    /// When the deadline was last checked (the call's start, then each
+    /// epoch callback).
+    pub last_check: Instant,
     pub budget: Duration,
     pub logs: u32,
+    /// `generate`, `classify` and `embed` calls made (refused ones included),
+    /// checked against `max_llm_calls_per_call`.
+    pub llm_calls: u32,
+    /// Wall time spent in `llm` calls, checked against `max_llm_time_per_call_ms`.
+    pub llm_time: Duration,
 }
 
-/// Records whether the guest hit the memory cap, so a following trap can be
-/// reported as what it is.
+/// Bytes a table element is counted as: one pointer (a `funcref` or
+/// `externref` slot), so that tables share the memory cap.
+const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
+
+/// Enforces `max_memory_mib` on the sum of all linear memories and tables of
+/// an instance, and records whether the guest hit it so that a following
+/// trap can be reported as what it is. A cap per memory alone would let a
+/// component with 16 memories take 16 times the cap.
 pub(crate) struct MemoryLimiter {
     pub max_bytes: usize,
+    /// The total the refused growth asked for.
     pub denied: Option<usize>,
-    /// The largest size any memory of the instance has grown to.
-    pub largest: usize,
+    /// Bytes of all memories and tables of the instance now. Never lowered:
+    /// a store's memories only grow, and a growth that fails after approval
+    /// (the host out of memory) stays counted, erring on the safe side.
+    pub total: usize,
 }
+
+impl MemoryLimiter {
+    fn new(max_bytes: usize) -> Self {
+        MemoryLimiter {
+            max_bytes,
+            denied: None,
+            total: 0,
+        }
+    }
+
+    /// Approves growing one memory or table from `current` to `desired`
+    /// bytes when the instance's total stays within the cap. A growth past
+    /// the memory's or table's own `maximum` is refused here, uncounted,
+    /// since wasmtime would fail it after approval.
+    fn grow(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> bool {
+        if maximum.is_some_and(|m| desired > m) {
+            return false;
+        }
+        let total = self.total.saturating_add(desired.saturating_sub(current));
+        if total > self.max_bytes {
+            self.denied = Some(total);
+            return false;
+        }
+        self.total = total;
+        true
+    }
+}
+
+/// Elements one table may have, whatever the memory cap leaves.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.denied = Some(desired);
-            return Ok(false);
-        }
-        self.largest = self.largest.max(desired);
-        Ok(true)
+        Ok(self.grow(current, desired, maximum))
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        if desired > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        let bytes = |elements: usize| elements.saturating_mul(TABLE_ELEMENT_BYTES);
+        Ok(self.grow(bytes(current), bytes(desired), maximum.map(bytes)))
     }
 }
 
@@ -134,16 +181,15 @@ impl HostState {
         HostState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                max_bytes,
-                denied: None,
-                largest: 0,
-            },
+            limiter: MemoryLimiter::new(max_bytes),
             clock: CallClock {
                 started: Instant::now(),
                 host_wait: Duration::ZERO,
+                last_check: Instant::now(),
                 budget: binding.limits.call_timeout(),
                 logs: 0,
+                llm_calls: 0,
+                llm_time: Duration::ZERO,
             },
             binding,
         }
@@ -165,3 +211,6 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
     crate::bindings::AnyStage::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
 }
+
+#[cfg(test)]
+mod tests;

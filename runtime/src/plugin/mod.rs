@@ -359,6 +359,11 @@ impl PluginHost {
         &self.inner.config.limits
     }
 
+    /// The state store plugins and rule windows persist in.
+    pub fn state(&self) -> &StateStore {
+        &self.inner.state
+    }
+
     /// Clears what `plugin` keeps in its `state` store for `rule`.
     pub fn clear_state(&self, plugin: &str, rule: &str) -> Result<(), crate::state::StateError> {
         self.inner.state.clear_scope(plugin, rule)
@@ -549,6 +554,7 @@ impl PluginHost {
         grants: crate::config::Grants,
     ) -> Result<InstancePool, String> {
         grants.validate()?;
+        let grants = bind_grants(grants)?;
         Ok(self.make_pool(plugin, rule, config, grants))
     }
 
@@ -572,6 +578,25 @@ impl PluginHost {
             retired: AtomicU64::new(0),
         }
     }
+}
+
+/// The grants with each directory's host path made canonical (absolute,
+/// symbolic links resolved) once, when the rule binds the plugin: instances
+/// made later open that directory, so a link swapped afterwards cannot point
+/// the plugin at another one. A path that is not a directory is refused.
+fn bind_grants(mut grants: crate::config::Grants) -> Result<crate::config::Grants, String> {
+    for d in &mut grants.dirs {
+        let host = std::fs::canonicalize(&d.host)
+            .map_err(|e| format!("granted directory {}: {e}", d.host.display()))?;
+        if !host.is_dir() {
+            return Err(format!(
+                "granted directory {} is not a directory",
+                d.host.display()
+            ));
+        }
+        d.host = host;
+    }
+    Ok(grants)
 }
 
 fn invalid_reason(e: &wasmtime::Error) -> String {
