@@ -9,7 +9,12 @@
 //! broker stops sending (backpressure without loss).
 //!
 //! A message is acknowledged once every rule it matched has published its
-//! outputs and dead letters and the broker acknowledged them.
+//! outputs and dead letters and the broker acknowledged them. An output the
+//! broker refuses for good (MQTT 5 failure reason code, or over the packet
+//! size cap) is dead-lettered instead; when an output or dead letter cannot
+//! be delivered at all (the connection is lost) the message is released
+//! unacknowledged, so the broker delivers it again rather than it being
+//! reported as handled.
 
 use crate::mqtt::{AckToken, Delivery, Publisher};
 use crate::pipeline::{Outcome, RulePipeline};
@@ -89,6 +94,8 @@ pub enum GatewayEvent {
 
 struct Pending {
     remaining: AtomicUsize,
+    /// Set when an output of any rule the message matched was lost.
+    lost: std::sync::atomic::AtomicBool,
     token: AckToken,
 }
 
@@ -206,16 +213,16 @@ impl Gateway {
                 // the broker wait here, in order, while processing goes on; a
                 // full queue holds the lane.
                 let (to_confirm, mut confirming) =
-                    mpsc::channel::<(Vec<Queued>, Job)>(UNCONFIRMED_PER_LANE);
+                    mpsc::channel::<(Delivered, Arc<RulePipeline>, Job)>(UNCONFIRMED_PER_LANE);
                 let confirmer = {
                     let (publisher, stats) = (publisher.clone(), stats.clone());
                     tokio::spawn(async move {
-                        while let Some((queued, job)) = confirming.recv().await {
-                            confirm(queued, &stats).await;
-                            if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-                                && let Err(e) = acknowledge(publisher.as_ref(), job.pending.token.clone()).await
-                            {
-                                tracing::warn!(error = %e, topic = %job.message.topic, "acknowledgement not sent; the broker will deliver the message again");
+                        while let Some((delivered, pipeline, job)) = confirming.recv().await {
+                            if !confirm(delivered, &pipeline, publisher.as_ref(), &stats).await {
+                                job.pending.lost.store(true, Ordering::Release);
+                            }
+                            if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                settle(publisher.as_ref(), &job.pending, &job.message.topic).await;
                             }
                         }
                     })
@@ -230,10 +237,43 @@ impl Gateway {
                             payload: String::from_utf8_lossy(&job.message.payload).into_owned(),
                         });
                     }
-                    let outcome = pipeline.process(&job.message).await;
-                    let queued =
+                    // A panic in a stage (a host or model-backend bug) must
+                    // not end the lane: its queue would stop, and with it the
+                    // acknowledgements of the whole connection, which go out
+                    // in order. The message runs in a task of its own; a
+                    // panic becomes a dead letter and the lane goes on.
+                    let processing = tokio::spawn({
+                        let (pipeline, message) = (pipeline.clone(), job.message.clone());
+                        async move { pipeline.process(&message).await }
+                    });
+                    let outcome = match processing.await {
+                        Ok(outcome) => outcome,
+                        Err(e) => {
+                            let (kind, reason) = if e.is_panic() {
+                                let p = e.into_panic();
+                                let what = p
+                                    .downcast_ref::<&str>()
+                                    .map(|s| (*s).to_owned())
+                                    .or_else(|| p.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "no message".into());
+                                ("panic", format!("processing panicked: {what}"))
+                            } else {
+                                ("cancelled", format!("processing was cancelled: {e}"))
+                            };
+                            Outcome {
+                                dead_letters: vec![pipeline.dead_letter(
+                                    &job.message,
+                                    "lane",
+                                    kind,
+                                    reason,
+                                )],
+                                ..Outcome::default()
+                            }
+                        }
+                    };
+                    let delivered =
                         deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
-                    if to_confirm.send((queued, job)).await.is_err() {
+                    if to_confirm.send((delivered, pipeline, job)).await.is_err() {
                         break;
                     }
                 }
@@ -264,7 +304,7 @@ impl Gateway {
                 }
                 let pipeline = flushed.load_full();
                 let outcome = pipeline.flush_expired(false).await;
-                let confirms = deliver(
+                let delivered = deliver(
                     &pipeline,
                     outcome,
                     publisher.as_ref(),
@@ -272,7 +312,9 @@ impl Gateway {
                     &events,
                 )
                 .await;
-                confirm(confirms, &flusher_stats).await;
+                if !confirm(delivered, &pipeline, publisher.as_ref(), &flusher_stats).await {
+                    tracing::error!(rule = %pipeline.rule.name, "outputs of a window flushed by time were not delivered");
+                }
             }
         }));
         Arc::new(RuleRuntime {
@@ -400,7 +442,7 @@ impl Gateway {
         }
         let pipeline = current.load_full();
         let outcome = pipeline.flush_expired(true).await;
-        let queued = deliver(
+        let delivered = deliver(
             &pipeline,
             outcome,
             self.publisher.as_ref(),
@@ -408,7 +450,9 @@ impl Gateway {
             &self.events,
         )
         .await;
-        confirm(queued, &stats).await;
+        if !confirm(delivered, &pipeline, self.publisher.as_ref(), &stats).await {
+            tracing::error!(rule = %pipeline.rule.name, "outputs of windows run at shutdown were not delivered");
+        }
     }
 
     /// Routes a delivery to every matching rule; waits while their lanes are
@@ -426,6 +470,7 @@ impl Gateway {
         }
         let pending = Arc::new(Pending {
             remaining: AtomicUsize::new(matching.len()),
+            lost: std::sync::atomic::AtomicBool::new(false),
             token: delivery.token,
         });
         let message = Arc::new(delivery.message);
@@ -502,22 +547,56 @@ async fn acknowledge(
 /// Messages per lane whose outputs may await the broker's acknowledgement at once.
 const UNCONFIRMED_PER_LANE: usize = 256;
 
-/// A queued publish: its confirmation, and whether it is a dead letter.
-type Queued = (crate::mqtt::Confirm, bool);
+/// What a queued publish was, for counting and for what follows a refusal.
+enum Sent {
+    /// An output; kept, so that a broker's refusal can be dead-lettered.
+    Output(Outgoing),
+    /// A dead letter.
+    DeadLetter,
+}
 
-/// Queues an outcome's publishes, outputs first, then dead letters.
+/// A queued publish: its confirmation, and what it was.
+type Queued = (crate::mqtt::Confirm, Sent);
+
+/// An outcome handed to the publisher: what was queued, and whether
+/// anything could not be (nor dead-lettered in its place).
+struct Delivered {
+    queued: Vec<Queued>,
+    lost: bool,
+    /// The state store commit holding windows the outcome added to.
+    persisted: Option<u64>,
+}
+
+/// Acknowledges a message all of whose rules are done, or releases it for
+/// redelivery when an output of any of them was lost.
+async fn settle(publisher: &dyn Publisher, pending: &Pending, topic: &str) {
+    if pending.lost.load(Ordering::Acquire) {
+        tracing::error!(topic = %topic, "outputs of the message were not all delivered: left unacknowledged, so the broker delivers it again");
+        if let Err(e) = publisher.release(pending.token.clone()).await {
+            tracing::warn!(error = %e, topic = %topic, "release not taken");
+        }
+    } else if let Err(e) = acknowledge(publisher, pending.token.clone()).await {
+        tracing::warn!(error = %e, topic = %topic, "acknowledgement not sent; the broker will deliver the message again");
+    }
+}
+
+/// Queues an outcome's publishes, outputs first, then dead letters. An
+/// output refused before it is queued for good (too large) is
+/// dead-lettered in its place.
 async fn deliver(
     pipeline: &RulePipeline,
     outcome: Outcome,
     publisher: &dyn Publisher,
     stats: &RuleStats,
     events: &broadcast::Sender<GatewayEvent>,
-) -> Vec<Queued> {
+) -> Delivered {
     let rule = &pipeline.rule;
     stats
         .readings
         .fetch_add(outcome.readings as u64, Ordering::Relaxed);
     let mut queued = Vec::with_capacity(outcome.publish.len() + outcome.dead_letters.len() + 1);
+    let mut lost = false;
+    let persisted = outcome.persisted;
     if events.receiver_count() > 0 {
         for text in &outcome.prompts {
             let _ = events.send(GatewayEvent::Prompt {
@@ -532,6 +611,7 @@ async fn deliver(
             });
         }
     }
+    let mut dead_letters = outcome.dead_letters;
     for out in outcome.publish {
         if events.receiver_count() > 0 {
             let payload = String::from_utf8_lossy(&out.payload).into_owned();
@@ -541,44 +621,116 @@ async fn deliver(
                 payload,
             });
         }
-        match publisher.publish(out).await {
-            Ok(c) => queued.push((c, false)),
-            Err(e) => tracing::error!(rule = %rule.name, error = %e, "publish not queued"),
+        match publisher.publish(out.clone()).await {
+            Ok(c) => queued.push((c, Sent::Output(out))),
+            Err(e) if e.is_permanent() => dead_letters.push(pipeline.output_dead_letter(
+                &out,
+                "oversized-output",
+                e.to_string(),
+            )),
+            Err(e) => {
+                lost = true;
+                tracing::error!(rule = %rule.name, error = %e, "publish not queued");
+            }
         }
     }
-    for dl in outcome.dead_letters {
-        tracing::warn!(rule = %dl.rule, stage = %dl.stage, kind = %dl.kind, plugin = ?dl.plugin, version = ?dl.version, topic = %dl.topic, "dead letter: {}", dl.reason);
-        if events.receiver_count() > 0 {
-            let _ = events.send(GatewayEvent::DeadLetter {
-                rule: rule.name.clone(),
-                stage: dl.stage.clone(),
-                kind: dl.kind.clone(),
-                reason: dl.reason.clone(),
-            });
-        }
-        let out = Outgoing {
-            topic: rule.dead_letter_topic.clone(),
-            payload: dl.to_json(),
-            qos: Qos::AtLeastOnce,
-            retain: false,
-        };
-        match publisher.publish(out).await {
-            Ok(c) => queued.push((c, true)),
-            Err(e) => tracing::error!(rule = %rule.name, error = %e, "dead letter not queued"),
-        }
+    for dl in dead_letters {
+        lost |= !queue_dead_letter(pipeline, dl, publisher, events, &mut queued).await;
     }
-    queued
+    Delivered {
+        queued,
+        lost,
+        persisted,
+    }
 }
 
-/// Waits for the broker to acknowledge queued publishes, counting them.
-async fn confirm(queued: Vec<Queued>, stats: &RuleStats) {
-    for (c, dead_letter) in queued {
-        match c.await {
-            Ok(()) if dead_letter => stats.dead_letters.fetch_add(1, Ordering::Relaxed),
-            Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
-            Err(_) => 0,
-        };
+/// Logs a dead letter and queues it on the rule's dead-letter topic; false
+/// when it could not be queued.
+async fn queue_dead_letter(
+    pipeline: &RulePipeline,
+    dl: crate::pipeline::DeadLetter,
+    publisher: &dyn Publisher,
+    events: &broadcast::Sender<GatewayEvent>,
+    queued: &mut Vec<Queued>,
+) -> bool {
+    let rule = &pipeline.rule;
+    tracing::warn!(rule = %dl.rule, stage = %dl.stage, kind = %dl.kind, plugin = ?dl.plugin, version = ?dl.version, topic = %dl.topic, "dead letter: {}", dl.reason);
+    if events.receiver_count() > 0 {
+        let _ = events.send(GatewayEvent::DeadLetter {
+            rule: rule.name.clone(),
+            stage: dl.stage.clone(),
+            kind: dl.kind.clone(),
+            reason: dl.reason.clone(),
+        });
     }
+    let out = Outgoing {
+        topic: rule.dead_letter_topic.clone(),
+        payload: dl.to_json(),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+    };
+    match publisher.publish(out).await {
+        Ok(c) => {
+            queued.push((c, Sent::DeadLetter));
+            true
+        }
+        Err(e) => {
+            tracing::error!(rule = %rule.name, error = %e, "dead letter not queued");
+            false
+        }
+    }
+}
+
+/// Waits for the broker to acknowledge queued publishes, counting them. An
+/// output the broker refuses (MQTT 5 failure reason code) is dead-lettered
+/// and that waited for too. False when something was lost: not queued, not
+/// confirmed, or a refused dead letter.
+async fn confirm(
+    delivered: Delivered,
+    pipeline: &RulePipeline,
+    publisher: &dyn Publisher,
+    stats: &RuleStats,
+) -> bool {
+    // A reading a window took is only safe to acknowledge once durable.
+    pipeline.durable(delivered.persisted).await;
+    let mut ok = !delivered.lost;
+    let mut refused = Vec::new();
+    for (c, sent) in delivered.queued {
+        match (c.await, sent) {
+            (Ok(()), Sent::DeadLetter) => {
+                stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+            }
+            (Ok(()), Sent::Output(_)) => {
+                stats.published.fetch_add(1, Ordering::Relaxed);
+            }
+            (Err(e), Sent::Output(out)) if e.is_permanent() => {
+                refused.push(pipeline.output_dead_letter(&out, "publish-refused", e.to_string()));
+            }
+            (Err(e), _) => {
+                tracing::error!(rule = %pipeline.rule.name, error = %e, "publish not confirmed");
+                ok = false;
+            }
+        }
+    }
+    if !refused.is_empty() {
+        let (events, _) = broadcast::channel(1);
+        let mut queued = Vec::new();
+        for dl in refused {
+            ok &= queue_dead_letter(pipeline, dl, publisher, &events, &mut queued).await;
+        }
+        for (c, _) in queued {
+            match c.await {
+                Ok(()) => {
+                    stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(rule = %pipeline.rule.name, error = %e, "dead letter of a refused output not confirmed");
+                    ok = false;
+                }
+            }
+        }
+    }
+    ok
 }
 
 /// The topic filters of every rule, each once, for subscribing (the MQTT

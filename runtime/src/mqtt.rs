@@ -38,6 +38,30 @@ pub enum MqttError {
     /// The `ca_file` (first field) could not be read, with the I/O error.
     #[error("cannot read TLS file {0}: {1}")]
     Tls(String, String),
+    /// The broker answered a publish with a failure reason code (MQTT 5
+    /// PUBACK: not authorized, quota exceeded, topic invalid...). Sending it
+    /// again would be refused again.
+    #[error("the broker refused the publish: {0}")]
+    Refused(String),
+    /// The packet would be larger than `[mqtt] max_packet_bytes`; it was not
+    /// queued (the client would fail the write, reconnect and send it again
+    /// for ever).
+    #[error("packet of {bytes} bytes over the cap of {max} (`[mqtt] max_packet_bytes`)")]
+    TooLarge {
+        /// The packet's size, about.
+        bytes: usize,
+        /// The cap.
+        max: usize,
+    },
+}
+
+impl MqttError {
+    /// True when trying again cannot help: the broker refused the publish,
+    /// or it is too large to send. The gateway dead-letters such an output
+    /// instead of leaving its message for redelivery.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, MqttError::Refused(_) | MqttError::TooLarge { .. })
+    }
 }
 
 /// Completes when the client has taken a request (an acknowledgement, a
@@ -155,6 +179,15 @@ pub trait Publisher: Send + Sync + 'static {
     /// delivery of an earlier connection (the broker delivers it again);
     /// tokens that need nothing complete at once.
     fn ack(&self, token: AckToken) -> MqttFuture<'_>;
+    /// Gives up a delivery whose outputs were not all delivered: over MQTT
+    /// its place in the acknowledgement order is released without a PUBACK,
+    /// so later deliveries are still acknowledged and the broker delivers
+    /// this one again on the next session. Transports without
+    /// acknowledgements drop the token.
+    fn release(&self, token: AckToken) -> MqttFuture<'_> {
+        drop(token);
+        Box::pin(async { Ok(()) })
+    }
     /// Adds a topic filter to the subscriptions (kept across reconnections).
     /// Transports without subscriptions accept it and do nothing.
     fn subscribe(&self, filter: String) -> MqttFuture<'_> {
@@ -181,6 +214,8 @@ pub trait Publisher: Send + Sync + 'static {
 /// inflight = 100                     # our unacknowledged publishes at once
 /// status_topic = "ganglion/status/{client_id}"
 /// protocol = "3.1.1"                 # or "5"
+/// max_packet_bytes = 16777216        # larger outputs are dead-lettered, never queued
+/// intake_buffer = 10000              # deliveries waiting for the rules; QoS 0 beyond it is dropped and counted
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -210,6 +245,15 @@ pub struct MqttSettings {
     pub status_topic: String,
     /// "3.1.1" (default) or "5".
     pub protocol: Protocol,
+    /// Largest MQTT packet sent or received, in bytes. A publish that would
+    /// be larger is refused before it is queued (the gateway dead-letters
+    /// it). Default 16 MiB.
+    pub max_packet_bytes: usize,
+    /// Deliveries held while the rules' lanes are full. QoS 1 and 2
+    /// deliveries are bounded by the broker's window and always kept; QoS 0
+    /// ones past this many are dropped and counted
+    /// ([`MqttHandle::dropped_qos0`]), as QoS 0 allows. Default 10 000.
+    pub intake_buffer: usize,
 }
 
 impl Default for MqttSettings {
@@ -224,6 +268,8 @@ impl Default for MqttSettings {
             inflight: 100,
             status_topic: "ganglion/status/{client_id}".into(),
             protocol: Protocol::V311,
+            max_packet_bytes: 16 << 20,
+            intake_buffer: 10_000,
         }
     }
 }
@@ -276,7 +322,7 @@ impl MqttSettings {
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
             .set_inflight(self.inflight.max(1))
-            .set_max_packet_size(16 << 20, 16 << 20)
+            .set_max_packet_size(self.max_packet_bytes, self.max_packet_bytes)
             .set_last_will(rumqttc::LastWill::new(
                 self.status_topic(),
                 "offline",
@@ -301,7 +347,9 @@ impl MqttSettings {
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
             .set_outgoing_inflight_upper_limit(self.inflight.max(1))
-            .set_max_packet_size(Some(16 << 20))
+            .set_max_packet_size(Some(
+                u32::try_from(self.max_packet_bytes).unwrap_or(u32::MAX),
+            ))
             .set_last_will(LastWill::new(
                 self.status_topic(),
                 "offline",
@@ -333,8 +381,8 @@ pub fn network_options() -> rumqttc::NetworkOptions {
 /// waiting for their PUBACK (by packet id).
 #[derive(Default)]
 struct Pending {
-    unnumbered: VecDeque<oneshot::Sender<()>>,
-    by_pkid: HashMap<u16, oneshot::Sender<()>>,
+    unnumbered: VecDeque<oneshot::Sender<Result<(), MqttError>>>,
+    by_pkid: HashMap<u16, oneshot::Sender<Result<(), MqttError>>>,
 }
 
 /// The protocol's client.
@@ -425,6 +473,12 @@ pub struct MqttHandle {
     /// Filters subscribed after every connection; changed at run time when
     /// rules come and go.
     filters: Arc<Mutex<Vec<String>>>,
+    /// `[mqtt] max_packet_bytes`.
+    max_packet_bytes: usize,
+    /// QoS 0 deliveries dropped because the intake buffer was full.
+    dropped_qos0: Arc<std::sync::atomic::AtomicU64>,
+    /// Subscriptions the broker refused (SUBACK failure codes).
+    refused_subscriptions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Acknowledgements of the current connection, released in arrival order.
@@ -458,8 +512,8 @@ impl MqttHandle {
     }
 
     /// Completes the publish the broker acknowledged (PUBACK, or PUBCOMP
-    /// for QoS 2).
-    fn confirm(&self, pkid: u16) {
+    /// for QoS 2), or refused with a failure reason code.
+    fn confirm(&self, pkid: u16, result: Result<(), MqttError>) {
         if let Some(tx) = self
             .pending
             .lock()
@@ -467,8 +521,19 @@ impl MqttHandle {
             .by_pkid
             .remove(&pkid)
         {
-            let _ = tx.send(());
+            let _ = tx.send(result);
         }
+    }
+
+    /// QoS 0 deliveries dropped because `[mqtt] intake_buffer` was full.
+    pub fn dropped_qos0(&self) -> u64 {
+        self.dropped_qos0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Subscriptions the broker refused since the start.
+    pub fn refused_subscriptions(&self) -> u64 {
+        self.refused_subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends a DISCONNECT; the event loop then ends.
@@ -488,6 +553,15 @@ impl MqttHandle {
 impl Publisher for MqttHandle {
     fn publish(&self, out: Outgoing) -> QueueFuture<'_> {
         Box::pin(async move {
+            // Fixed header (5), topic length (2), packet id (2) and, for
+            // MQTT 5, a few bytes of properties: 16 covers them.
+            let bytes = out.topic.len() + out.payload.len() + 16;
+            if bytes > self.max_packet_bytes {
+                return Err(MqttError::TooLarge {
+                    bytes,
+                    max: self.max_packet_bytes,
+                });
+            }
             let (tx, rx) = oneshot::channel();
             {
                 let _order = self.order.lock().await;
@@ -501,7 +575,7 @@ impl Publisher for MqttHandle {
                     .await?;
             }
             let confirm: Confirm =
-                Box::pin(async move { rx.await.map_err(|_| MqttError::Stopped) });
+                Box::pin(async move { rx.await.unwrap_or(Err(MqttError::Stopped)) });
             Ok(confirm)
         })
     }
@@ -537,6 +611,19 @@ impl Publisher for MqttHandle {
     }
 
     fn ack(&self, token: AckToken) -> MqttFuture<'_> {
+        self.settle(token, true)
+    }
+
+    fn release(&self, token: AckToken) -> MqttFuture<'_> {
+        self.settle(token, false)
+    }
+}
+
+impl MqttHandle {
+    /// Takes a delivery's place in the acknowledgement order, with its
+    /// PUBACK (`ack`) or without (released for redelivery), and sends the
+    /// PUBACKs that are now in order.
+    fn settle(&self, token: AckToken, ack: bool) -> MqttFuture<'_> {
         Box::pin(async move {
             match token {
                 AckToken::Mqtt {
@@ -557,7 +644,7 @@ impl Publisher for MqttHandle {
                     // QoS 0 publishes take a place in the order but need no PUBACK.
                     order
                         .done
-                        .insert(seq, publish.needs_ack().then_some(publish));
+                        .insert(seq, (ack && publish.needs_ack()).then_some(publish));
                     loop {
                         let next = order.next;
                         let Some(p) = order.done.remove(&next) else {
@@ -597,8 +684,16 @@ pub fn connect(
         connection: Arc::default(),
         acks: Arc::default(),
         filters: Arc::new(Mutex::new(filters)),
+        max_packet_bytes: settings.max_packet_bytes,
+        dropped_qos0: Arc::default(),
+        refused_subscriptions: Arc::default(),
     };
-    let args = (deliveries, connected_tx, status);
+    let args = (
+        deliveries,
+        connected_tx,
+        status,
+        settings.intake_buffer.max(1),
+    );
     let (handle, event_loop): (MqttHandle, Pin<Box<dyn Future<Output = ()> + Send>>) =
         match settings.protocol {
             Protocol::V311 => {
@@ -698,6 +793,10 @@ impl Publisher for GatewayLink {
         self.intake.ack(token)
     }
 
+    fn release(&self, token: AckToken) -> MqttFuture<'_> {
+        self.intake.release(token)
+    }
+
     fn subscribe(&self, filter: String) -> MqttFuture<'_> {
         self.intake.subscribe(filter)
     }
@@ -709,22 +808,26 @@ impl Publisher for GatewayLink {
 
 /// What an event loop works with: where deliveries go, the connection
 /// flag, and the status topic.
-type LoopArgs = (mpsc::Sender<Delivery>, watch::Sender<bool>, String);
+type LoopArgs = (mpsc::Sender<Delivery>, watch::Sender<bool>, String, usize);
 
 /// The event loop, the same for both protocols: instantiated per version
 /// with that version's types in scope.
 macro_rules! event_loop {
-    ($version:ident, { $($imports:item)* }, $topic_of:item, $received:item) => {
+    ($version:ident, { $($imports:item)* }, $topic_of:item, $received:item, $refusal:item, $sub_refusals:item) => {
         mod $version {
             use super::*;
             $($imports)*
             $topic_of
             $received
+            $refusal
+            $sub_refusals
 
             pub(super) async fn run_loop(mut eventloop: EventLoop, handle: MqttHandle, args: LoopArgs) {
-                let (deliveries, connected, status_topic) = args;
-                // Deliveries the gateway has not taken yet. Never dropped; as
-                // large as the broker lets it grow (see docs/NOTES.md).
+                let (deliveries, connected, status_topic, intake_buffer) = args;
+                // Deliveries the gateway has not taken yet. QoS 1 and 2 ones
+                // are never dropped and are bounded by the broker's window
+                // (see docs/NOTES.md); QoS 0 ones past `intake_buffer` are
+                // dropped and counted, so a flood cannot exhaust memory.
                 let mut overflow: VecDeque<Delivery> = VecDeque::new();
                 let mut backoff = Duration::from_millis(100);
                 // What rumqttc would resend after a reconnection: publishes awaiting
@@ -789,6 +892,15 @@ macro_rules! event_loop {
                             });
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if overflow.len() >= intake_buffer && is_qos0(&p) {
+                                // Before it takes a place in the ack order: a QoS 0
+                                // delivery needs no acknowledgement.
+                                let n = handle.dropped_qos0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                                if n.is_power_of_two() {
+                                    tracing::warn!(dropped = n, buffer = intake_buffer, "intake buffer full: QoS 0 deliveries dropped (`[mqtt] intake_buffer`)");
+                                }
+                                continue;
+                            }
                             let message = Message {
                                 topic: topic_of(&p),
                                 payload: p.payload.to_vec(),
@@ -816,7 +928,7 @@ macro_rules! event_loop {
                             let mut pending = handle.pending.lock().unwrap_or_else(|e| e.into_inner());
                             if pkid == 0 {
                                 if let Some(tx) = pending.unnumbered.pop_front() {
-                                    let _ = tx.send(());
+                                    let _ = tx.send(Ok(()));
                                 }
                             } else if !pending.by_pkid.contains_key(&pkid) {
                                 // A new publish (a retransmission keeps its registered pkid).
@@ -825,8 +937,21 @@ macro_rules! event_loop {
                                 }
                             }
                         }
-                        Ok(Event::Incoming(Packet::PubAck(ack))) => handle.confirm(ack.pkid),
-                        Ok(Event::Incoming(Packet::PubComp(c))) => handle.confirm(c.pkid),
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            let result = match refusal(&ack) {
+                                Some(reason) => Err(MqttError::Refused(reason)),
+                                None => Ok(()),
+                            };
+                            handle.confirm(ack.pkid, result)
+                        }
+                        Ok(Event::Incoming(Packet::PubComp(c))) => handle.confirm(c.pkid, Ok(())),
+                        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                            let refused = sub_refusals(&ack);
+                            if !refused.is_empty() {
+                                handle.refused_subscriptions.fetch_add(refused.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                                tracing::error!(pkid = ack.pkid, codes = ?refused, filters = ?handle.filters(), "the broker refused a subscription: its rules receive nothing on it");
+                            }
+                        }
                         Ok(Event::Outgoing(Out::Disconnect)) => {
                             let _ = connected.send(false);
                             return;
@@ -863,20 +988,56 @@ macro_rules! event_loop {
 event_loop!(
     v4,
     {
-        use rumqttc::{Event, EventLoop, Packet, Publish, Request};
+        use rumqttc::{
+            Event, EventLoop, Packet, PubAck, Publish, Request, SubAck, SubscribeReasonCode,
+        };
     },
     fn topic_of(p: &Publish) -> String {
         p.topic.clone()
     },
     fn received(p: Publish) -> Received {
         Received::V4(p)
+    },
+    // MQTT 3.1.1's PUBACK carries no reason: a refused publish looks delivered.
+    fn refusal(_ack: &PubAck) -> Option<String> {
+        None
+    },
+    fn sub_refusals(ack: &SubAck) -> Vec<String> {
+        ack.return_codes
+            .iter()
+            .filter(|c| matches!(c, SubscribeReasonCode::Failure))
+            .map(|c| format!("{c:?}"))
+            .collect()
     }
 );
+
+fn is_qos0(p: &impl QosOf) -> bool {
+    p.is_qos0()
+}
+
+/// The QoS of an incoming publish of either protocol.
+trait QosOf {
+    fn is_qos0(&self) -> bool;
+}
+
+impl QosOf for rumqttc::Publish {
+    fn is_qos0(&self) -> bool {
+        self.qos == QoS::AtMostOnce
+    }
+}
+
+impl QosOf for rumqttc::v5::mqttbytes::v5::Publish {
+    fn is_qos0(&self) -> bool {
+        self.qos == rumqttc::v5::mqttbytes::QoS::AtMostOnce
+    }
+}
 
 event_loop!(
     v5,
     {
-        use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+        use rumqttc::v5::mqttbytes::v5::{
+            Packet, PubAck, PubAckReason, Publish, SubAck, SubscribeReasonCode,
+        };
         use rumqttc::v5::{Event, EventLoop, Request};
     },
     fn topic_of(p: &Publish) -> String {
@@ -884,6 +1045,19 @@ event_loop!(
     },
     fn received(p: Publish) -> Received {
         Received::V5(p)
+    },
+    fn refusal(ack: &PubAck) -> Option<String> {
+        match ack.reason {
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+            other => Some(format!("{other:?}")),
+        }
+    },
+    fn sub_refusals(ack: &SubAck) -> Vec<String> {
+        ack.return_codes
+            .iter()
+            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+            .map(|c| format!("{c:?}"))
+            .collect()
     }
 );
 

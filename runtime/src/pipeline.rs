@@ -4,9 +4,12 @@
 //! (the gateway) publishes, and acknowledges the message afterwards.
 
 use crate::audit::{AuditLog, DecisionRecord, Replayed};
+use crate::config::PipelineLimits;
 use crate::llm::{GenerateRequest, LlmEngine};
 use crate::plugin::{CallError, InstancePool, Plugin, PluginHost};
-use crate::rules::{CsvSpec, Outgoing, PayloadFormat, PluginRef, Rule, Stages, WindowSpec};
+use crate::rules::{
+    CsvSpec, Outgoing, PayloadFormat, PluginRef, Rule, Stages, WindowSpec, check_device,
+};
 use crate::types::{Action, Completion, Context, LlmError, Message, ReadingBatch, Stage, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,9 +34,16 @@ pub struct DeadLetter {
     /// The message's topic (for a window flushed by time: that of the
     /// message that opened the window).
     pub topic: String,
-    /// The message's payload as received (base64 in the JSON), so it can be
-    /// sent again.
+    /// The first bytes of the message's payload as received (base64 in the
+    /// JSON), at most `[rules.limits] dead_letter_payload_bytes`: a whole
+    /// large payload would make a dead letter larger than the message, which
+    /// the broker may refuse.
     pub payload: Vec<u8>,
+    /// The whole payload's length in bytes.
+    pub payload_bytes: usize,
+    /// The whole payload's BLAKE3 hash (hex), to find the message in a
+    /// device's or broker's log.
+    pub payload_blake3: String,
     /// When the message was received, ms since the Unix epoch.
     pub timestamp: i64,
 }
@@ -51,6 +61,9 @@ impl DeadLetter {
             "reason": self.reason,
             "topic": self.topic,
             "payload_base64": base64::engine::general_purpose::STANDARD.encode(&self.payload),
+            "payload_bytes": self.payload_bytes,
+            "payload_blake3": self.payload_blake3,
+            "payload_truncated": self.payload.len() < self.payload_bytes,
             "timestamp": self.timestamp,
         })
         .to_string()
@@ -71,6 +84,10 @@ pub struct Outcome {
     pub prompts: Vec<String>,
     /// The text of each completion the model returned, for the live view.
     pub completions: Vec<String>,
+    /// The state store's commit that holds the windows this message added
+    /// to; the message is acknowledged once it is durable
+    /// ([`RulePipeline::durable`]).
+    pub persisted: Option<u64>,
 }
 
 impl Outcome {
@@ -80,14 +97,71 @@ impl Outcome {
         self.readings += other.readings;
         self.prompts.extend(other.prompts);
         self.completions.extend(other.completions);
+        self.persisted = self.persisted.max(other.persisted);
     }
 }
 
 struct Window {
     batch: ReadingBatch,
     opened: Instant,
-    /// The message that opened the window, named in dead letters of a time flush.
-    first: Message,
+    /// When the last reading came in, for `window_idle_seconds`.
+    last: Instant,
+    /// The message that opened the window, named in dead letters of a time
+    /// flush; only a bounded prefix of its payload is kept.
+    first: Origin,
+}
+
+/// What a dead letter tells of a message: its topic, time, and a prefix of
+/// its payload with the whole payload's length and hash.
+#[derive(Debug, Clone)]
+struct Origin {
+    topic: String,
+    timestamp: i64,
+    prefix: Vec<u8>,
+    bytes: usize,
+    blake3: String,
+}
+
+impl Origin {
+    fn of(message: &Message, cap: usize) -> Origin {
+        Origin {
+            topic: message.topic.clone(),
+            timestamp: message.timestamp,
+            prefix: message.payload[..message.payload.len().min(cap)].to_vec(),
+            bytes: message.payload.len(),
+            blake3: blake3::hash(&message.payload).to_hex().to_string(),
+        }
+    }
+}
+
+/// The message a dead letter is about: the one being processed, or the one
+/// that opened a window (kept as an [`Origin`]). The hash of a message in
+/// flight is only taken when a dead letter needs it.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Message(&'a Message),
+    Window(&'a Origin),
+}
+
+impl<'a> From<&'a Message> for Source<'a> {
+    fn from(m: &'a Message) -> Self {
+        Source::Message(m)
+    }
+}
+
+impl<'a> From<&'a Origin> for Source<'a> {
+    fn from(o: &'a Origin) -> Self {
+        Source::Window(o)
+    }
+}
+
+impl Source<'_> {
+    fn timestamp(&self) -> i64 {
+        match self {
+            Source::Message(m) => m.timestamp,
+            Source::Window(o) => o.timestamp,
+        }
+    }
 }
 
 struct Bound {
@@ -170,6 +244,9 @@ pub struct RulePipeline {
     /// Shared with the rule's next version, so a reload loses no reading
     /// that waits in a window.
     windows: Arc<Mutex<HashMap<String, Window>>>,
+    limits: PipelineLimits,
+    /// Where open windows are kept, when `persist_windows`.
+    store: crate::state::StateStore,
     audit: Option<AuditLog>,
     llm: Arc<dyn LlmEngine>,
     llm_timeout: Duration,
@@ -276,10 +353,14 @@ impl RulePipeline {
             },
         };
         let llm_timeout = host.limits().llm_timeout();
+        let store = host.state().clone();
+        let windows = restore_windows(&store, &rule.name);
         Ok(RulePipeline {
             rule: Arc::new(rule),
             bindings,
-            windows: Arc::default(),
+            windows: Arc::new(Mutex::new(windows)),
+            limits: PipelineLimits::default(),
+            store,
             audit: None,
             llm,
             llm_timeout,
@@ -298,14 +379,22 @@ impl RulePipeline {
         }
     }
 
-    fn dead(
+    fn dead<'a>(
         &self,
-        message: &Message,
+        source: impl Into<Source<'a>>,
         stage: &str,
         kind: &str,
         reason: String,
         plugin: Option<&Plugin>,
     ) -> DeadLetter {
+        let origin;
+        let o = match source.into() {
+            Source::Window(o) => o,
+            Source::Message(m) => {
+                origin = Origin::of(m, self.limits.dead_letter_payload_bytes);
+                &origin
+            }
+        };
         DeadLetter {
             rule: self.rule.name.clone(),
             plugin: plugin.map(|p| p.name.clone()),
@@ -313,13 +402,50 @@ impl RulePipeline {
             stage: stage.into(),
             kind: kind.into(),
             reason,
-            topic: message.topic.clone(),
-            payload: message.payload.clone(),
-            timestamp: message.timestamp,
+            topic: o.topic.clone(),
+            payload: o.prefix.clone(),
+            payload_bytes: o.bytes,
+            payload_blake3: o.blake3.clone(),
+            timestamp: o.timestamp,
         }
     }
 
-    fn call_failed(&self, message: &Message, stage: &str, bound: &Bound, e: CallError) -> Outcome {
+    /// A dead letter of this rule about `message`, no plugin at fault (for
+    /// the gateway: a lane that panicked).
+    pub fn dead_letter(
+        &self,
+        message: &Message,
+        stage: &str,
+        kind: &str,
+        reason: String,
+    ) -> DeadLetter {
+        self.dead(message, stage, kind, reason, None)
+    }
+
+    /// A dead letter of this rule about an output that could not be
+    /// published (`kind` `oversized-output` or `publish-refused`): the
+    /// output's topic and a prefix of its payload.
+    pub fn output_dead_letter(&self, out: &Outgoing, kind: &str, reason: String) -> DeadLetter {
+        let message = Message {
+            topic: out.topic.clone(),
+            payload: Vec::new(),
+            timestamp: now_ms(),
+        };
+        let mut dl = self.dead(&message, "publish", kind, reason, None);
+        let cap = self.limits.dead_letter_payload_bytes;
+        dl.payload = out.payload[..out.payload.len().min(cap)].to_vec();
+        dl.payload_bytes = out.payload.len();
+        dl.payload_blake3 = blake3::hash(&out.payload).to_hex().to_string();
+        dl
+    }
+
+    fn call_failed(
+        &self,
+        message: Source<'_>,
+        stage: &str,
+        bound: &Bound,
+        e: CallError,
+    ) -> Outcome {
         let kind = match &e {
             CallError::Plugin(crate::types::PluginError::BadPayload(_)) => "bad-payload",
             CallError::Plugin(crate::types::PluginError::BadCompletion(_)) => "invalid-completion",
@@ -391,28 +517,86 @@ impl RulePipeline {
         }
         match &self.bindings {
             Bindings::Handler(h) => match h.pool.handle(&self.rule.name, message).await {
-                Ok(actions) => self.authorize(message, "+", actions, h),
-                Err(e) => self.call_failed(message, "handler", h, e),
+                Ok(actions) => {
+                    let device = self
+                        .rule
+                        .topic_device(&message.topic, self.limits.max_device_bytes)
+                        .unwrap_or_default();
+                    self.authorize(message.into(), device, actions, h)
+                }
+                Err(e) => self.call_failed(message.into(), "handler", h, e),
             },
             Bindings::Chain { preprocess, .. } => {
                 for p in preprocess {
                     readings = match p.pool.preprocess(message, readings).await {
                         Ok(r) => r,
-                        Err(e) => return self.call_failed(message, "preprocess", p, e),
+                        Err(e) => return self.call_failed(message.into(), "preprocess", p, e),
                     };
                 }
                 let mut outcome = Outcome {
                     readings: readings.len(),
                     ..Outcome::default()
                 };
+                let mut refused: Vec<(String, usize)> = Vec::new();
+                let mut crowded: Vec<(String, usize)> = Vec::new();
                 for (device, batch) in split_by_device(readings) {
+                    if let Err(why) = check_device(&device, self.limits.max_device_bytes) {
+                        if refused.is_empty() {
+                            outcome.dead_letters.push(self.dead(
+                                message,
+                                "window",
+                                "bad-device",
+                                why,
+                                None,
+                            ));
+                        }
+                        refused.push((device, batch.len()));
+                        continue;
+                    }
                     let ready = match self.window_spec() {
                         None => Some(batch),
-                        Some(spec) => self.add_to_window(&device, batch, message, spec),
+                        Some(spec) => match self.add_to_window(&device, batch, message, spec) {
+                            Ok((ready, commit)) => {
+                                outcome.persisted = outcome.persisted.max(commit);
+                                ready
+                            }
+                            Err(n) => {
+                                crowded.push((device, n));
+                                continue;
+                            }
+                        },
                     };
                     if let Some(window) = ready {
-                        outcome.merge(self.run_window(message, &device, window).await);
+                        outcome.merge(self.run_window(message.into(), &device, window).await);
                     }
+                }
+                if refused.len() > 1
+                    && let Some(dl) = outcome
+                        .dead_letters
+                        .iter_mut()
+                        .find(|d| d.kind == "bad-device")
+                {
+                    dl.reason = format!(
+                        "{} (and {} more refused device ids in this message)",
+                        dl.reason,
+                        refused.len() - 1
+                    );
+                }
+                if !crowded.is_empty() {
+                    let readings: usize = crowded.iter().map(|(_, n)| n).sum();
+                    let reason = format!(
+                        "{readings} readings of {} new devices (first `{}`) refused: the rule already has {} open windows (`[rules.limits] max_windows`)",
+                        crowded.len(),
+                        crowded[0].0,
+                        self.limits.max_windows
+                    );
+                    outcome.dead_letters.push(self.dead(
+                        message,
+                        "window",
+                        "too-many-windows",
+                        reason,
+                        None,
+                    ));
                 }
                 outcome
             }
@@ -420,28 +604,78 @@ impl RulePipeline {
     }
 
     /// Adds readings to the device's window; returns the window's readings
-    /// when it is complete by count.
+    /// when it is complete by count or full (`max_window_readings`). Refuses
+    /// a new device's readings (`Err` with their number) when the rule
+    /// already has `max_windows` windows open.
     fn add_to_window(
         &self,
         device: &str,
         batch: ReadingBatch,
         message: &Message,
         spec: WindowSpec,
-    ) -> Option<ReadingBatch> {
+    ) -> Result<(Option<ReadingBatch>, Option<u64>), usize> {
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if !windows.contains_key(device) && windows.len() >= self.limits.max_windows {
+            return Err(batch.len());
+        }
+        let now = Instant::now();
         let w = windows.entry(device.to_owned()).or_insert_with(|| Window {
             batch: ReadingBatch::default(),
-            opened: Instant::now(),
-            first: message.clone(),
+            opened: now,
+            last: now,
+            first: Origin::of(message, self.limits.dead_letter_payload_bytes),
         });
+        w.last = now;
         for r in batch.iter() {
             w.batch
                 .push(r.device, r.metric, r.value.clone(), r.unit, r.timestamp);
         }
-        if spec.count.is_some_and(|n| w.batch.len() >= n) {
-            return windows.remove(device).map(|w| w.batch);
+        let full = spec.count.map_or(self.limits.max_window_readings, |n| {
+            n.min(self.limits.max_window_readings)
+        });
+        if w.batch.len() >= full.max(1) {
+            let ran = windows.remove(device).map(|w| w.batch);
+            return Ok((ran, self.forget_window(device)));
         }
-        None
+        let commit = if self.limits.persist_windows {
+            let bytes = encode_window(w);
+            self.store
+                .save_window(&self.rule.name, device, &bytes)
+                .map_err(|e| {
+                    tracing::error!(rule = %self.rule.name, device, error = %e, "window not persisted");
+                })
+                .ok()
+        } else {
+            None
+        };
+        Ok((None, commit))
+    }
+
+    /// Removes a window that ran from the store; the commit, if any.
+    fn forget_window(&self, device: &str) -> Option<u64> {
+        if !self.limits.persist_windows {
+            return None;
+        }
+        self.store
+            .delete_window(&self.rule.name, device)
+            .map_err(|e| {
+                tracing::error!(rule = %self.rule.name, device, error = %e, "ran window not removed from the store");
+            })
+            .ok()
+    }
+
+    /// Completes once the state store's commit `persisted` (an outcome's
+    /// [`Outcome::persisted`]) is durable.
+    pub async fn durable(&self, persisted: Option<u64>) {
+        if let Some(commit) = persisted {
+            self.store.durable(commit).await;
+        }
+    }
+
+    /// This pipeline, under `limits` (`[rules.limits]`).
+    pub fn with_limits(mut self, limits: PipelineLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// This pipeline, recording its model decisions in `audit`.
@@ -464,19 +698,29 @@ impl RulePipeline {
     /// in windows; one with a count-only window leaves them to fill up.
     pub async fn flush_expired(&self, all: bool) -> Outcome {
         let max_age = match self.window_spec() {
-            _ if all => Duration::ZERO,
-            None => Duration::ZERO,
+            _ if all => Some(Duration::ZERO),
+            None => Some(Duration::ZERO),
             Some(WindowSpec {
                 seconds: Some(secs),
                 ..
-            }) => Duration::from_secs(secs),
-            Some(_) => return Outcome::default(),
+            }) => Some(Duration::from_secs(secs)),
+            Some(_) => None,
         };
+        // A count-only window fed by a device that went quiet would hold its
+        // readings (and memory) for ever.
+        let max_idle = (self.limits.window_idle_seconds > 0)
+            .then(|| Duration::from_secs(self.limits.window_idle_seconds));
+        if max_age.is_none() && max_idle.is_none() {
+            return Outcome::default();
+        }
         let expired: Vec<(String, Window)> = {
             let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
             let keys: Vec<String> = windows
                 .iter()
-                .filter(|(_, w)| w.opened.elapsed() >= max_age)
+                .filter(|(_, w)| {
+                    max_age.is_some_and(|a| w.opened.elapsed() >= a)
+                        || max_idle.is_some_and(|i| w.last.elapsed() >= i)
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
             keys.into_iter()
@@ -485,8 +729,9 @@ impl RulePipeline {
         };
         let mut outcome = Outcome::default();
         for (device, w) in expired {
+            outcome.persisted = outcome.persisted.max(self.forget_window(&device));
             if !w.batch.is_empty() {
-                outcome.merge(self.run_window(&w.first, &device, w.batch).await);
+                outcome.merge(self.run_window((&w.first).into(), &device, w.batch).await);
             }
         }
         outcome
@@ -497,7 +742,7 @@ impl RulePipeline {
         self.windows.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    async fn run_window(&self, message: &Message, device: &str, window: ReadingBatch) -> Outcome {
+    async fn run_window(&self, message: Source<'_>, device: &str, window: ReadingBatch) -> Outcome {
         let Bindings::Chain {
             prompt,
             postprocess,
@@ -523,13 +768,13 @@ impl RulePipeline {
                 .iter()
                 .map(|r| r.timestamp)
                 .min()
-                .unwrap_or(message.timestamp),
+                .unwrap_or(message.timestamp()),
             window_end: window
                 .readings
                 .iter()
                 .map(|r| r.timestamp)
                 .max()
-                .unwrap_or(message.timestamp),
+                .unwrap_or(message.timestamp()),
         };
         let auditing = self.audit.as_ref().filter(|_| prompt.is_some());
         let recorded_window = auditing.map(|_| crate::audit::record_window(&window));
@@ -738,7 +983,7 @@ impl RulePipeline {
 
     fn authorize(
         &self,
-        message: &Message,
+        message: Source<'_>,
         device: &str,
         actions: Vec<Action>,
         by: &Bound,
@@ -754,7 +999,7 @@ impl RulePipeline {
     /// with the reason and the plugin that proposed them.
     fn deliverable(
         &self,
-        message: &Message,
+        message: Source<'_>,
         checked: Vec<Result<Outgoing, String>>,
         by: &Bound,
     ) -> Outcome {
@@ -775,16 +1020,124 @@ impl RulePipeline {
     }
 }
 
+/// The open windows `rule` left in the store (after a crash, or a stop
+/// without a drain); an entry that cannot be read is logged and skipped.
+fn restore_windows(store: &crate::state::StateStore, rule: &str) -> HashMap<String, Window> {
+    let stored = match store.windows(rule) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(rule, error = %e, "open windows not read from the state store");
+            return HashMap::new();
+        }
+    };
+    let mut windows = HashMap::new();
+    for (device, bytes) in stored {
+        match decode_window(&bytes) {
+            Some(w) => {
+                windows.insert(device, w);
+            }
+            None => tracing::error!(rule, device, "a stored window could not be read; skipped"),
+        }
+    }
+    if !windows.is_empty() {
+        tracing::info!(
+            rule,
+            windows = windows.len(),
+            "open windows restored from the state store"
+        );
+    }
+    windows
+}
+
+/// A window as stored: JSON, with times as wall-clock milliseconds (an
+/// `Instant` does not survive a restart).
+fn encode_window(w: &Window) -> Vec<u8> {
+    use base64::Engine as _;
+    let now = now_ms();
+    let age = |t: Instant| now - t.elapsed().as_millis() as i64;
+    let readings: Vec<serde_json::Value> = w
+        .batch
+        .iter()
+        .map(|r| {
+            let value = match r.value {
+                Value::Number(n) => serde_json::json!(n),
+                Value::Boolean(b) => serde_json::json!(b),
+                Value::Text(t) => serde_json::json!({ "text": t }),
+            };
+            serde_json::json!([r.device, r.metric, r.unit, value, r.timestamp])
+        })
+        .collect();
+    serde_json::json!({
+        "v": 1,
+        "opened_ms": age(w.opened),
+        "last_ms": age(w.last),
+        "first": {
+            "topic": w.first.topic,
+            "timestamp": w.first.timestamp,
+            "prefix": base64::engine::general_purpose::STANDARD.encode(&w.first.prefix),
+            "bytes": w.first.bytes,
+            "blake3": w.first.blake3,
+        },
+        "readings": readings,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn decode_window(bytes: &[u8]) -> Option<Window> {
+    use base64::Engine as _;
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if v["v"] != 1 {
+        return None;
+    }
+    let now = now_ms();
+    let since = |ms: &serde_json::Value| {
+        let ago =
+            Duration::from_millis(now.saturating_sub(ms.as_i64().unwrap_or(now)).max(0) as u64);
+        Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+    };
+    let first = &v["first"];
+    let mut batch = ReadingBatch::default();
+    for r in v["readings"].as_array()? {
+        let value = match &r[3] {
+            serde_json::Value::Bool(b) => Value::Boolean(*b),
+            serde_json::Value::Object(o) => Value::Text(o.get("text")?.as_str()?.to_owned()),
+            n => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+        };
+        batch.push(
+            r[0].as_str()?,
+            r[1].as_str()?,
+            value,
+            r[2].as_str()?,
+            r[4].as_i64()?,
+        );
+    }
+    Some(Window {
+        batch,
+        opened: since(&v["opened_ms"]),
+        last: since(&v["last_ms"]),
+        first: Origin {
+            topic: first["topic"].as_str()?.to_owned(),
+            timestamp: first["timestamp"].as_i64()?,
+            prefix: base64::engine::general_purpose::STANDARD
+                .decode(first["prefix"].as_str()?)
+                .ok()?,
+            bytes: first["bytes"].as_u64()? as usize,
+            blake3: first["blake3"].as_str()?.to_owned(),
+        },
+    })
+}
+
+/// The batch's readings grouped by device, in order of first appearance;
+/// linear in the readings (a payload may name thousands of devices).
 fn split_by_device(batch: ReadingBatch) -> Vec<(String, ReadingBatch)> {
     let mut groups: Vec<(String, ReadingBatch)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
     for r in batch.iter() {
-        let i = match groups.iter().position(|(d, _)| d == r.device) {
-            Some(i) => i,
-            None => {
-                groups.push((r.device.to_owned(), ReadingBatch::default()));
-                groups.len() - 1
-            }
-        };
+        let i = *index.entry(r.device).or_insert_with(|| {
+            groups.push((r.device.to_owned(), ReadingBatch::default()));
+            groups.len() - 1
+        });
         groups[i]
             .1
             .push(r.device, r.metric, r.value.clone(), r.unit, r.timestamp);

@@ -146,6 +146,7 @@ pub struct Reloader {
     tracked: tokio::sync::Mutex<Tracked>,
     events: broadcast::Sender<ReloadEvent>,
     audit: Option<crate::audit::AuditLog>,
+    limits: crate::config::PipelineLimits,
 }
 
 fn now_ms() -> i64 {
@@ -289,6 +290,7 @@ impl Reloader {
             tracked: tokio::sync::Mutex::new(Tracked::default()),
             events,
             audit: None,
+            limits: crate::config::PipelineLimits::default(),
         }
     }
 
@@ -302,6 +304,12 @@ impl Reloader {
     /// Records the model decisions of every rule it binds in `audit`.
     pub fn with_audit(mut self, audit: Option<crate::audit::AuditLog>) -> Self {
         self.audit = audit;
+        self
+    }
+
+    /// Binds every rule under `limits` (`[rules.limits]`).
+    pub fn with_limits(mut self, limits: crate::config::PipelineLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -329,7 +337,7 @@ impl Reloader {
     pub async fn bind(&self, rule: Rule) -> Result<RulePipeline, crate::pipeline::BindError> {
         let t = self.tracked.lock().await;
         RulePipeline::new(&self.host, rule, &t.plugins, self.llm.clone())
-            .map(|p| p.with_audit(self.audit.clone()))
+            .map(|p| p.with_audit(self.audit.clone()).with_limits(self.limits))
     }
 
     /// Loads both folders and binds the rules; returns the pipelines and
@@ -411,7 +419,7 @@ impl Reloader {
             ));
         }
         RulePipeline::new(&self.host, rule, &t.plugins, self.llm.clone())
-            .map(|p| p.with_audit(self.audit.clone()))
+            .map(|p| p.with_audit(self.audit.clone()).with_limits(self.limits))
             .map_err(|e| (format!("{}: {e}", path.display()), plugins))
     }
 
@@ -478,16 +486,31 @@ impl Reloader {
             present.extend(ready.present);
             gone.extend(ready.gone);
         }
+        // Files gone are forgotten before new ones are read, so that a rule
+        // file renamed (its `name` unchanged) is taken from its new path
+        // instead of refused as a duplicate; the rule leaves the gateway
+        // only when no file defines it any more.
+        let gone: Vec<(PathBuf, Rule)> = gone
+            .into_iter()
+            .filter_map(|path| t.rules.remove(&path).map(|(rule, _)| (path, rule)))
+            .collect();
+        if !gone.is_empty() {
+            // A file refused as a duplicate of a rule now gone is read again.
+            t.refused
+                .retain(|p, _| p.extension().is_none_or(|x| x != "toml"));
+        }
         for (path, stat) in present {
             self.take_rule(t, gateway, &path, stat).await;
         }
-        for path in gone {
-            if let Some((rule, _)) = t.rules.remove(&path) {
-                if let Err(e) = gateway.remove(&rule.name).await {
-                    tracing::warn!(rule = %rule.name, error = %e, "rule not removed");
-                }
-                self.emit(self.event(FileKind::Rule, ReloadAction::Removed, &path, &rule.name));
+        for (path, rule) in gone {
+            if t.rules.values().any(|(r, _)| r.name == rule.name) {
+                tracing::info!(rule = %rule.name, file = %path.display(), "rule file moved; the rule goes on");
+                continue;
             }
+            if let Err(e) = gateway.remove(&rule.name).await {
+                tracing::warn!(rule = %rule.name, error = %e, "rule not removed");
+            }
+            self.emit(self.event(FileKind::Rule, ReloadAction::Removed, &path, &rule.name));
         }
         settled
     }
@@ -564,7 +587,7 @@ impl Reloader {
         let mut pipelines = Vec::new();
         for rule in &users {
             match RulePipeline::new(&self.host, rule.clone(), &registry, self.llm.clone()) {
-                Ok(p) => pipelines.push(p.with_audit(self.audit.clone())),
+                Ok(p) => pipelines.push(p.with_audit(self.audit.clone()).with_limits(self.limits)),
                 Err(e) => {
                     let reason = format!(
                         "{}: version {} cannot serve rule `{}`: {e}",

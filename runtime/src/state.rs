@@ -6,15 +6,22 @@
 //! `flush_interval` (default 100 ms): a crash loses at most that much of the
 //! latest writes, and a message that writes state does not pay an fsync.
 //! With `flush_interval` zero every write is durable when it returns.
+//!
+//! The rules' open windows are kept here too (one entry per rule and device,
+//! rewritten as readings arrive), so that a crash loses no reading a window
+//! accepted: the gateway acknowledges a message that added to a window only
+//! once the write is durable ([`StateStore::durable`]).
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 const ENTRIES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("entries");
 const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
+/// Open windows: (rule, device) → the window as the pipeline encodes it.
+const WINDOWS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("windows");
 
 /// Size limits and durability of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +70,10 @@ struct Inner {
     db: Database,
     limits: StateLimits,
     dirty: AtomicBool,
+    /// Commits so far; a window write returns the number of its commit.
+    written: AtomicU64,
+    /// The highest commit number known durable.
+    durable: tokio::sync::watch::Sender<u64>,
 }
 
 /// A handle on the store; cheap to clone.
@@ -102,11 +113,14 @@ impl StateStore {
         let txn = db.begin_write().map_err(io)?;
         txn.open_table(ENTRIES).map_err(io)?;
         txn.open_table(COUNTS).map_err(io)?;
+        txn.open_table(WINDOWS).map_err(io)?;
         txn.commit().map_err(io)?;
         let inner = Arc::new(Inner {
             db,
             limits,
             dirty: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            durable: tokio::sync::watch::Sender::new(0),
         });
         if !limits.flush_interval.is_zero() {
             let weak = Arc::downgrade(&inner);
@@ -147,7 +161,7 @@ impl StateStore {
                 .remove((plugin, rule))
                 .map_err(io)?;
         }
-        self.commit(txn)
+        self.commit(txn).map(|_| ())
     }
 
     fn write_txn(&self) -> Result<redb::WriteTransaction, StateError> {
@@ -158,17 +172,80 @@ impl StateStore {
         Ok(txn)
     }
 
-    fn commit(&self, txn: redb::WriteTransaction) -> Result<(), StateError> {
+    fn commit(&self, txn: redb::WriteTransaction) -> Result<u64, StateError> {
         txn.commit().map_err(io)?;
-        self.inner.dirty.store(true, Ordering::Release);
-        Ok(())
+        let n = self.inner.written.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.inner.limits.flush_interval.is_zero() {
+            self.inner.durable.send_if_modified(|d| {
+                let newer = n > *d;
+                *d = (*d).max(n);
+                newer
+            });
+        } else {
+            self.inner.dirty.store(true, Ordering::Release);
+        }
+        Ok(n)
+    }
+
+    /// Stores the open window of `device` in `rule`; returns the commit's
+    /// number, for [`StateStore::durable`].
+    pub fn save_window(&self, rule: &str, device: &str, window: &[u8]) -> Result<u64, StateError> {
+        let txn = self.write_txn()?;
+        txn.open_table(WINDOWS)
+            .map_err(io)?
+            .insert((rule, device), window)
+            .map_err(io)?;
+        self.commit(txn)
+    }
+
+    /// Forgets the window of `device` in `rule` (it ran); returns the
+    /// commit's number.
+    pub fn delete_window(&self, rule: &str, device: &str) -> Result<u64, StateError> {
+        let txn = self.write_txn()?;
+        txn.open_table(WINDOWS)
+            .map_err(io)?
+            .remove((rule, device))
+            .map_err(io)?;
+        self.commit(txn)
+    }
+
+    /// The windows `rule` left open, by device.
+    pub fn windows(&self, rule: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let txn = self.inner.db.begin_read().map_err(io)?;
+        let table = txn.open_table(WINDOWS).map_err(io)?;
+        let range = table.range((rule, "")..).map_err(io)?;
+        let mut out = Vec::new();
+        for entry in range {
+            let (k, v) = entry.map_err(io)?;
+            let (r, device) = k.value();
+            if r != rule {
+                break;
+            }
+            out.push((device.to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Completes once commit number `commit` is durable: at once with
+    /// `flush_interval` zero, else at the next flush (at most
+    /// `flush_interval` later). A store that is dropped meanwhile made
+    /// everything durable on the way out.
+    pub async fn durable(&self, commit: u64) {
+        let mut rx = self.inner.durable.subscribe();
+        let _ = rx.wait_for(|d| *d >= commit).await;
     }
 }
 
 fn flush(inner: &Inner) -> Result<(), StateError> {
     if inner.dirty.swap(false, Ordering::AcqRel) {
+        let upto = inner.written.load(Ordering::Acquire);
         let txn = inner.db.begin_write().map_err(io)?;
         txn.commit().map_err(io)?;
+        inner.durable.send_if_modified(|d| {
+            let newer = upto > *d;
+            *d = (*d).max(upto);
+            newer
+        });
     }
     Ok(())
 }
@@ -244,7 +321,7 @@ impl StateScope {
                 counts.insert(scope, n + 1).map_err(io)?;
             }
         }
-        self.store.commit(txn)
+        self.store.commit(txn).map(|_| ())
     }
 
     /// Removes `key`; removing a key that is not set is not an error.
@@ -270,13 +347,55 @@ impl StateScope {
                 counts.insert(scope, n.saturating_sub(1)).map_err(io)?;
             }
         }
-        self.store.commit(txn)
+        self.store.commit(txn).map(|_| ())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reopen(path: &Path, limits: StateLimits) -> StateStore {
+        for _ in 0..100 {
+            if let Ok(s) = StateStore::open(path, limits) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        StateStore::open(path, limits).unwrap()
+    }
+
+    #[tokio::test]
+    async fn windows_are_kept_per_rule_and_become_durable_at_the_next_flush() {
+        let dir =
+            std::env::temp_dir().join(format!("ganglion-state-windows-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("s.redb");
+        let limits = StateLimits {
+            flush_interval: Duration::from_millis(50),
+            ..Default::default()
+        };
+        {
+            let store = StateStore::open(&path, limits).unwrap();
+            store.save_window("r", "b", b"2").unwrap();
+            store.save_window("r", "a", b"1").unwrap();
+            store.save_window("r-2", "a", b"x").unwrap();
+            let n = store.save_window("r", "a", b"1+").unwrap();
+            tokio::time::timeout(Duration::from_secs(5), store.durable(n))
+                .await
+                .expect("durable within a flush interval");
+            store.delete_window("r", "b").unwrap();
+        }
+        // The flusher thread may hold the last handle for a moment.
+        let store = reopen(&path, limits);
+        assert_eq!(
+            store.windows("r").unwrap(),
+            vec![("a".into(), b"1+".to_vec())]
+        );
+        assert_eq!(store.windows("r-2").unwrap().len(), 1);
+        assert!(store.windows("q").unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn scopes_are_separate_and_quota_holds() {

@@ -327,6 +327,23 @@ async fn a_new_rule_subscribes_and_a_deleted_rule_drains_and_unsubscribes() {
 }
 
 #[tokio::test]
+async fn renaming_a_rule_file_with_an_explicit_name_keeps_the_rule() {
+    let mut h = Harness::with(
+        &[("tagger", fixture("tag-a"))],
+        &[("tagged", format!("name = \"kept\"\n{}", tag_rule("v0")))],
+    )
+    .await;
+    assert_eq!(h.serving().await, ("a".into(), "v0".into()));
+    std::fs::rename(h.rule(), h.rules.join("renamed.toml")).unwrap();
+    let e = h.next().await;
+    assert!(is(&e, FileKind::Rule, ReloadAction::Loaded), "{e:?}");
+    assert_eq!(e.name, "kept");
+    h.quiet(1000).await;
+    assert!(h.gateway.stats().iter().any(|(r, _)| r == "kept"));
+    assert_eq!(h.serving().await, ("a".into(), "v0".into()));
+}
+
+#[tokio::test]
 async fn a_deleted_plugin_keeps_serving_the_rules_that_use_it() {
     let mut h = Harness::start().await;
     std::fs::remove_file(h.plugin()).unwrap();
