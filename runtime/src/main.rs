@@ -34,7 +34,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the rules over MQTT: load plugins and rules, connect (or start the
-    /// embedded broker), process until Ctrl-C, then drain and exit.
+    /// embedded broker), process until Ctrl-C or SIGTERM, then drain (within
+    /// `[runtime] drain_timeout_ms`) and exit.
     Run {
         /// Broker to use instead of the configured one (mqtt://host:port or mqtts://).
         #[arg(long)]
@@ -91,6 +92,11 @@ enum Command {
         count: Option<u64>,
         #[arg(long)]
         duration: Option<u64>,
+        /// Broker login (with --password).
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
     },
     /// Take the decisions recorded in an audit log again through the current
     /// plugins, rules and model, and report which changed (or, with
@@ -182,11 +188,15 @@ fn main() -> Result<()> {
         // environment concurrently.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.worker_threads())
         .enable_all()
-        .build()?
-        .block_on(async_main(cli, config))
+        .build()?;
+    let result = runtime.block_on(async_main(cli, config));
+    // Work a drain cut short by its limit left behind (a lane waiting on the
+    // broker, a plugin call on a blocking thread) must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
@@ -286,6 +296,7 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                 rate,
                 count: None,
                 duration: None,
+                login: None,
             });
             run(config, sim, duration.map(Duration::from_secs), quiet).await
         }
@@ -301,6 +312,8 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
             rate,
             count,
             duration,
+            username,
+            password,
         } => {
             let source = match csv {
                 Some(path) => Source::Csv {
@@ -323,6 +336,9 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                 rate,
                 count,
                 duration: duration.map(Duration::from_secs),
+                login: username
+                    .zip(password)
+                    .map(|(username, password)| broker::Login { username, password }),
             };
             let acked = simulate::run(&config, &host, port, "ganglion-simulator").await?;
             println!("{acked} messages published and acknowledged");
@@ -381,15 +397,19 @@ fn sim_config(source: Source, rate: f64) -> SimConfig {
         rate,
         count: None,
         duration: None,
+        login: None,
     }
 }
 
 async fn run(
-    config: GanglionConfig,
+    mut config: GanglionConfig,
     sim: Option<SimConfig>,
     duration: Option<Duration>,
     quiet: bool,
 ) -> Result<()> {
+    // First, so that a stop asked while the model and plugins load is
+    // taken once serving starts rather than killing the process.
+    let (stop_asked, stopping) = watch_signals(StopSignals::new()?);
     let loaded = Runtime::builder(config.clone()).load().await?;
     for p in &loaded.problems {
         tracing::error!("{p}");
@@ -408,14 +428,25 @@ async fn run(
     for r in &rules {
         tracing::info!(rule = %r.name, topics = ?r.topics, plugins = ?r.plugins(), "rule ready");
     }
-    let broker = match &config.mqtt.broker {
-        Some(b) => b.clone(),
+    let broker = match config.mqtt.broker.clone() {
+        Some(b) => b,
         None => {
-            broker::start_embedded(config.broker.listen)?;
-            tracing::info!(listen = %config.broker.listen, "embedded broker started");
-            format!("mqtt://{}", config.broker.listen)
+            let embedded = broker::start(&config.broker, &config.mqtt)?;
+            tracing::info!(listen = %embedded.listen, login = ?embedded.login.as_ref().map(|l| &l.username), "embedded broker started");
+            if let Some(login) = embedded.login {
+                config.mqtt.username = Some(login.username);
+                config.mqtt.password = Some(login.password);
+            }
+            format!("mqtt://{}", embedded.listen)
         }
     };
+    // The simulators log in as the gateway does.
+    let login = config
+        .mqtt
+        .username
+        .clone()
+        .zip(config.mqtt.password.clone())
+        .map(|(username, password)| broker::Login { username, password });
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let mqtt = Arc::new(mqtt::GatewayLink::connect(
         &config.mqtt,
@@ -423,8 +454,13 @@ async fn run(
         loaded.topic_filters(),
         tx,
     )?);
-    if !mqtt.wait_connected(Duration::from_secs(10)).await {
-        tracing::warn!(%broker, "not connected yet; messages flow once the broker answers");
+    let mut asked = stop_asked.clone();
+    tokio::select! {
+        up = mqtt.wait_connected(Duration::from_secs(10)) => if !up {
+            tracing::warn!(%broker, "not connected yet; messages flow once the broker answers");
+        },
+        // Stop asked while connecting: serve_until below stops at once.
+        _ = asked.wait_for(Option::is_some) => {}
     }
     let runtime = loaded.serve(mqtt.clone());
     let status = tokio::spawn(ganglion::reload::publish_events(
@@ -443,6 +479,9 @@ async fn run(
         simulations.extend(pack_simulations(&rules, sim.rate));
         simulations.push((sim, "ganglion-simulator"));
     }
+    for (sim, _) in &mut simulations {
+        sim.login = login.clone();
+    }
     let simulator: Vec<_> = match simulate::host_port(&broker) {
         Some((h, p)) => simulations
             .into_iter()
@@ -457,24 +496,125 @@ async fn run(
             .collect(),
         None => Vec::new(),
     };
+    let limit = config.runtime.drain_timeout();
+    let stopped_at = std::cell::Cell::new(None);
     let stop = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => {
-                let _ = tokio::signal::ctrl_c().await;
+        let mut asked = stop_asked.clone();
+        let why = tokio::select! {
+            Ok(s) = asked.wait_for(Option::is_some) => s.unwrap_or("signal"),
+            () = sleep_or_forever(duration) => {
+                stopping.store(true, Ordering::SeqCst);
+                "--duration"
             }
-        }
-        tracing::info!("stopping: draining in-flight messages");
+        };
+        stopped_at.set(Some(Instant::now()));
+        tracing::info!(
+            by = why,
+            limit_ms = config.runtime.drain_timeout_ms,
+            "stopping: draining in-flight messages (a second signal exits at once)"
+        );
         for s in &simulator {
             s.abort();
         }
     };
-    runtime.serve_until(rx, stop).await;
+    let drained = runtime.serve_until_within(rx, stop, limit).await;
     view.abort();
     status.abort();
     print_summary(&runtime.stats());
-    mqtt.disconnect().await;
+    if !drained {
+        bail!(
+            "stopped before the drain finished ([runtime] drain_timeout_ms = {}); messages not finished stay unacknowledged for the broker to deliver again",
+            config.runtime.drain_timeout_ms
+        );
+    }
+    // A DISCONNECT needs a connection: with the broker down the event loops
+    // would only go on retrying. Bounded by what is left of the limit.
+    let left = limit.saturating_sub(stopped_at.get().map_or(Duration::ZERO, |t| t.elapsed()));
+    if (mqtt.intake.is_connected() || mqtt.output.is_connected())
+        && tokio::time::timeout(left, mqtt.disconnect()).await.is_err()
+    {
+        tracing::warn!("the broker did not take the disconnect within the drain limit");
+    }
+    tracing::info!("drained; stopped");
     Ok(())
+}
+
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The signals that stop `ganglion run`: SIGINT (Ctrl-C) and, on Unix,
+/// SIGTERM, which systemd, docker and Kubernetes send to stop a service.
+struct StopSignals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Takes the signals over from their default action (ending the process).
+    fn new() -> Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                int: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+                term: signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// The next signal: its name and the exit status that tells it (128 +
+    /// its number, as a shell reports a process the signal killed).
+    async fn next(&mut self) -> (&'static str, i32) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.int.recv() => ("SIGINT", 130),
+                _ = self.term.recv() => ("SIGTERM", 143),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            ("Ctrl-C", 130)
+        }
+    }
+}
+
+/// Watches the stop signals for the whole run. The first one (or the end
+/// of `--duration`, which sets the flag) asks for a stop with a drain, and
+/// is published on the returned channel; one more while stopping exits at
+/// once, with the signal's status: the operator's way out of a drain.
+fn watch_signals(
+    mut signals: StopSignals,
+) -> (
+    tokio::sync::watch::Receiver<Option<&'static str>>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    let (asked, rx) = tokio::sync::watch::channel(None);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stopping.clone();
+    tokio::spawn(async move {
+        loop {
+            let (name, status) = signals.next().await;
+            if flag.swap(true, Ordering::SeqCst) {
+                tracing::error!(
+                    signal = name,
+                    "second stop signal: exiting without finishing the drain; messages not finished stay unacknowledged for the broker to deliver again"
+                );
+                std::process::exit(status);
+            }
+            let _ = asked.send(Some(name));
+        }
+    });
+    (rx, stopping)
 }
 
 fn print_summary(stats: &[(String, Arc<RuleStats>)]) {

@@ -122,7 +122,8 @@ impl RuntimeBuilder {
         let reloader = Arc::new(
             Reloader::new(host, &config.plugins.dir, &config.rules.dir, llm.clone())
                 .with_extra_rule_dirs(&config.rules.extra_dirs)
-                .with_audit(audit),
+                .with_audit(audit)
+                .with_limits(config.rules.limits),
         );
         let (pipelines, problems) = reloader.load_all().await;
         Ok(Loaded {
@@ -291,6 +292,42 @@ impl Runtime {
         self.shutdown().await;
     }
 
+    /// Like [`Runtime::serve_until`], with a time limit on the drain: once
+    /// `stop` completes, queued and in-flight messages get `limit` to be
+    /// published and acknowledged. Returns whether they all were. When the
+    /// limit passes first, the drain is left where it is: what it did not
+    /// finish stays unacknowledged for the broker to deliver again, and the
+    /// state store and audit log are flushed all the same. (A broker that is
+    /// down never confirms an output, so an unlimited drain would wait for
+    /// it forever.)
+    pub async fn serve_until_within(
+        &self,
+        deliveries: mpsc::Receiver<Delivery>,
+        stop: impl std::future::Future<Output = ()>,
+        limit: std::time::Duration,
+    ) -> bool {
+        let (stopped, on_stop) = tokio::sync::oneshot::channel::<()>();
+        let serve = self.serve_until(deliveries, async move {
+            stop.await;
+            let _ = stopped.send(());
+        });
+        let expired = async move {
+            match on_stop.await {
+                Ok(()) => tokio::time::sleep(limit).await,
+                // The intake closed without a stop being asked: no limit.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = serve => true,
+            () = expired => {
+                tracing::error!(limit_ms = limit.as_millis() as u64, "drain not finished within its limit; what is left stays unacknowledged for the broker to deliver again");
+                self.flush_stores().await;
+                false
+            }
+        }
+    }
+
     async fn stop_watching(&self) {
         if let Some(w) = self.watch.lock().await.take() {
             w.stop().await;
@@ -367,6 +404,11 @@ impl Runtime {
     pub async fn shutdown(&self) {
         self.stop_watching().await;
         self.gateway.shutdown().await;
+        self.flush_stores().await;
+    }
+
+    /// Makes the audit log and the state store durable.
+    async fn flush_stores(&self) {
         if let Some(a) = self.audit.clone() {
             let _ = tokio::task::spawn_blocking(move || a.flush()).await;
         }

@@ -61,6 +61,8 @@ pub struct SimConfig {
     pub count: Option<u64>,
     /// Stop after this long; none means no time limit.
     pub duration: Option<Duration>,
+    /// The broker login; none connects anonymously.
+    pub login: Option<crate::broker::Login>,
 }
 
 /// Why a simulation failed.
@@ -187,6 +189,9 @@ pub async fn run(
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(100)
         .set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(login) = &config.login {
+        options.set_credentials(&login.username, &login.password);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     eventloop.set_network_options(crate::mqtt::network_options());
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -408,3 +408,297 @@ async fn a_slow_model_does_not_stall_the_embedded_broker() {
     );
     gw.stop().await;
 }
+
+/// A panic while a lane processes a message (here the model backend's) used
+/// to end that lane: its message and every later one routed to it were never
+/// acknowledged, and over MQTT, where acknowledgements go out in arrival
+/// order, that held back the whole connection's. Now the panic is a dead
+/// letter (stage `lane`, kind `panic`), the message is acknowledged and the
+/// lane goes on. `Runtime::push` returns once the gateway acknowledged the
+/// message, through the same path as a broker delivery's PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_lane_keeps_acknowledging_later_messages() {
+    use ganglion::runtime::Runtime;
+    let model = FakeLlm::new(|req| {
+        let ganglion::llm::LlmInput::Chat(m) = &req.input else {
+            return Ok(String::new());
+        };
+        if m.last().is_some_and(|m| m.content.contains("explode")) {
+            panic!("model backend bug");
+        }
+        Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into())
+    });
+    let mut config = ganglion::config::GanglionConfig::default();
+    config.plugins.dir = plugins_folder();
+    config.plugins.cache_dir = None;
+    config.rules.dir = rules(&[("voice", VOICE_RULE)]);
+    // One lane: every message goes through the lane that panicked.
+    config.rules.lanes = 1;
+    config.reload.enabled = false;
+    config.audit.enabled = false;
+    let loaded = Runtime::builder(config)
+        .llm(model)
+        .state(ganglion::state::StateStore::in_memory())
+        .load()
+        .await
+        .unwrap();
+    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let (rt, mut out) = loaded.serve_channel(64);
+    let say = |text: &str| format!(r#"{{"metric":"speech","value":"{text}"}}"#).into_bytes();
+    let pushed = tokio::time::timeout(
+        Duration::from_secs(10),
+        rt.push("home/kitchen/say", say("explode now")),
+    )
+    .await;
+    assert!(
+        matches!(pushed, Ok(Ok(()))),
+        "the message whose processing panicked is acknowledged: {pushed:?}"
+    );
+    for _ in 0..5 {
+        let pushed = tokio::time::timeout(
+            Duration::from_secs(10),
+            rt.push("home/kitchen/say", say("turn the fan on")),
+        )
+        .await;
+        assert!(
+            matches!(pushed, Ok(Ok(()))),
+            "later messages are acknowledged: {pushed:?}"
+        );
+    }
+    let mut got = Vec::new();
+    while let Ok(o) = out.try_recv() {
+        got.push(o);
+    }
+    let (dead, outputs): (Vec<_>, Vec<_>) = got
+        .iter()
+        .partition(|o| o.topic.starts_with("ganglion/dead-letter/"));
+    assert_eq!(dead.len(), 1, "{got:?}");
+    let dl: Json = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(dl["kind"], "panic", "{dl}");
+    assert_eq!(dl["stage"], "lane", "{dl}");
+    assert!(
+        dl["reason"].as_str().unwrap().contains("model backend bug"),
+        "{dl}"
+    );
+    assert_eq!(
+        outputs.len(),
+        5,
+        "every later message was processed: {got:?}"
+    );
+    rt.shutdown().await;
+}
+
+/// Outputs the broker never confirms, as with a broker that is down.
+struct BrokerDown;
+
+impl ganglion::mqtt::Publisher for BrokerDown {
+    fn publish(&self, _out: ganglion::rules::Outgoing) -> ganglion::mqtt::QueueFuture<'_> {
+        Box::pin(async {
+            let never: ganglion::mqtt::Confirm = Box::pin(std::future::pending());
+            Ok(never)
+        })
+    }
+
+    fn ack(&self, _token: ganglion::mqtt::AckToken) -> ganglion::mqtt::MqttFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// With the broker down, a stop waited forever for the confirmation of the
+/// outputs in flight. The drain now has a limit (`[runtime]
+/// drain_timeout_ms`): the stop returns when it passes, reporting that the
+/// drain did not finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_the_broker_down_is_bounded_by_the_drain_limit() {
+    use ganglion::runtime::Runtime;
+    let mut config = ganglion::config::GanglionConfig::default();
+    config.plugins.dir = plugins_folder();
+    config.plugins.cache_dir = None;
+    config.rules.dir = rules(&[("hot", TELEMETRY_RULE)]);
+    config.reload.enabled = false;
+    config.audit.enabled = false;
+    let loaded = Runtime::builder(config)
+        .llm(std::sync::Arc::new(ganglion::llm::NoModel))
+        .state(ganglion::state::StateStore::in_memory())
+        .load()
+        .await
+        .unwrap();
+    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let rt = loaded.serve(std::sync::Arc::new(BrokerDown));
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(ganglion::mqtt::Delivery {
+        message: ganglion::types::Message {
+            topic: "t/m1/telemetry".into(),
+            payload: br#"{"metric":"temperature","value":90}"#.to_vec(),
+            timestamp: 0,
+        },
+        token: ganglion::mqtt::AckToken::None,
+    })
+    .await
+    .unwrap();
+    let limit = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let drained = tokio::time::timeout(
+        Duration::from_secs(10),
+        rt.serve_until_within(rx, tokio::time::sleep(Duration::from_millis(300)), limit),
+    )
+    .await
+    .expect("the stop returns within the drain limit, not waiting for the broker");
+    assert!(
+        !drained,
+        "the drain could not finish: the output was never confirmed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "stopped {took:?} after the start: 300 ms of serving, then the 500 ms limit"
+    );
+    drop(tx);
+}
+
+/// SIGTERM (what systemd and docker send to stop a service) used to end the
+/// process at once, without the drain Ctrl-C runs. Now it drains like
+/// Ctrl-C, also with the broker down, and exits 0 within the drain limit.
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_and_exits_with_the_broker_down() {
+    let dir = scratch("sigterm");
+    for d in ["plugins", "rules"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let config = dir.join("ganglion.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[plugins]
+dir = "{dir}/plugins"
+cache_dir = "{dir}/compiled"
+
+[state]
+path = "{dir}/state.redb"
+
+[rules]
+dir = "{dir}/rules"
+
+[mqtt]
+client_id = "ganglion-sigterm-test"
+
+[audit]
+enabled = false
+
+[runtime]
+drain_timeout_ms = 2000
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    // Nothing listens on this port: the broker is down.
+    let broker = format!("mqtt://127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(ganglion_binary())
+        .current_dir(&dir)
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--broker", &broker])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = StderrLines::collect(&mut child);
+    // Logged after the signal handlers are installed.
+    assert!(
+        stderr.wait_for("no rule is ready to run yet", Duration::from_secs(60)),
+        "the gateway did not start: {}",
+        stderr.text()
+    );
+    let sent = std::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(7) {
+            let _ = child.kill();
+            panic!(
+                "still running 7 s after SIGTERM (drain limit 2 s): {}",
+                stderr.text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The reader thread may still hold the last lines.
+    stderr.wait_for("stopped", Duration::from_secs(2));
+    let text = stderr.text();
+    assert!(status.success(), "exit status {status:?}: {text}");
+    assert!(
+        text.contains("stopping: draining in-flight messages") && text.contains("SIGTERM"),
+        "the drain is logged: {text}"
+    );
+}
+
+/// With accounts on the embedded broker (so anonymous clients are refused),
+/// `ganglion run --simulate` logs its own clients in: the gateway and the
+/// simulator connect, and the simulated telemetry is processed.
+#[test]
+fn ganglion_run_logs_its_own_clients_in_to_an_embedded_broker_with_users() {
+    built();
+    let root = xtask::root();
+    let dir = scratch("broker-users");
+    let config = dir.join("ganglion.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[plugins]
+dir = "{plugins}"
+cache_dir = "{dir}/compiled"
+
+[state]
+path = "{dir}/state.redb"
+
+[rules]
+dir = "{rules}"
+
+[mqtt]
+client_id = "ganglion-users-test"
+
+[broker]
+listen = "127.0.0.1:{port}"
+users = {{ sensor = "s3cret" }}
+
+[audit]
+enabled = false
+"#,
+            plugins = built().0.display(),
+            rules = root.join("examples/rules").display(),
+            dir = dir.display(),
+            port = free_port(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(ganglion_binary())
+        .current_dir(&dir)
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--simulate", "--duration", "6", "--quiet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let messages: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("machine-overheat: "))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no summary for machine-overheat: {stdout}\n{stderr}"));
+    assert!(messages > 0, "{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains("login refused"),
+        "the gateway's clients log in: {stderr}"
+    );
+}

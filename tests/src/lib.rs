@@ -124,6 +124,21 @@ impl Mosquitto {
         })
     }
 
+    /// An anonymous broker that applies `acl` (mosquitto's `acl_file`
+    /// syntax) to every client.
+    pub fn start_with_acl(name: &str, acl: &str) -> Mosquitto {
+        Self::start_with(name, |port, dir| {
+            std::fs::write(dir.join("acl"), acl).expect("acl file");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("acl"), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod acl");
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {}/acl\n",
+                dir.display()
+            )
+        })
+    }
+
     /// A broker whose `port` is plain and anonymous (for test clients) and
     /// whose `tls_port` takes TLS with a test CA and the user `gw` /
     /// `secret`. Returns the broker, the TLS port and the CA file.
@@ -737,5 +752,58 @@ pub mod packs {
             format!("home/{room}/say"),
             serde_json::json!({"metric": "speech", "value": text}).to_string(),
         )
+    }
+}
+
+/// The `ganglion` binary of this workspace (target/debug/ganglion), which
+/// `cargo run -p xtask -- test` builds before the tests.
+pub fn ganglion_binary() -> PathBuf {
+    let bin = xtask::root().join("target/debug/ganglion");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo build -p ganglion` (or `cargo run -p xtask -- test`) builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process's stderr, collected line by line on a thread of its own.
+pub struct StderrLines(Arc<std::sync::Mutex<String>>);
+
+impl StderrLines {
+    /// Starts collecting `child`'s stderr (which must be piped).
+    pub fn collect(child: &mut std::process::Child) -> StderrLines {
+        use std::io::BufRead as _;
+        let text = Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let sink = text.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut t = sink.lock().unwrap();
+                t.push_str(&line);
+                t.push('\n');
+            }
+        });
+        StderrLines(text)
+    }
+
+    /// Everything so far.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the text contains `needle`; false after `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < until {
+            if self.text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
     }
 }
