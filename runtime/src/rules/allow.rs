@@ -92,6 +92,10 @@ pub struct AllowList {
     pub publish: Vec<PublishAllow>,
     /// Whether alerts are allowed. Default true.
     pub alerts: bool,
+    /// Whether an alert may name another device than the window's (or, for
+    /// a handler rule, the topic's). Default false: a hostile message or
+    /// completion cannot raise alarms for other devices.
+    pub alert_any_device: bool,
     /// Where alerts are published; `{rule}` and `{device}` are filled in.
     /// Default `ganglion/alert/{rule}/{device}`.
     pub alert_topic: String,
@@ -112,6 +116,7 @@ impl Default for AllowList {
         AllowList {
             publish: Vec::new(),
             alerts: true,
+            alert_any_device: false,
             alert_topic: "ganglion/alert/{rule}/{device}".into(),
             command_topic: "ganglion/command/{device}/{command}".into(),
             commands: Vec::new(),
@@ -320,6 +325,11 @@ impl AllowList {
                 };
                 if !d.is_empty() {
                     check_device(d, usize::MAX).map_err(|m| format!("alert: {m}"))?;
+                }
+                if !device.is_empty() && d != device && !self.alert_any_device {
+                    return Err(format!(
+                        "alert for `{d}` from the window of `{device}`: alerts name their own device unless `alert_any_device = true`"
+                    ));
                 }
                 let fill = Fill {
                     rule,
@@ -715,16 +725,20 @@ commands = [{ device = "{device}", name = "fan", values = ["on", "off"] }, { dev
     }
 
     #[test]
-    fn alert_device_with_topic_syntax_is_refused() {
+    fn an_alert_cannot_name_another_device_or_topic_syntax() {
         let rule = rule_allowing("alerts = true");
         let alert = |device: &str| Action::Alert {
             level: AlertLevel::Warning,
             device: device.into(),
             text: "t".into(),
         };
-        for d in ["a/b", "#", "+", "$SYS"] {
+        for d in ["a/b", "#", "+", "$SYS", "m2"] {
             assert!(rule.authorize(&alert(d), "m1").is_err(), "{d}");
         }
+        assert!(rule.authorize(&alert("m1"), "m1").is_ok());
+        assert!(rule.authorize(&alert("m2"), "").is_ok(), "no window device");
+        let any = rule_allowing("alert_any_device = true");
+        assert!(any.authorize(&alert("m2"), "m1").is_ok());
         assert!(rule.authorize(&alert(""), "").is_err(), "no device at all");
         assert_eq!(
             rule.authorize(&alert(""), "m1").unwrap().topic,

@@ -25,6 +25,7 @@
 //!
 //! [allow]                            # what the rule may emit; anything else is dead-lettered
 //! publish = ["plant/{device}/cmd", { topic = "plant/{device}/setpoint", min = 0.0, max = 80.0 }]
+//! alert_any_device = false          # alerts only for the window's device
 //! alert_topic = "ganglion/alert/{rule}/{device}"
 //! command_topic = "ganglion/command/{device}/{command}"
 //! commands = [{ device = "{device}", name = "fan", values = ["on", "off"] }, { device = "*", name = "setpoint", min = 5.0, max = 30.0 }]
