@@ -5,6 +5,7 @@
 //! topics = ["factory/+/telemetry"]   # MQTT filters, `+` and `#` allowed
 //! format = "json"                    # json | csv | raw
 //! max_payload_bytes = 65536
+//! device_level = 1                   # the topic level naming the device; readings of another device are refused
 //! qos = 1                            # of everything the rule publishes
 //! dead_letter_topic = "ganglion/dead-letter/{rule}"
 //!
@@ -169,6 +170,7 @@ struct RuleFile {
     csv: Option<CsvSpec>,
     #[serde(default = "default_max_payload")]
     max_payload_bytes: usize,
+    device_level: Option<usize>,
     #[serde(default = "default_qos")]
     qos: u8,
     dead_letter_topic: Option<String>,
@@ -223,6 +225,11 @@ pub struct Rule {
     pub csv: Option<CsvSpec>,
     /// Larger payloads are dead-lettered, in bytes. Default 65 536.
     pub max_payload_bytes: usize,
+    /// The topic level (0-based) that names the device a message is from.
+    /// When set, readings that name another device are dead-lettered
+    /// (`device-mismatch`): a sensor can then only speak for the device its
+    /// topic (and the broker's ACL on it) names, whatever its payload says.
+    pub device_level: Option<usize>,
     /// QoS of everything the rule publishes (an upper bound for plugin
     /// publishes). Default at-least-once.
     pub qos: Qos,
@@ -371,6 +378,7 @@ impl Rule {
             format: file.format,
             csv: file.csv,
             max_payload_bytes: file.max_payload_bytes,
+            device_level: file.device_level,
             qos,
             dead_letter_topic,
             stages,
