@@ -250,8 +250,9 @@ pub struct MqttSettings {
     /// it). Default 16 MiB.
     pub max_packet_bytes: usize,
     /// Deliveries held while the rules' lanes are full. QoS 1 and 2
-    /// deliveries are bounded by the broker's window and always kept; QoS 0
-    /// ones past this many are dropped and counted
+    /// deliveries are always kept: over MQTT 5 this is also the receive
+    /// maximum the broker must respect, over 3.1.1 the broker's own window
+    /// bounds them. QoS 0 ones past this many are dropped and counted
     /// ([`MqttHandle::dropped_qos0`]), as QoS 0 allows. Default 10 000.
     pub intake_buffer: usize,
 }
@@ -349,6 +350,12 @@ impl MqttSettings {
             .set_outgoing_inflight_upper_limit(self.inflight.max(1))
             .set_max_packet_size(Some(
                 u32::try_from(self.max_packet_bytes).unwrap_or(u32::MAX),
+            ))
+            // MQTT 5 lets us bound the QoS 1 and 2 deliveries the broker
+            // sends before we acknowledge them: with it, the intake buffer
+            // is bounded for every QoS (MQTT 3.1.1 has no such limit).
+            .set_receive_maximum(Some(
+                u16::try_from(self.intake_buffer.clamp(1, 65_535)).unwrap_or(u16::MAX),
             ))
             .set_last_will(LastWill::new(
                 self.status_topic(),
@@ -479,6 +486,8 @@ pub struct MqttHandle {
     dropped_qos0: Arc<std::sync::atomic::AtomicU64>,
     /// Subscriptions the broker refused (SUBACK failure codes).
     refused_subscriptions: Arc<std::sync::atomic::AtomicU64>,
+    /// Deliveries received and waiting for the gateway (the intake buffer).
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Acknowledgements of the current connection, released in arrival order.
@@ -528,6 +537,11 @@ impl MqttHandle {
     /// QoS 0 deliveries dropped because `[mqtt] intake_buffer` was full.
     pub fn dropped_qos0(&self) -> u64 {
         self.dropped_qos0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Deliveries received and not yet taken by the gateway, now.
+    pub fn intake_backlog(&self) -> usize {
+        self.backlog.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Subscriptions the broker refused since the start.
@@ -687,6 +701,7 @@ pub fn connect(
         max_packet_bytes: settings.max_packet_bytes,
         dropped_qos0: Arc::default(),
         refused_subscriptions: Arc::default(),
+        backlog: Arc::default(),
     };
     let args = (
         deliveries,
@@ -840,7 +855,11 @@ macro_rules! event_loop {
                     let event = tokio::select! {
                         permit = deliveries.reserve(), if !overflow.is_empty() => {
                             match permit {
-                                Ok(p) => { p.send(overflow.pop_front().expect("overflow is not empty")); continue; }
+                                Ok(p) => {
+                                    p.send(overflow.pop_front().expect("overflow is not empty"));
+                                    handle.backlog.store(overflow.len(), std::sync::atomic::Ordering::Relaxed);
+                                    continue;
+                                }
                                 Err(_) => return,
                             }
                         }
@@ -923,6 +942,7 @@ macro_rules! event_loop {
                             } else if deliveries.is_closed() {
                                 return;
                             }
+                            handle.backlog.store(overflow.len(), std::sync::atomic::Ordering::Relaxed);
                         }
                         Ok(Event::Outgoing(Out::Publish(pkid))) => {
                             let mut pending = handle.pending.lock().unwrap_or_else(|e| e.into_inner());

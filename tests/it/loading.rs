@@ -157,18 +157,21 @@ async fn a_folder_loads_the_good_and_reports_the_bad() {
     ));
 }
 
+/// A host whose compiled artefacts go to `cache`.
+fn cached_host(cache: &std::path::Path) -> PluginHost {
+    let config = PluginConfig {
+        cache_dir: Some(cache.to_owned()),
+        limits: Limits::default(),
+        total_instances: 16,
+        ..Default::default()
+    };
+    PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap()
+}
+
 #[tokio::test]
 async fn compiled_artefacts_are_reused_across_hosts() {
     let cache = scratch("cache");
-    let make = || {
-        let config = PluginConfig {
-            cache_dir: Some(cache.clone()),
-            limits: Limits::default(),
-            total_instances: 16,
-            ..Default::default()
-        };
-        PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap()
-    };
+    let make = || cached_host(&cache);
     let first = make().load_file(&example("threshold-alert")).await.unwrap();
     assert_eq!(first.compiled, CompileSource::Compiled);
     let second = make().load_file(&example("threshold-alert")).await.unwrap();
@@ -222,15 +225,7 @@ async fn different_content_means_a_different_version() {
 async fn a_world_writable_cache_entry_is_not_loaded() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let cache = scratch("cache-perms").join("compiled");
-    let make = || {
-        let config = PluginConfig {
-            cache_dir: Some(cache.clone()),
-            limits: Limits::default(),
-            total_instances: 16,
-            ..Default::default()
-        };
-        PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap()
-    };
+    let make = || cached_host(&cache);
     let load = async || {
         make()
             .load_file(&example("threshold-alert"))
