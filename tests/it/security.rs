@@ -98,6 +98,27 @@ async fn device_ids_with_topic_syntax_are_dead_lettered_as_bad_device() {
 }
 
 #[tokio::test]
+async fn a_sensor_cannot_speak_for_another_device() {
+    let rule = RULE.replace("count = 3", "count = 1").replace(
+        "topics = [\"t/+/x\"]",
+        "topics = [\"t/+/x\"]\ndevice_level = 1",
+    );
+    let p = pipeline(&rule, PipelineLimits::default()).await;
+    let out = p
+        .process(&msg("t/kitchen/x", reading("boiler", 90.0)))
+        .await;
+    assert!(out.publish.is_empty(), "{:?}", out.publish);
+    assert_eq!(out.dead_letters.len(), 1);
+    assert_eq!(out.dead_letters[0].kind, "device-mismatch");
+    assert!(out.dead_letters[0].reason.contains("boiler"));
+    let own = p
+        .process(&msg("t/kitchen/x", reading("kitchen", 90.0)))
+        .await;
+    assert_eq!(own.publish.len(), 1);
+    assert_eq!(own.publish[0].topic, "ganglion/alert/r/kitchen");
+}
+
+#[tokio::test]
 async fn many_devices_cannot_open_unbounded_windows() {
     let limits = PipelineLimits {
         max_windows: 20,
@@ -592,4 +613,41 @@ async fn injection_corpus(
         outside.len()
     );
     outside
+}
+
+/// Over MQTT 5 the intake buffer is also the receive maximum: a QoS 1
+/// flood cannot make the gateway hold more than that many deliveries.
+#[tokio::test]
+async fn a_qos1_flood_over_mqtt5_is_held_to_the_receive_maximum() {
+    let broker = Mosquitto::start("security-flood-qos1");
+    let settings = ganglion::mqtt::MqttSettings {
+        client_id: format!("flood1-{}", free_port()),
+        intake_buffer: 50,
+        protocol: ganglion::mqtt::Protocol::V5,
+        ..Default::default()
+    };
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let (handle, task) =
+        ganglion::mqtt::connect(&settings, &broker.url(), vec!["flood/#".into()], tx).unwrap();
+    assert!(handle.wait_connected(Duration::from_secs(10)).await);
+    let sensor = TestClient::connect(
+        &broker.url(),
+        &format!("flood1-sensor-{}", free_port()),
+        &[],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..2_000 {
+        sensor.publish(&format!("flood/{i}"), vec![0u8; 64]).await;
+    }
+    assert!(sensor.wait_until(20, |s| s.acked() >= 2_000).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = handle.intake_backlog();
+    println!("QoS 1 flood over MQTT 5, receive maximum 50: 2000 sent, {held} held");
+    assert!(
+        (40..=50).contains(&held),
+        "{held} deliveries held (1 more waits in the channel)"
+    );
+    assert_eq!(handle.dropped_qos0(), 0);
+    task.abort();
 }

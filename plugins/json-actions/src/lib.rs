@@ -202,6 +202,9 @@ impl Postprocessor for JsonActions {
 ganglion_sdk::export!(JsonActions: postprocessor);
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

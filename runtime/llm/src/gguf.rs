@@ -92,7 +92,22 @@ impl GgufFile {
             reason: e.to_string(),
         })?;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count() as u64;
+            // Checked: the dimensions come from the file, and a product or
+            // sum that overflows would panic, or wrap past the size check.
+            let Some(elems) = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            else {
+                return Err(LoadError::Invalid {
+                    file: path.to_owned(),
+                    reason: format!(
+                        "tensor {name} has dimensions {:?}, too many elements",
+                        info.shape.dims()
+                    ),
+                });
+            };
             let block = info.ggml_dtype.block_size() as u64;
             if !elems.is_multiple_of(block) {
                 return Err(LoadError::Invalid {
@@ -102,9 +117,11 @@ impl GgufFile {
                     ),
                 });
             }
-            let needed = content.tensor_data_offset
-                + info.offset
-                + elems / block * info.ggml_dtype.type_size() as u64;
+            let needed = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .and_then(|n| n.checked_add(info.offset))
+                .and_then(|n| n.checked_add(content.tensor_data_offset))
+                .unwrap_or(u64::MAX);
             if needed > actual {
                 return Err(LoadError::Truncated {
                     file: path.to_owned(),

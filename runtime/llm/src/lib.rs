@@ -45,4 +45,6 @@ pub use gguf::LoadError;
 pub use scheduler::EngineStats;
 pub use types::*;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
