@@ -240,32 +240,25 @@ impl Gateway {
                     // A panic in a stage (a host or model-backend bug) must
                     // not end the lane: its queue would stop, and with it the
                     // acknowledgements of the whole connection, which go out
-                    // in order. The message runs in a task of its own; a
-                    // panic becomes a dead letter and the lane goes on.
-                    let processing = tokio::spawn({
-                        let (pipeline, message) = (pipeline.clone(), job.message.clone());
-                        async move { pipeline.process(&message).await }
-                    });
-                    let outcome = match processing.await {
+                    // in order. A panic becomes a dead letter and the lane
+                    // goes on; the pipeline keeps no state a panic could
+                    // leave half-changed but its windows, whose lock
+                    // recovers from poisoning.
+                    let processing = std::panic::AssertUnwindSafe(pipeline.process(&job.message));
+                    let outcome = match futures_util::FutureExt::catch_unwind(processing).await {
                         Ok(outcome) => outcome,
-                        Err(e) => {
-                            let (kind, reason) = if e.is_panic() {
-                                let p = e.into_panic();
-                                let what = p
-                                    .downcast_ref::<&str>()
-                                    .map(|s| (*s).to_owned())
-                                    .or_else(|| p.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "no message".into());
-                                ("panic", format!("processing panicked: {what}"))
-                            } else {
-                                ("cancelled", format!("processing was cancelled: {e}"))
-                            };
+                        Err(p) => {
+                            let what = p
+                                .downcast_ref::<&str>()
+                                .map(|s| (*s).to_owned())
+                                .or_else(|| p.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "no message".into());
                             Outcome {
                                 dead_letters: vec![pipeline.dead_letter(
                                     &job.message,
                                     "lane",
-                                    kind,
-                                    reason,
+                                    "panic",
+                                    format!("processing panicked: {what}"),
                                 )],
                                 ..Outcome::default()
                             }
@@ -635,7 +628,7 @@ async fn deliver(
         }
     }
     for dl in dead_letters {
-        lost |= !queue_dead_letter(pipeline, dl, publisher, events, &mut queued).await;
+        lost |= !queue_dead_letter(pipeline, dl, publisher, Some(events), &mut queued).await;
     }
     Delivered {
         queued,
@@ -650,12 +643,12 @@ async fn queue_dead_letter(
     pipeline: &RulePipeline,
     dl: crate::pipeline::DeadLetter,
     publisher: &dyn Publisher,
-    events: &broadcast::Sender<GatewayEvent>,
+    events: Option<&broadcast::Sender<GatewayEvent>>,
     queued: &mut Vec<Queued>,
 ) -> bool {
     let rule = &pipeline.rule;
     tracing::warn!(rule = %dl.rule, stage = %dl.stage, kind = %dl.kind, plugin = ?dl.plugin, version = ?dl.version, topic = %dl.topic, "dead letter: {}", dl.reason);
-    if events.receiver_count() > 0 {
+    if let Some(events) = events.filter(|e| e.receiver_count() > 0) {
         let _ = events.send(GatewayEvent::DeadLetter {
             rule: rule.name.clone(),
             stage: dl.stage.clone(),
@@ -713,10 +706,9 @@ async fn confirm(
         }
     }
     if !refused.is_empty() {
-        let (events, _) = broadcast::channel(1);
         let mut queued = Vec::new();
         for dl in refused {
-            ok &= queue_dead_letter(pipeline, dl, publisher, &events, &mut queued).await;
+            ok &= queue_dead_letter(pipeline, dl, publisher, None, &mut queued).await;
         }
         for (c, _) in queued {
             match c.await {

@@ -911,7 +911,13 @@ macro_rules! event_loop {
                             });
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
-                            if overflow.len() >= intake_buffer && is_qos0(&p) {
+                            let message = Message {
+                                topic: topic_of(&p),
+                                payload: p.payload.to_vec(),
+                                timestamp: crate::pipeline::received_now(),
+                            };
+                            let publish = received(p);
+                            if overflow.len() >= intake_buffer && !publish.needs_ack() {
                                 // Before it takes a place in the ack order: a QoS 0
                                 // delivery needs no acknowledgement.
                                 let n = handle.dropped_qos0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -920,16 +926,11 @@ macro_rules! event_loop {
                                 }
                                 continue;
                             }
-                            let message = Message {
-                                topic: topic_of(&p),
-                                payload: p.payload.to_vec(),
-                                timestamp: crate::pipeline::received_now(),
-                            };
                             let connection = handle.connection.load(std::sync::atomic::Ordering::Acquire);
                             let d = Delivery {
                                 message,
                                 token: AckToken::Mqtt {
-                                    publish: Box::new(received(p)),
+                                    publish: Box::new(publish),
                                     connection,
                                     seq,
                                 },
@@ -1030,27 +1031,6 @@ event_loop!(
             .collect()
     }
 );
-
-fn is_qos0(p: &impl QosOf) -> bool {
-    p.is_qos0()
-}
-
-/// The QoS of an incoming publish of either protocol.
-trait QosOf {
-    fn is_qos0(&self) -> bool;
-}
-
-impl QosOf for rumqttc::Publish {
-    fn is_qos0(&self) -> bool {
-        self.qos == QoS::AtMostOnce
-    }
-}
-
-impl QosOf for rumqttc::v5::mqttbytes::v5::Publish {
-    fn is_qos0(&self) -> bool {
-        self.qos == rumqttc::v5::mqttbytes::QoS::AtMostOnce
-    }
-}
 
 event_loop!(
     v5,

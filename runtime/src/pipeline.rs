@@ -123,14 +123,18 @@ struct Origin {
 }
 
 impl Origin {
-    fn of(message: &Message, cap: usize) -> Origin {
+    fn new(topic: &str, payload: &[u8], timestamp: i64, cap: usize) -> Origin {
         Origin {
-            topic: message.topic.clone(),
-            timestamp: message.timestamp,
-            prefix: message.payload[..message.payload.len().min(cap)].to_vec(),
-            bytes: message.payload.len(),
-            blake3: blake3::hash(&message.payload).to_hex().to_string(),
+            topic: topic.to_owned(),
+            timestamp,
+            prefix: payload[..payload.len().min(cap)].to_vec(),
+            bytes: payload.len(),
+            blake3: blake3::hash(payload).to_hex().to_string(),
         }
+    }
+
+    fn of(message: &Message, cap: usize) -> Origin {
+        Origin::new(&message.topic, &message.payload, message.timestamp, cap)
     }
 }
 
@@ -426,17 +430,13 @@ impl RulePipeline {
     /// published (`kind` `oversized-output` or `publish-refused`): the
     /// output's topic and a prefix of its payload.
     pub fn output_dead_letter(&self, out: &Outgoing, kind: &str, reason: String) -> DeadLetter {
-        let message = Message {
-            topic: out.topic.clone(),
-            payload: Vec::new(),
-            timestamp: now_ms(),
-        };
-        let mut dl = self.dead(&message, "publish", kind, reason, None);
-        let cap = self.limits.dead_letter_payload_bytes;
-        dl.payload = out.payload[..out.payload.len().min(cap)].to_vec();
-        dl.payload_bytes = out.payload.len();
-        dl.payload_blake3 = blake3::hash(&out.payload).to_hex().to_string();
-        dl
+        let origin = Origin::new(
+            &out.topic,
+            &out.payload,
+            now_ms(),
+            self.limits.dead_letter_payload_bytes,
+        );
+        self.dead(&origin, "publish", kind, reason, None)
     }
 
     fn call_failed(
@@ -537,7 +537,7 @@ impl RulePipeline {
                     readings: readings.len(),
                     ..Outcome::default()
                 };
-                let mut refused: Vec<(String, usize)> = Vec::new();
+                let mut bad_devices = 0usize;
                 let mut crowded: Vec<(String, usize)> = Vec::new();
                 let topic_device = self
                     .rule
@@ -566,7 +566,7 @@ impl RulePipeline {
                         continue;
                     }
                     if let Err(why) = check_device(&device, self.limits.max_device_bytes) {
-                        if refused.is_empty() {
+                        if bad_devices == 0 {
                             outcome.dead_letters.push(self.dead(
                                 message,
                                 "window",
@@ -575,7 +575,7 @@ impl RulePipeline {
                                 None,
                             ));
                         }
-                        refused.push((device, batch.len()));
+                        bad_devices += 1;
                         continue;
                     }
                     let ready = match self.window_spec() {
@@ -595,7 +595,7 @@ impl RulePipeline {
                         outcome.merge(self.run_window(message.into(), &device, window).await);
                     }
                 }
-                if refused.len() > 1
+                if bad_devices > 1
                     && let Some(dl) = outcome
                         .dead_letters
                         .iter_mut()
@@ -604,7 +604,7 @@ impl RulePipeline {
                     dl.reason = format!(
                         "{} (and {} more refused device ids in this message)",
                         dl.reason,
-                        refused.len() - 1
+                        bad_devices - 1
                     );
                 }
                 if !crowded.is_empty() {
