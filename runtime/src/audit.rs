@@ -21,47 +21,17 @@
 //! with whether the allow-list let it out (and why not), and timings. The
 //! format is versioned (`"v": 1`).
 //!
-//! [`replay`] takes recorded decisions again through the current plugins and
-//! model (`ganglion replay`), and [`export_finetune`] writes prompt and
+//! `crate::replay` takes recorded decisions again through the current
+//! plugins and model (`ganglion replay`), and [`export_finetune`] writes prompt and
 //! completion pairs as chat-format JSON lines.
 
+use crate::config::AuditConfig;
 use crate::types::{
     Completion, Constraint, Context, GenerationParams, LlmError, Prompt, ReadingBatch, Value,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-
-/// Where and how much to keep; see the [module docs](self).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuditConfig {
-    /// Record decisions (default true).
-    pub enabled: bool,
-    /// The live file; rotated files get `.1`, `.2`, ... appended.
-    pub path: PathBuf,
-    /// Size in MiB at which the file is rotated (default 16).
-    pub max_mib: u64,
-    /// Rotated files kept (default 4).
-    pub keep: u32,
-    /// Records that may wait for the writer thread (default 1024; 0 counts
-    /// as 1). When the disk cannot keep up, further records are dropped and
-    /// counted ([`AuditLog::dropped`]) rather than held in memory without
-    /// bound or making the pipeline wait.
-    pub queue: usize,
-}
-
-impl Default for AuditConfig {
-    fn default() -> Self {
-        AuditConfig {
-            enabled: true,
-            path: PathBuf::from(".ganglion/audit.jsonl"),
-            max_mib: 16,
-            keep: 4,
-            queue: 1024,
-        }
-    }
-}
 
 /// A reading as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -516,70 +486,6 @@ pub struct Replayed {
     pub actions: Vec<RecordedAction>,
     /// The postprocessor's failure now.
     pub error: Option<String>,
-}
-
-/// How a replayed decision compares with the recorded one.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Comparison {
-    /// Index of the record in the log.
-    pub index: usize,
-    /// The rule.
-    pub rule: String,
-    /// The device.
-    pub device: String,
-    /// What differs: `prompt`, `completion`, `actions`, `error`, or why the
-    /// decision could not be taken again (`rule not loaded`...). Empty when
-    /// the decision is unchanged.
-    pub changed: Vec<String>,
-}
-
-/// Compares a replay with its record.
-pub fn compare(index: usize, record: &DecisionRecord, now: &Replayed) -> Comparison {
-    let mut changed = Vec::new();
-    match &now.prompt {
-        Err(e) => changed.push(format!("prompt: {e}")),
-        Ok(p) if *p != record.prompt => changed.push("prompt".into()),
-        Ok(_) => {}
-    }
-    if let Some(c) = &now.completion
-        && (c.text != record.completion.text || c.error != record.completion.error)
-    {
-        changed.push("completion".into());
-    }
-    if now.actions != record.actions {
-        changed.push("actions".into());
-    }
-    if now.error != record.error {
-        changed.push("error".into());
-    }
-    Comparison {
-        index,
-        rule: record.rule.clone(),
-        device: record.device.clone(),
-        changed,
-    }
-}
-
-/// Takes every recorded decision again through the rule of the same name
-/// among `pipelines` (the current plugins and model) and compares. With
-/// unchanged plugins and greedy or seeded decoding, nothing changes.
-pub async fn replay(
-    records: &[DecisionRecord],
-    pipelines: &[crate::pipeline::RulePipeline],
-) -> Vec<Comparison> {
-    let mut out = Vec::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        out.push(match pipelines.iter().find(|p| p.rule.name == r.rule) {
-            Some(p) => compare(i, r, &p.replay(r).await),
-            None => Comparison {
-                index: i,
-                rule: r.rule.clone(),
-                device: r.device.clone(),
-                changed: vec![format!("rule `{}` is not loaded now", r.rule)],
-            },
-        });
-    }
-    out
 }
 
 /// Writes each record's prompt and completion as a chat-format training

@@ -8,7 +8,7 @@
 //! over the gateway's session (see [`crate::config::BrokerConfig`]).
 
 use crate::config::BrokerConfig;
-use crate::mqtt::MqttSettings;
+use crate::config::MqttSettings;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

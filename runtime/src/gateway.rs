@@ -16,10 +16,9 @@
 //! unacknowledged, so the broker delivers it again rather than it being
 //! reported as handled.
 
-use crate::mqtt::{AckToken, Delivery, Publisher};
 use crate::pipeline::{Outcome, RulePipeline};
-use crate::rules::Outgoing;
-use crate::types::{Message, Qos};
+use crate::transport::{AckToken, Confirm, Delivery, Publisher, TransportError};
+use crate::types::{Message, Outgoing, Qos};
 use arc_swap::ArcSwap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -524,10 +523,7 @@ pub async fn serve(
 
 /// Acknowledges a message whose outcome is delivered: to the broker, or to
 /// the embedding program that pushed it.
-async fn acknowledge(
-    publisher: &dyn Publisher,
-    token: AckToken,
-) -> Result<(), crate::mqtt::MqttError> {
+async fn acknowledge(publisher: &dyn Publisher, token: AckToken) -> Result<(), TransportError> {
     match token {
         AckToken::Done(signal) => {
             signal.fire();
@@ -549,7 +545,7 @@ enum Sent {
 }
 
 /// A queued publish: its confirmation, and what it was.
-type Queued = (crate::mqtt::Confirm, Sent);
+type Queued = (Confirm, Sent);
 
 /// An outcome handed to the publisher: what was queued, and whether
 /// anything could not be (nor dead-lettered in its place).
@@ -736,19 +732,4 @@ pub fn topic_filters(pipelines: &[RulePipeline]) -> Vec<String> {
     f.sort();
     f.dedup();
     f
-}
-
-/// Loads plugins and rules from folders and binds them; returns the
-/// pipelines and every problem found (a bad file never stops the others).
-/// To keep the gateway in step with the folders afterwards, use a
-/// [`crate::reload::Reloader`] instead.
-pub async fn load(
-    host: &crate::plugin::PluginHost,
-    plugins_dir: &std::path::Path,
-    rules_dir: &std::path::Path,
-    llm: Arc<dyn crate::llm::LlmEngine>,
-) -> (Vec<RulePipeline>, Vec<String>) {
-    crate::reload::Reloader::new(host.clone(), plugins_dir, rules_dir, llm)
-        .load_all()
-        .await
 }

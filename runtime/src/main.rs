@@ -734,7 +734,7 @@ async fn replay(config: GanglionConfig, log: PathBuf, export: Option<PathBuf>) -
     for p in &problems {
         tracing::warn!("{p}");
     }
-    let results = ganglion::audit::replay(&records, &pipelines).await;
+    let results = ganglion::replay::replay(&records, &pipelines).await;
     let changed: Vec<_> = results.iter().filter(|c| !c.changed.is_empty()).collect();
     for c in &changed {
         println!(
@@ -761,7 +761,7 @@ async fn call(
     stage: Option<String>,
     model: bool,
 ) -> Result<()> {
-    use ganglion::harness;
+    use ganglion::devtools::harness;
     let settings: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&settings).context("--settings must be a JSON object")?;
     let text = if cases.as_os_str() == "-" {

@@ -7,10 +7,10 @@ use crate::audit::{AuditLog, DecisionRecord, Replayed};
 use crate::config::PipelineLimits;
 use crate::llm::{GenerateRequest, LlmEngine};
 use crate::plugin::{CallError, InstancePool, Plugin, PluginHost};
-use crate::rules::{
-    CsvSpec, Outgoing, PayloadFormat, PluginRef, Rule, Stages, WindowSpec, check_device,
+use crate::rules::{CsvSpec, PayloadFormat, PluginRef, Rule, Stages, WindowSpec, check_device};
+use crate::types::{
+    Action, Completion, Context, LlmError, Message, Outgoing, ReadingBatch, Stage, Value, now_ms,
 };
-use crate::types::{Action, Completion, Context, LlmError, Message, ReadingBatch, Stage, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -293,12 +293,6 @@ pub enum BindError {
         /// The stages it does implement, comma-separated.
         has: String,
     },
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl RulePipeline {
@@ -1269,11 +1263,6 @@ fn parse_time(s: &str) -> Option<i64> {
     let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
     let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
     Some((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000)
-}
-
-/// The receive time to stamp on a message now.
-pub fn received_now() -> i64 {
-    now_ms()
 }
 
 /// The private CSV and time parsers, for the cargo-fuzz targets in

@@ -34,7 +34,7 @@ use crate::rules::Rule;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 use tokio::sync::{broadcast, mpsc, watch};
 
 /// What a reload event is about.
@@ -149,20 +149,14 @@ pub struct Reloader {
     limits: crate::config::PipelineLimits,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
+/// The candidate files of a folder: `None` when it cannot be read (gone, or
+/// being replaced).
 fn stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
-/// The candidate files of a folder: `None` when it cannot be read (gone, or
-/// being replaced).
 fn scan(dir: &Path, extension: &str) -> Option<HashMap<PathBuf, Stat>> {
     use std::os::unix::fs::MetadataExt;
     let entries = std::fs::read_dir(dir).ok()?;
@@ -444,7 +438,7 @@ impl Reloader {
             version: None,
             rules: Vec::new(),
             error: None,
-            timestamp: now_ms(),
+            timestamp: crate::types::now_ms(),
         }
     }
 
@@ -844,7 +838,7 @@ impl FolderWatcher {
 /// remotely what was taken and what was refused. Runs until `events` closes.
 pub async fn publish_events(
     mut events: broadcast::Receiver<ReloadEvent>,
-    publisher: Arc<dyn crate::mqtt::Publisher>,
+    publisher: Arc<dyn crate::transport::Publisher>,
     topic: String,
 ) {
     loop {
@@ -856,7 +850,7 @@ pub async fn publish_events(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let out = crate::rules::Outgoing {
+        let out = crate::types::Outgoing {
             topic: topic.clone(),
             payload: event.to_json(),
             qos: crate::types::Qos::AtLeastOnce,
@@ -866,6 +860,21 @@ pub async fn publish_events(
             tracing::warn!(error = %e, "reload event not published");
         }
     }
+}
+
+/// Loads plugins and rules from folders and binds them; returns the
+/// pipelines and every problem found (a bad file never stops the others).
+/// To keep the gateway in step with the folders afterwards, use a
+/// [`Reloader`] instead.
+pub async fn load(
+    host: &crate::plugin::PluginHost,
+    plugins_dir: &std::path::Path,
+    rules_dir: &std::path::Path,
+    llm: Arc<dyn crate::llm::LlmEngine>,
+) -> (Vec<RulePipeline>, Vec<String>) {
+    Reloader::new(host.clone(), plugins_dir, rules_dir, llm)
+        .load_all()
+        .await
 }
 
 /// Stops the watcher when stopped or dropped.

@@ -33,13 +33,17 @@ use crate::audit::AuditLog;
 use crate::config::GanglionConfig;
 use crate::gateway::{Gateway, GatewayConfig, GatewayEvent, RuleStats};
 use crate::llm::LlmEngine;
-use crate::mqtt::{AckToken, Confirm, Delivery, DoneSignal, MqttFuture, Publisher, QueueFuture};
 use crate::pipeline::RulePipeline;
 use crate::plugin::{HostError, PluginHost};
 use crate::reload::{ReloadEvent, ReloadHandle, Reloader};
-use crate::rules::{Outgoing, Rule, RuleError};
+use crate::rules::{Rule, RuleError};
 use crate::state::{StateError, StateStore};
+use crate::transport::{
+    AckToken, Confirm, Delivery, DoneSignal, Publisher, QueueFuture, TransportError,
+    TransportFuture,
+};
 use crate::types::Message;
+use crate::types::Outgoing;
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
@@ -102,7 +106,7 @@ impl RuntimeBuilder {
         let config = self.config;
         let state = match self.state {
             Some(s) => s,
-            None => StateStore::open(&config.state.path, config.state.limits())?,
+            None => StateStore::open(&config.state.path, (&config.state).into())?,
         };
         let llm = match self.llm {
             Some(l) => l,
@@ -207,13 +211,13 @@ impl Publisher for ChannelPublisher {
             self.0
                 .send(out)
                 .await
-                .map_err(|_| crate::mqtt::MqttError::Stopped)?;
+                .map_err(|_| TransportError::Stopped)?;
             let confirm: Confirm = Box::pin(async { Ok(()) });
             Ok(confirm)
         })
     }
 
-    fn ack(&self, _token: AckToken) -> MqttFuture<'_> {
+    fn ack(&self, _token: AckToken) -> TransportFuture<'_> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -265,7 +269,7 @@ impl Runtime {
                 message: Message {
                     topic: topic.into(),
                     payload,
-                    timestamp: crate::pipeline::received_now(),
+                    timestamp: crate::types::received_now(),
                 },
                 token: AckToken::Done(signal),
             })

@@ -102,7 +102,7 @@ pub fn messages(source: &Source) -> Result<Messages, SimError> {
         } => {
             let devices = devices.max(1);
             let mut rng = Rng(seed | 1);
-            let start = crate::pipeline::received_now();
+            let start = crate::types::received_now();
             Ok(Box::new((0u64..).map(move |n| {
                 let i = (n % devices as u64) as usize;
                 let k = n / devices as u64;

@@ -37,6 +37,17 @@ pub struct StateLimits {
     pub flush_interval: Duration,
 }
 
+impl From<&crate::config::StateConfig> for StateLimits {
+    /// Key and value size caps keep their defaults.
+    fn from(c: &crate::config::StateConfig) -> Self {
+        StateLimits {
+            flush_interval: std::time::Duration::from_millis(c.flush_interval_ms),
+            max_keys_per_scope: c.max_keys_per_scope,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for StateLimits {
     fn default() -> Self {
         StateLimits {

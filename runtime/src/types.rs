@@ -335,3 +335,29 @@ impl fmt::Display for Stage {
         f.write_str(self.name())
     }
 }
+
+/// A message to publish, after the allow-list check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The topic, with patterns filled in.
+    pub topic: String,
+    /// The message body (JSON for alerts and commands).
+    pub payload: Vec<u8>,
+    /// The QoS, at most the rule's.
+    pub qos: Qos,
+    /// Whether the broker retains the message.
+    pub retain: bool,
+}
+
+/// Milliseconds since the Unix epoch, now (0 before 1970: a clock that
+/// far wrong stamps every message alike rather than failing).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The receive time to stamp on a message now.
+pub fn received_now() -> i64 {
+    now_ms()
+}

@@ -17,12 +17,12 @@
 use ganglion::config::{PluginConfig, ReloadConfig};
 use ganglion::gateway::{Gateway, GatewayConfig};
 use ganglion::llm::NoModel;
-use ganglion::mqtt::{AckToken, Confirm, Delivery, MqttFuture, Publisher, QueueFuture};
 use ganglion::plugin::PluginHost;
 use ganglion::reload::Reloader;
-use ganglion::rules::Outgoing;
 use ganglion::state::StateStore;
+use ganglion::transport::{AckToken, Confirm, Delivery, Publisher, QueueFuture, TransportFuture};
 use ganglion::types::Message;
+use ganglion::types::Outgoing;
 use ganglion_tests::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,7 +55,7 @@ impl Publisher for Tags {
         })
     }
 
-    fn ack(&self, _token: AckToken) -> MqttFuture<'_> {
+    fn ack(&self, _token: AckToken) -> TransportFuture<'_> {
         Box::pin(async { Ok(()) })
     }
 }

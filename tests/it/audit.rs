@@ -1,7 +1,8 @@
 //! The decision audit log: what a model-backed decision records, rotation,
 //! replay through current plugins, and the fine-tuning export.
 
-use ganglion::audit::{self, AuditConfig, AuditLog, DecisionRecord};
+use ganglion::audit::{self, AuditLog, DecisionRecord};
+use ganglion::config::AuditConfig;
 use ganglion::config::GanglionConfig;
 use ganglion::llm::{FakeLlm, LlmEngine};
 use ganglion::reload::Reloader;
@@ -65,7 +66,7 @@ async fn replay(
     s: &Setup,
     llm: Arc<dyn LlmEngine>,
     records: &[DecisionRecord],
-) -> Vec<audit::Comparison> {
+) -> Vec<ganglion::replay::Comparison> {
     replay_with(s, Default::default(), llm, records).await
 }
 
@@ -74,13 +75,13 @@ async fn replay_with(
     limits: ganglion::config::Limits,
     llm: Arc<dyn LlmEngine>,
     records: &[DecisionRecord],
-) -> Vec<audit::Comparison> {
+) -> Vec<ganglion::replay::Comparison> {
     let host = host_with(limits, llm.clone());
     let (pipelines, problems) = Reloader::new(host, &s.plugins, &s.rules, llm)
         .load_all()
         .await;
     assert!(problems.is_empty(), "{problems:?}");
-    audit::replay(records, &pipelines).await
+    ganglion::replay::replay(records, &pipelines).await
 }
 
 #[tokio::test]

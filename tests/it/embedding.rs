@@ -3,9 +3,9 @@
 
 use ganglion::config::GanglionConfig;
 use ganglion::llm::NoModel;
-use ganglion::rules::Outgoing;
 use ganglion::runtime::{Runtime, RuntimeError};
 use ganglion::state::StateStore;
+use ganglion::types::Outgoing;
 use ganglion_tests::*;
 use std::sync::Arc;
 use std::time::Duration;

@@ -358,7 +358,7 @@ async fn tls_and_password_to_an_external_broker() {
         ..settings("secret")
     };
     assert!(
-        matches!(ganglion::mqtt::connect(&no_ca, &url, vec![], tx), Err(ganglion::mqtt::MqttError::BadUrl(_, m)) if m.contains("ca_file"))
+        matches!(ganglion::mqtt::connect(&no_ca, &url, vec![], tx), Err(ganglion::transport::TransportError::BadUrl(_, m)) if m.contains("ca_file"))
     );
 
     let gw = RunningGateway::start_with(&url, settings("secret"), &dir, voice_model()).await;
@@ -491,15 +491,18 @@ async fn a_panicking_lane_keeps_acknowledging_later_messages() {
 /// Outputs the broker never confirms, as with a broker that is down.
 struct BrokerDown;
 
-impl ganglion::mqtt::Publisher for BrokerDown {
-    fn publish(&self, _out: ganglion::rules::Outgoing) -> ganglion::mqtt::QueueFuture<'_> {
+impl ganglion::transport::Publisher for BrokerDown {
+    fn publish(&self, _out: ganglion::types::Outgoing) -> ganglion::transport::QueueFuture<'_> {
         Box::pin(async {
-            let never: ganglion::mqtt::Confirm = Box::pin(std::future::pending());
+            let never: ganglion::transport::Confirm = Box::pin(std::future::pending());
             Ok(never)
         })
     }
 
-    fn ack(&self, _token: ganglion::mqtt::AckToken) -> ganglion::mqtt::MqttFuture<'_> {
+    fn ack(
+        &self,
+        _token: ganglion::transport::AckToken,
+    ) -> ganglion::transport::TransportFuture<'_> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -526,13 +529,13 @@ async fn a_stop_with_the_broker_down_is_bounded_by_the_drain_limit() {
     assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
     let rt = loaded.serve(std::sync::Arc::new(BrokerDown));
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(ganglion::mqtt::Delivery {
+    tx.send(ganglion::transport::Delivery {
         message: ganglion::types::Message {
             topic: "t/m1/telemetry".into(),
             payload: br#"{"metric":"temperature","value":90}"#.to_vec(),
             timestamp: 0,
         },
-        token: ganglion::mqtt::AckToken::None,
+        token: ganglion::transport::AckToken::None,
     })
     .await
     .unwrap();

@@ -4,8 +4,8 @@
 //! scenario_packs` and recorded in each pack's README).
 
 use ganglion::llm::{FakeLlm, LlmEngine, LlmInput};
-use ganglion::rules::Outgoing;
 use ganglion::types::Constraint;
+use ganglion::types::Outgoing;
 use ganglion_tests::packs::{
     machine_rows, occupancy_rows, pack, run_rules as run, say, utterances,
 };

@@ -3,9 +3,9 @@
 
 use ganglion::gateway::{Gateway, GatewayConfig};
 use ganglion::llm::{FakeLlm, LlmEngine, LlmInput, NoModel};
-use ganglion::mqtt::{AckToken, Delivery, RecordingPublisher};
 use ganglion::pipeline::RulePipeline;
 use ganglion::rules::Rule;
+use ganglion::transport::{AckToken, Delivery, RecordingPublisher};
 use ganglion::types::{LlmError, Message};
 use ganglion_tests::*;
 use std::collections::HashMap;
@@ -297,7 +297,7 @@ async fn bad_rule_and_plugin_files_are_reported_and_the_rest_runs() {
     std::fs::write(rules.join("notes.txt"), "not a rule").unwrap();
     let host = host();
     let (pipelines, problems) =
-        ganglion::gateway::load(&host, &plugins, &rules, Arc::new(NoModel)).await;
+        ganglion::reload::load(&host, &plugins, &rules, Arc::new(NoModel)).await;
     assert_eq!(
         pipelines
             .iter()

@@ -7,7 +7,7 @@
 //! `cargo run -p xtask -- test` (`xtask::build_polyglot`), as in CI.
 
 use ganglion::config::Limits;
-use ganglion::harness;
+use ganglion::devtools::harness;
 use ganglion::llm::NoModel;
 use ganglion::types::Stage;
 use ganglion_tests::*;

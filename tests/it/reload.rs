@@ -8,8 +8,8 @@
 use ganglion::config::ReloadConfig;
 use ganglion::gateway::{Gateway, GatewayConfig};
 use ganglion::llm::NoModel;
-use ganglion::mqtt::{AckToken, Delivery, RecordingPublisher};
 use ganglion::reload::{FileKind, ReloadAction, ReloadEvent, ReloadHandle, Reloader};
+use ganglion::transport::{AckToken, Delivery, RecordingPublisher};
 use ganglion::types::Message;
 use ganglion_tests::*;
 use serde_json::Value as Json;

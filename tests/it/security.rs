@@ -7,11 +7,13 @@
 use ganglion::config::PipelineLimits;
 use ganglion::gateway::{Gateway, GatewayConfig};
 use ganglion::llm::NoModel;
-use ganglion::mqtt::{
-    AckToken, Confirm, Delivery, DoneSignal, MqttError, MqttFuture, Publisher, QueueFuture,
-};
 use ganglion::pipeline::RulePipeline;
-use ganglion::rules::{Outgoing, Rule};
+use ganglion::rules::Rule;
+use ganglion::transport::{
+    AckToken, Confirm, Delivery, DoneSignal, Publisher, QueueFuture, TransportError,
+    TransportFuture,
+};
+use ganglion::types::Outgoing;
 use ganglion::types::{Message, Qos};
 use ganglion_tests::*;
 use std::collections::HashMap;
@@ -226,7 +228,7 @@ async fn an_output_over_the_packet_cap_is_refused_before_it_is_queued() {
         Ok(_) => panic!("an oversized publish was queued"),
     };
     assert!(
-        matches!(err, MqttError::TooLarge { max: 1024, .. }),
+        matches!(err, TransportError::TooLarge { max: 1024, .. }),
         "{err}"
     );
     assert!(err.is_permanent());
@@ -246,13 +248,13 @@ impl Publisher for Faulty {
     fn publish(&self, out: Outgoing) -> QueueFuture<'_> {
         Box::pin(async move {
             if out.topic.starts_with(self.lose) {
-                return Err(MqttError::Stopped);
+                return Err(TransportError::Stopped);
             }
             let refused = out.topic.starts_with(self.refuse);
             self.published.lock().unwrap().push(out);
             let c: Confirm = Box::pin(async move {
                 if refused {
-                    Err(MqttError::Refused("NotAuthorized".into()))
+                    Err(TransportError::Refused("NotAuthorized".into()))
                 } else {
                     Ok(())
                 }
@@ -261,7 +263,7 @@ impl Publisher for Faulty {
         })
     }
 
-    fn ack(&self, _token: AckToken) -> MqttFuture<'_> {
+    fn ack(&self, _token: AckToken) -> TransportFuture<'_> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -350,7 +352,7 @@ async fn a_broker_refusal_is_not_reported_as_delivered() {
     assert_eq!(confirm(out("allowed/x")).await, Ok(()));
     let refused = confirm(out("forbidden/x")).await;
     assert!(
-        matches!(&refused, Err(MqttError::Refused(r)) if r.contains("NotAuthorized")),
+        matches!(&refused, Err(TransportError::Refused(r)) if r.contains("NotAuthorized")),
         "{refused:?}"
     );
     handle.disconnect().await;

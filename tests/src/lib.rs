@@ -574,8 +574,8 @@ pub fn voice_model() -> Arc<ganglion::llm::FakeLlm> {
 pub mod packs {
     use super::*;
     use ganglion::config::GanglionConfig;
-    use ganglion::rules::Outgoing;
     use ganglion::runtime::Runtime;
+    use ganglion::types::Outgoing;
     use serde_json::Value as Json;
 
     /// A scenario pack's folder.

@@ -1,6 +1,8 @@
 //! Build helpers shared by the `xtask` binary, the integration tests and the
 //! benchmarks: building the example plugins and test fixtures as components.
 
+pub mod layers;
+
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;

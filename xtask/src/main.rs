@@ -628,6 +628,19 @@ fn fuzz(rest: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The runtime library's layer check (docs/ARCHITECTURE.md).
+fn layers() -> Result<()> {
+    let violations = xtask::layers::check(&xtask::root().join("runtime/src"))?;
+    for v in &violations {
+        eprintln!("runtime/src/{}: {}", v.file, v.reason);
+    }
+    if !violations.is_empty() {
+        bail!("{} import(s) against the layers", violations.len());
+    }
+    println!("layers: runtime/src imports only downward");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = args.first().map(String::as_str).unwrap_or("help");
@@ -691,7 +704,9 @@ fn main() -> Result<()> {
             println!("tests: {} passed, {} failed", total.0, total.1);
             Ok(())
         }
+        "layers" => layers(),
         "lint" => {
+            layers()?;
             xtask::ensure_wasm_target()?;
             for manifest in ["Cargo.toml", "plugins/Cargo.toml", "sdk/Cargo.toml"] {
                 cargo(
@@ -797,7 +812,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo run -p xtask -- plugins | model | test | lint | demo | bench-mqtt | bench-llm | bench-reload | bench-polyglot | fuzz [seconds-per-target] [target...]"
+                "usage: cargo run -p xtask -- plugins | model | test | lint | layers | demo | bench-mqtt | bench-llm | bench-reload | bench-polyglot | fuzz [seconds-per-target] [target...]"
             );
             if task == "help" {
                 Ok(())

@@ -2,8 +2,8 @@
 
 use super::convert;
 use super::{BindingCtx, HostState};
+use super::{CallError, TICK};
 use crate::bindings::exports::ganglion::plugin::{handler, postprocess, preprocess, template};
-use crate::plugin::{CallError, TICK};
 use crate::types::{Action, Completion, Context, Message, Prompt, ReadingBatch, Stage};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -7,9 +7,12 @@
 //! ([`HostState`]) and one [`add_to_linker`].
 
 mod convert;
+mod error;
 mod imports;
 mod instance;
 
+pub use error::CallError;
+pub(crate) use error::TICK;
 pub use instance::{Exports, Instance};
 
 use crate::config::Limits;

@@ -8,7 +8,7 @@
 //! broker's own topics ([`is_reserved`]) are never a `publish` target.
 
 use super::topic::{Fill, check_device, is_reserved, pattern_matches, validate_topic};
-use crate::types::{Action, Qos, Value};
+use crate::types::{Action, Outgoing, Qos, Value};
 use serde::Deserialize;
 
 /// One entry of `[allow] publish`: a topic pattern, or a table.
@@ -445,19 +445,6 @@ fn check_command_value(
         }
     }
     Ok(())
-}
-
-/// A message to publish, after the allow-list check.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Outgoing {
-    /// The topic, with patterns filled in.
-    pub topic: String,
-    /// The message body (JSON for alerts and commands).
-    pub payload: Vec<u8>,
-    /// The QoS, at most the rule's.
-    pub qos: Qos,
-    /// Whether the broker retains the message.
-    pub retain: bool,
 }
 
 fn check_bounds(v: f64, min: Option<f64>, max: Option<f64>) -> Result<(), String> {

@@ -43,12 +43,13 @@ mod allow;
 mod proptests;
 mod topic;
 
-pub use allow::{AllowList, CommandAllow, Outgoing, PublishAllow, PublishEntry};
+pub use allow::{AllowList, CommandAllow, PublishAllow, PublishEntry};
 pub use topic::{
     Fill, RESERVED_PREFIX, check_device, filter_matches, is_reserved, pattern_matches,
     validate_filter, validate_topic,
 };
 
+use crate::types::Outgoing;
 use crate::types::{Action, Qos};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

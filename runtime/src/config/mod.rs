@@ -20,6 +20,9 @@
 //! max_text_bytes_per_request = 65536 # bytes of all texts and labels of one request
 //! ```
 
+mod mqtt;
+
+pub use mqtt::{MqttSettings, Protocol};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -210,13 +213,34 @@ impl Default for StateConfig {
     }
 }
 
-impl StateConfig {
-    /// The store limits from this config; key and value size caps keep their defaults.
-    pub fn limits(&self) -> crate::state::StateLimits {
-        crate::state::StateLimits {
-            flush_interval: Duration::from_millis(self.flush_interval_ms),
-            max_keys_per_scope: self.max_keys_per_scope,
-            ..Default::default()
+/// The `[audit]` table: where decisions are recorded and how much is
+/// kept (see `crate::audit`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Record decisions (default true).
+    pub enabled: bool,
+    /// The live file; rotated files get `.1`, `.2`, ... appended.
+    pub path: PathBuf,
+    /// Size in MiB at which the file is rotated (default 16).
+    pub max_mib: u64,
+    /// Rotated files kept (default 4).
+    pub keep: u32,
+    /// Records that may wait for the writer thread (default 1024; 0 counts
+    /// as 1). When the disk cannot keep up, further records are dropped and
+    /// counted (`AuditLog::dropped`) rather than held in memory without
+    /// bound or making the pipeline wait.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            path: PathBuf::from(".ganglion/audit.jsonl"),
+            max_mib: 16,
+            keep: 4,
+            queue: 1024,
         }
     }
 }
@@ -455,13 +479,13 @@ pub struct GanglionConfig {
     /// `[rules]`: rule files and lanes.
     pub rules: RulesConfig,
     /// `[mqtt]`: the broker connection.
-    pub mqtt: crate::mqtt::MqttSettings,
+    pub mqtt: MqttSettings,
     /// `[broker]`: the embedded broker, used when `[mqtt] broker` is not set.
     pub broker: BrokerConfig,
     /// `[reload]`: hot reload of plugins and rules.
     pub reload: ReloadConfig,
-    /// The decision audit log (see [`crate::audit::AuditConfig`]).
-    pub audit: crate::audit::AuditConfig,
+    /// The decision audit log (see [`AuditConfig`]).
+    pub audit: AuditConfig,
     /// The language model (see [`ganglion_llm::EngineConfig`]).
     pub model: ganglion_llm::EngineConfig,
     /// `[runtime]`: the async runtime's threads.

@@ -12,67 +12,22 @@
 //! protocol's rumqttc types; docs/NOTES.md lists the rumqttc behaviours it
 //! works around.
 
-use crate::rules::Outgoing;
-use crate::types::{Message, Qos};
-use rumqttc::{Outgoing as Out, QoS, Transport};
+mod options;
+
+pub use crate::config::{MqttSettings, Protocol};
+use crate::transport::{
+    AckToken, Confirm, Delivery, Publisher, QueueFuture, TransportAck, TransportError,
+    TransportFuture,
+};
+use crate::types::{Message, Outgoing, Qos};
+pub use options::network_options;
+use rumqttc::{Outgoing as Out, QoS};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-
-/// Why a connection could not be set up, or a request not be made.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MqttError {
-    /// The client's event loop has ended (or, for a channel publisher, the
-    /// receiver is gone): the request was not queued, or a queued publish
-    /// will never be confirmed.
-    #[error("MQTT client stopped")]
-    Stopped,
-    /// The broker address (first field) is unusable, for the reason in the
-    /// second: no `scheme://`, an unknown scheme, no host, a bad port, or
-    /// `mqtts://` without `ca_file`.
-    #[error("invalid broker address `{0}`: {1}")]
-    BadUrl(String, String),
-    /// The `ca_file` (first field) could not be read, with the I/O error.
-    #[error("cannot read TLS file {0}: {1}")]
-    Tls(String, String),
-    /// The broker answered a publish with a failure reason code (MQTT 5
-    /// PUBACK: not authorized, quota exceeded, topic invalid...). Sending it
-    /// again would be refused again.
-    #[error("the broker refused the publish: {0}")]
-    Refused(String),
-    /// The packet would be larger than `[mqtt] max_packet_bytes`; it was not
-    /// queued (the client would fail the write, reconnect and send it again
-    /// for ever).
-    #[error("packet of {bytes} bytes over the cap of {max} (`[mqtt] max_packet_bytes`)")]
-    TooLarge {
-        /// The packet's size, about.
-        bytes: usize,
-        /// The cap.
-        max: usize,
-    },
-}
-
-impl MqttError {
-    /// True when trying again cannot help: the broker refused the publish,
-    /// or it is too large to send. The gateway dead-letters such an output
-    /// instead of leaving its message for redelivery.
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, MqttError::Refused(_) | MqttError::TooLarge { .. })
-    }
-}
-
-/// Completes when the client has taken a request (an acknowledgement, a
-/// subscription change); the broker's answer is not awaited.
-pub type MqttFuture<'a> = Pin<Box<dyn Future<Output = Result<(), MqttError>> + Send + 'a>>;
-
-/// Completes when the broker acknowledged a queued publish.
-pub type Confirm = Pin<Box<dyn Future<Output = Result<(), MqttError>> + Send + 'static>>;
-
-/// Completes when a publish is queued, with its [`Confirm`].
-pub type QueueFuture<'a> = Pin<Box<dyn Future<Output = Result<Confirm, MqttError>> + Send + 'a>>;
 
 /// An incoming publish as the protocol's client needs it for the PUBACK.
 #[derive(Debug, Clone)]
@@ -92,304 +47,38 @@ impl Received {
     }
 }
 
-/// MQTT protocol version spoken to the broker.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-pub enum Protocol {
-    /// MQTT 3.1.1 (`"3.1.1"`), the default.
-    #[default]
-    #[serde(rename = "3.1.1")]
-    V311,
-    /// MQTT 5 (`"5"`); the session is asked never to expire, so that it
-    /// outlives a connection as in 3.1.1.
-    #[serde(rename = "5")]
-    V5,
+/// The MQTT adapter's [`TransportAck`]: the publish, the number of the
+/// connection it came on and its place in that connection's arrivals. MQTT
+/// 3.1.1 (4.6) requires PUBACKs in the order the PUBLISHes arrived, so
+/// acknowledgements wait for earlier ones; after a reconnection the broker
+/// reuses packet ids, so an acknowledgement from an older connection is not
+/// sent (the broker delivers the message again).
+#[derive(Debug)]
+struct MqttAck {
+    /// The publish as received; the PUBACK carries its packet id.
+    publish: Received,
+    /// The connection it came on, numbered from 1 (one per ConnAck).
+    connection: u64,
+    /// Its place in that connection's arrivals, from 0.
+    seq: u64,
 }
 
-/// What acknowledging a delivery needs.
-#[derive(Debug, Clone)]
-pub enum AckToken {
-    /// The publish, the number of the connection it came on and its place in
-    /// that connection's arrivals. MQTT 3.1.1 (4.6) requires PUBACKs in the
-    /// order the PUBLISHes arrived, so acknowledgements wait for earlier
-    /// ones; after a reconnection the broker reuses packet ids, so an
-    /// acknowledgement from an older connection is not sent (the broker
-    /// delivers the message again).
-    Mqtt {
-        /// The publish as received; the PUBACK carries its packet id.
-        publish: Box<Received>,
-        /// The connection it came on, numbered from 1 (one per ConnAck).
-        connection: u64,
-        /// Its place in that connection's arrivals, from 0.
-        seq: u64,
-    },
-    /// A message pushed by an embedding program, which learns through the
-    /// signal when the message is done (see [`crate::runtime::Runtime::push`]).
-    /// The gateway completes it itself; publishers never see it.
-    Done(DoneSignal),
-    /// A delivery that needs no acknowledgement (QoS 0, or a test).
-    None,
-}
-
-/// Completes once, when the message it belongs to has been handled.
-#[derive(Clone, Default)]
-pub struct DoneSignal(Arc<Mutex<Option<oneshot::Sender<()>>>>);
-
-impl DoneSignal {
-    /// A signal and what completes when it fires.
-    pub fn new() -> (DoneSignal, oneshot::Receiver<()>) {
-        let (tx, rx) = oneshot::channel();
-        (DoneSignal(Arc::new(Mutex::new(Some(tx)))), rx)
+impl TransportAck for MqttAck {
+    fn needs_ack(&self) -> bool {
+        self.publish.needs_ack()
     }
 
-    /// Completes the receiver. Only the first call, on any clone, does
-    /// anything; a receiver already dropped is ignored.
-    pub fn fire(&self) {
-        if let Some(tx) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = tx.send(());
-        }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
-}
-
-impl std::fmt::Debug for DoneSignal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DoneSignal")
-    }
-}
-
-/// An incoming message and what acknowledges it once it is handled.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The message, stamped with the time it was received.
-    pub message: Message,
-    /// Acknowledged once every rule the message matched has published its
-    /// outcome; dropped unacknowledged, the message comes again.
-    pub token: AckToken,
-}
-
-/// Publishing and acknowledging, behind a trait so that pipelines can be
-/// tested without a broker ([`RecordingPublisher`]).
-pub trait Publisher: Send + Sync + 'static {
-    /// Queues a publish behind every publish queued before it, and returns
-    /// what completes when the broker acknowledged it (QoS ≥ 1) or it was
-    /// written (QoS 0). While disconnected the confirmation waits for the
-    /// reconnection.
-    fn publish(&self, out: Outgoing) -> QueueFuture<'_>;
-    /// Acknowledges a delivery whose outcome is published. Over MQTT that
-    /// is the PUBACK, sent in arrival order, and not sent at all for a
-    /// delivery of an earlier connection (the broker delivers it again);
-    /// tokens that need nothing complete at once.
-    fn ack(&self, token: AckToken) -> MqttFuture<'_>;
-    /// Gives up a delivery whose outputs were not all delivered: over MQTT
-    /// its place in the acknowledgement order is released without a PUBACK,
-    /// so later deliveries are still acknowledged and the broker delivers
-    /// this one again on the next session. Transports without
-    /// acknowledgements drop the token.
-    fn release(&self, token: AckToken) -> MqttFuture<'_> {
-        drop(token);
-        Box::pin(async { Ok(()) })
-    }
-    /// Adds a topic filter to the subscriptions (kept across reconnections).
-    /// Transports without subscriptions accept it and do nothing.
-    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
-        let _ = filter;
-        Box::pin(async { Ok(()) })
-    }
-    /// Removes a topic filter from the subscriptions.
-    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
-        let _ = filter;
-        Box::pin(async { Ok(()) })
-    }
-}
-
-/// Broker connection settings. In `ganglion.toml`:
-///
-/// ```toml
-/// [mqtt]
-/// broker = "mqtt://127.0.0.1:1883"   # or mqtts://...; none: the embedded broker
-/// client_id = "ganglion"
-/// username = "gw"                    # optional
-/// password = "secret"                # optional
-/// ca_file = "/etc/ganglion/ca.pem"   # for mqtts://
-/// keep_alive_secs = 30
-/// inflight = 100                     # our unacknowledged publishes at once
-/// status_topic = "ganglion/status/{client_id}"
-/// protocol = "3.1.1"                 # or "5"
-/// max_packet_bytes = 16777216        # larger outputs are dead-lettered, never queued
-/// intake_buffer = 10000              # deliveries waiting for the rules; QoS 0 beyond it is dropped and counted
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttSettings {
-    /// `mqtt://host[:port]` or, with TLS, `mqtts://host[:port]` (`tcp://`
-    /// and `ssl://` also work); the port defaults to 1883, 8883 for
-    /// `mqtts://` and `ssl://`. Default none: `ganglion run` starts its embedded broker.
-    pub broker: Option<String>,
-    /// The MQTT client id, which the broker keeps our session under; the
-    /// output connection uses it with `-out` appended. Default `ganglion`.
-    pub client_id: String,
-    /// User name; sent only together with `password`. Default none.
-    pub username: Option<String>,
-    /// Password; sent only together with `username`. Default none.
-    pub password: Option<String>,
-    /// PEM file of the CA that signed the broker's certificate; required
-    /// for `mqtts://`. Default none.
-    pub ca_file: Option<String>,
-    /// MQTT keep-alive interval in seconds, at least 5. Default 30.
-    pub keep_alive_secs: u64,
-    /// How many of our publishes may await the broker's PUBACK at once, at
-    /// least 1. Default 100.
-    pub inflight: u16,
-    /// Where `online` is published (retained) on each connection, and
-    /// `offline` as the last will; `{client_id}` is replaced by the client
-    /// id. Default `ganglion/status/{client_id}`.
-    pub status_topic: String,
-    /// "3.1.1" (default) or "5".
-    pub protocol: Protocol,
-    /// Largest MQTT packet sent or received, in bytes. A publish that would
-    /// be larger is refused before it is queued (the gateway dead-letters
-    /// it). Default 16 MiB.
-    pub max_packet_bytes: usize,
-    /// Deliveries held while the rules' lanes are full. QoS 1 and 2
-    /// deliveries are always kept: over MQTT 5 this is also the receive
-    /// maximum the broker must respect, over 3.1.1 the broker's own window
-    /// bounds them. QoS 0 ones past this many are dropped and counted
-    /// ([`MqttHandle::dropped_qos0`]), as QoS 0 allows. Default 10 000.
-    pub intake_buffer: usize,
-}
-
-impl Default for MqttSettings {
-    fn default() -> Self {
-        MqttSettings {
-            broker: None,
-            client_id: "ganglion".into(),
-            username: None,
-            password: None,
-            ca_file: None,
-            keep_alive_secs: 30,
-            inflight: 100,
-            status_topic: "ganglion/status/{client_id}".into(),
-            protocol: Protocol::V311,
-            max_packet_bytes: 16 << 20,
-            intake_buffer: 10_000,
-        }
-    }
-}
-
-impl MqttSettings {
-    /// The status topic with `{client_id}` filled in.
-    pub fn status_topic(&self) -> String {
-        self.status_topic.replace("{client_id}", &self.client_id)
-    }
-
-    /// Host, port and, for mqtts://, the CA certificate.
-    fn endpoint(&self, broker: &str) -> Result<(String, u16, Option<Vec<u8>>), MqttError> {
-        let bad = |m: String| MqttError::BadUrl(broker.to_owned(), m);
-        let (scheme, rest) = broker
-            .split_once("://")
-            .ok_or_else(|| bad("expected mqtt://host:port or mqtts://host:port".into()))?;
-        let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_owned(),
-                p.parse::<u16>().map_err(|e| bad(format!("port: {e}")))?,
-            ),
-            None => (
-                rest.trim_end_matches('/').to_owned(),
-                if matches!(scheme, "mqtts" | "ssl") {
-                    8883
-                } else {
-                    1883
-                },
-            ),
-        };
-        if host.is_empty() {
-            return Err(bad("no host".into()));
-        }
-        let ca = match scheme {
-            "mqtt" | "tcp" => None,
-            "mqtts" | "ssl" => match &self.ca_file {
-                Some(f) => {
-                    Some(std::fs::read(f).map_err(|e| MqttError::Tls(f.clone(), e.to_string()))?)
-                }
-                None => return Err(bad("mqtts needs `ca_file`".into())),
-            },
-            other => return Err(bad(format!("unknown scheme `{other}`"))),
-        };
-        Ok((host, port, ca))
-    }
-
-    fn options_v4(&self, host: String, port: u16, ca: Option<Vec<u8>>) -> rumqttc::MqttOptions {
-        let mut o = rumqttc::MqttOptions::new(self.client_id.clone(), host, port);
-        o.set_clean_session(false)
-            .set_manual_acks(true)
-            .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
-            .set_inflight(self.inflight.max(1))
-            .set_max_packet_size(self.max_packet_bytes, self.max_packet_bytes)
-            .set_last_will(rumqttc::LastWill::new(
-                self.status_topic(),
-                "offline",
-                QoS::AtLeastOnce,
-                true,
-            ));
-        if let (Some(u), Some(p)) = (&self.username, &self.password) {
-            o.set_credentials(u.clone(), p.clone());
-        }
-        if let Some(ca) = ca {
-            o.set_transport(Transport::tls(ca, None, None));
-        }
-        o
-    }
-
-    fn options_v5(&self, host: String, port: u16, ca: Option<Vec<u8>>) -> rumqttc::v5::MqttOptions {
-        use rumqttc::v5::mqttbytes::{QoS as Q5, v5::LastWill};
-        let mut o = rumqttc::v5::MqttOptions::new(self.client_id.clone(), host, port);
-        o.set_clean_start(false)
-            // MQTT 5 ends a session when the connection closes unless it has an expiry.
-            .set_session_expiry_interval(Some(u32::MAX))
-            .set_manual_acks(true)
-            .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
-            .set_outgoing_inflight_upper_limit(self.inflight.max(1))
-            .set_max_packet_size(Some(
-                u32::try_from(self.max_packet_bytes).unwrap_or(u32::MAX),
-            ))
-            // MQTT 5 lets us bound the QoS 1 and 2 deliveries the broker
-            // sends before we acknowledge them: with it, the intake buffer
-            // is bounded for every QoS (MQTT 3.1.1 has no such limit).
-            .set_receive_maximum(Some(
-                u16::try_from(self.intake_buffer.clamp(1, 65_535)).unwrap_or(u16::MAX),
-            ))
-            .set_last_will(LastWill::new(
-                self.status_topic(),
-                "offline",
-                Q5::AtLeastOnce,
-                true,
-                None,
-            ))
-            .set_network_options(network_options());
-        if let (Some(u), Some(p)) = (&self.username, &self.password) {
-            o.set_credentials(u.clone(), p.clone());
-        }
-        if let Some(ca) = ca {
-            o.set_transport(Transport::tls(ca, None, None));
-        }
-        o
-    }
-}
-
-/// TCP without Nagle's algorithm: MQTT packets are small and each publish
-/// waits for its PUBACK, so Nagle plus delayed ACKs would add ~40 ms per
-/// round trip (measured: 84 msg/s instead of thousands).
-pub fn network_options() -> rumqttc::NetworkOptions {
-    let mut n = rumqttc::NetworkOptions::new();
-    n.set_tcp_nodelay(true);
-    n
 }
 
 /// Publishes waiting for their packet id (in request order), and those
 /// waiting for their PUBACK (by packet id).
 #[derive(Default)]
 struct Pending {
-    unnumbered: VecDeque<oneshot::Sender<Result<(), MqttError>>>,
-    by_pkid: HashMap<u16, oneshot::Sender<Result<(), MqttError>>>,
+    unnumbered: VecDeque<oneshot::Sender<Result<(), TransportError>>>,
+    by_pkid: HashMap<u16, oneshot::Sender<Result<(), TransportError>>>,
 }
 
 /// The protocol's client.
@@ -406,7 +95,7 @@ impl Client {
         q: Qos,
         retain: bool,
         payload: Vec<u8>,
-    ) -> Result<(), MqttError> {
+    ) -> Result<(), TransportError> {
         let r = match self {
             Client::V4(c) => c
                 .publish(topic, qos(q), retain, payload)
@@ -417,10 +106,10 @@ impl Client {
                 .await
                 .map_err(|_| ()),
         };
-        r.map_err(|()| MqttError::Stopped)
+        r.map_err(|()| TransportError::Stopped)
     }
 
-    async fn subscribe(&self, filter: String) -> Result<(), MqttError> {
+    async fn subscribe(&self, filter: String) -> Result<(), TransportError> {
         let r = match self {
             Client::V4(c) => c.subscribe(filter, QoS::AtLeastOnce).await.map_err(|_| ()),
             Client::V5(c) => c
@@ -428,25 +117,25 @@ impl Client {
                 .await
                 .map_err(|_| ()),
         };
-        r.map_err(|()| MqttError::Stopped)
+        r.map_err(|()| TransportError::Stopped)
     }
 
-    async fn unsubscribe(&self, filter: String) -> Result<(), MqttError> {
+    async fn unsubscribe(&self, filter: String) -> Result<(), TransportError> {
         let r = match self {
             Client::V4(c) => c.unsubscribe(filter).await.map_err(|_| ()),
             Client::V5(c) => c.unsubscribe(filter).await.map_err(|_| ()),
         };
-        r.map_err(|()| MqttError::Stopped)
+        r.map_err(|()| TransportError::Stopped)
     }
 
-    async fn ack(&self, p: &Received) -> Result<(), MqttError> {
+    async fn ack(&self, p: &Received) -> Result<(), TransportError> {
         let r = match (self, p) {
             (Client::V4(c), Received::V4(p)) => c.ack(p).await.map_err(|_| ()),
             (Client::V5(c), Received::V5(p)) => c.ack(p).await.map_err(|_| ()),
             // A token from the other protocol cannot come from this client.
             _ => Ok(()),
         };
-        r.map_err(|()| MqttError::Stopped)
+        r.map_err(|()| TransportError::Stopped)
     }
 
     async fn disconnect(&self) {
@@ -495,7 +184,7 @@ pub struct MqttHandle {
 struct AckOrder {
     connection: u64,
     next: u64,
-    done: std::collections::BTreeMap<u64, Option<Box<Received>>>,
+    done: std::collections::BTreeMap<u64, Option<Arc<dyn TransportAck>>>,
 }
 
 fn qos(q: Qos) -> QoS {
@@ -522,7 +211,7 @@ impl MqttHandle {
 
     /// Completes the publish the broker acknowledged (PUBACK, or PUBCOMP
     /// for QoS 2), or refused with a failure reason code.
-    fn confirm(&self, pkid: u16, result: Result<(), MqttError>) {
+    fn confirm(&self, pkid: u16, result: Result<(), TransportError>) {
         if let Some(tx) = self
             .pending
             .lock()
@@ -571,7 +260,7 @@ impl Publisher for MqttHandle {
             // MQTT 5, a few bytes of properties: 16 covers them.
             let bytes = out.topic.len() + out.payload.len() + 16;
             if bytes > self.max_packet_bytes {
-                return Err(MqttError::TooLarge {
+                return Err(TransportError::TooLarge {
                     bytes,
                     max: self.max_packet_bytes,
                 });
@@ -589,12 +278,12 @@ impl Publisher for MqttHandle {
                     .await?;
             }
             let confirm: Confirm =
-                Box::pin(async move { rx.await.unwrap_or(Err(MqttError::Stopped)) });
+                Box::pin(async move { rx.await.unwrap_or(Err(TransportError::Stopped)) });
             Ok(confirm)
         })
     }
 
-    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
+    fn subscribe(&self, filter: String) -> TransportFuture<'_> {
         Box::pin(async move {
             {
                 let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
@@ -609,7 +298,7 @@ impl Publisher for MqttHandle {
         })
     }
 
-    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
+    fn unsubscribe(&self, filter: String) -> TransportFuture<'_> {
         Box::pin(async move {
             let removed = {
                 let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
@@ -624,11 +313,11 @@ impl Publisher for MqttHandle {
         })
     }
 
-    fn ack(&self, token: AckToken) -> MqttFuture<'_> {
+    fn ack(&self, token: AckToken) -> TransportFuture<'_> {
         self.settle(token, true)
     }
 
-    fn release(&self, token: AckToken) -> MqttFuture<'_> {
+    fn release(&self, token: AckToken) -> TransportFuture<'_> {
         self.settle(token, false)
     }
 }
@@ -637,14 +326,15 @@ impl MqttHandle {
     /// Takes a delivery's place in the acknowledgement order, with its
     /// PUBACK (`ack`) or without (released for redelivery), and sends the
     /// PUBACKs that are now in order.
-    fn settle(&self, token: AckToken, ack: bool) -> MqttFuture<'_> {
+    fn settle(&self, token: AckToken, ack: bool) -> TransportFuture<'_> {
         Box::pin(async move {
             match token {
-                AckToken::Mqtt {
-                    publish,
-                    connection,
-                    seq,
-                } => {
+                AckToken::Transport(t) => {
+                    // A token of another transport is not ours to settle.
+                    let Some(a) = t.as_any().downcast_ref::<MqttAck>() else {
+                        return Ok(());
+                    };
+                    let (connection, seq) = (a.connection, a.seq);
                     let mut order = self.acks.lock().await;
                     if order.connection != connection {
                         if connection < self.connection.load(std::sync::atomic::Ordering::Acquire) {
@@ -656,17 +346,19 @@ impl MqttHandle {
                         };
                     }
                     // QoS 0 publishes take a place in the order but need no PUBACK.
-                    order
-                        .done
-                        .insert(seq, (ack && publish.needs_ack()).then_some(publish));
+                    let needs = ack && t.needs_ack();
+                    order.done.insert(seq, needs.then_some(t));
                     loop {
                         let next = order.next;
                         let Some(p) = order.done.remove(&next) else {
                             break;
                         };
                         order.next += 1;
-                        if let Some(p) = p {
-                            self.client.ack(&p).await?;
+                        if let Some(a) = p
+                            .as_ref()
+                            .and_then(|t| t.as_any().downcast_ref::<MqttAck>())
+                        {
+                            self.client.ack(&a.publish).await?;
                         }
                     }
                     Ok(())
@@ -686,8 +378,8 @@ pub fn connect(
     broker: &str,
     filters: Vec<String>,
     deliveries: mpsc::Sender<Delivery>,
-) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), MqttError> {
-    let (host, port, ca) = settings.endpoint(broker)?;
+) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), TransportError> {
+    let (host, port, ca) = options::endpoint(settings, broker)?;
     let (connected_tx, connected) = watch::channel(false);
     let status = settings.status_topic();
     let handle = |client| MqttHandle {
@@ -713,7 +405,7 @@ pub fn connect(
         match settings.protocol {
             Protocol::V311 => {
                 let (client, mut eventloop) =
-                    rumqttc::AsyncClient::new(settings.options_v4(host, port, ca), 1024);
+                    rumqttc::AsyncClient::new(options::options_v4(settings, host, port, ca), 1024);
                 eventloop.set_network_options(network_options());
                 let handle = handle(Client::V4(client));
                 (
@@ -722,8 +414,10 @@ pub fn connect(
                 )
             }
             Protocol::V5 => {
-                let (client, eventloop) =
-                    rumqttc::v5::AsyncClient::new(settings.options_v5(host, port, ca), 1024);
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(
+                    options::options_v5(settings, host, port, ca),
+                    1024,
+                );
                 let handle = handle(Client::V5(client));
                 (
                     handle.clone(),
@@ -764,7 +458,7 @@ impl GatewayLink {
         broker: &str,
         filters: Vec<String>,
         deliveries: mpsc::Sender<Delivery>,
-    ) -> Result<GatewayLink, MqttError> {
+    ) -> Result<GatewayLink, TransportError> {
         let (intake, intake_task) = connect(settings, broker, filters, deliveries)?;
         let out_settings = MqttSettings {
             client_id: format!("{}-out", settings.client_id),
@@ -804,19 +498,19 @@ impl Publisher for GatewayLink {
         self.output.publish(out)
     }
 
-    fn ack(&self, token: AckToken) -> MqttFuture<'_> {
+    fn ack(&self, token: AckToken) -> TransportFuture<'_> {
         self.intake.ack(token)
     }
 
-    fn release(&self, token: AckToken) -> MqttFuture<'_> {
+    fn release(&self, token: AckToken) -> TransportFuture<'_> {
         self.intake.release(token)
     }
 
-    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
+    fn subscribe(&self, filter: String) -> TransportFuture<'_> {
         self.intake.subscribe(filter)
     }
 
-    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
+    fn unsubscribe(&self, filter: String) -> TransportFuture<'_> {
         self.intake.unsubscribe(filter)
     }
 }
@@ -914,7 +608,7 @@ macro_rules! event_loop {
                             let message = Message {
                                 topic: topic_of(&p),
                                 payload: p.payload.to_vec(),
-                                timestamp: crate::pipeline::received_now(),
+                                timestamp: crate::types::received_now(),
                             };
                             let publish = received(p);
                             if overflow.len() >= intake_buffer && !publish.needs_ack() {
@@ -929,11 +623,11 @@ macro_rules! event_loop {
                             let connection = handle.connection.load(std::sync::atomic::Ordering::Acquire);
                             let d = Delivery {
                                 message,
-                                token: AckToken::Mqtt {
-                                    publish: Box::new(publish),
+                                token: AckToken::Transport(Arc::new(MqttAck {
+                                    publish,
                                     connection,
                                     seq,
-                                },
+                                })),
                             };
                             seq += 1;
                             if !overflow.is_empty() {
@@ -960,7 +654,7 @@ macro_rules! event_loop {
                         }
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
                             let result = match refusal(&ack) {
-                                Some(reason) => Err(MqttError::Refused(reason)),
+                                Some(reason) => Err(TransportError::Refused(reason)),
                                 None => Ok(()),
                             };
                             handle.confirm(ack.pkid, result)
@@ -1061,71 +755,6 @@ event_loop!(
     }
 );
 
-/// A [`Publisher`] that records what would be published, for tests.
-#[derive(Default)]
-pub struct RecordingPublisher {
-    published: Mutex<Vec<Outgoing>>,
-    acks: std::sync::atomic::AtomicUsize,
-    filters: Mutex<Vec<String>>,
-}
-
-impl RecordingPublisher {
-    /// Everything published so far, in order.
-    pub fn published(&self) -> Vec<Outgoing> {
-        self.published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// How many times [`Publisher::ack`] was called, whatever the token.
-    pub fn acks(&self) -> usize {
-        self.acks.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Filters subscribed through [`Publisher::subscribe`] and not unsubscribed.
-    pub fn filters(&self) -> Vec<String> {
-        self.filters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-impl Publisher for RecordingPublisher {
-    fn publish(&self, out: Outgoing) -> QueueFuture<'_> {
-        self.published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(out);
-        Box::pin(async {
-            let confirm: Confirm = Box::pin(async { Ok(()) });
-            Ok(confirm)
-        })
-    }
-
-    fn ack(&self, _token: AckToken) -> MqttFuture<'_> {
-        self.acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Box::pin(async { Ok(()) })
-    }
-
-    fn subscribe(&self, filter: String) -> MqttFuture<'_> {
-        let mut f = self.filters.lock().unwrap_or_else(|e| e.into_inner());
-        if !f.contains(&filter) {
-            f.push(filter);
-        }
-        Box::pin(async { Ok(()) })
-    }
-
-    fn unsubscribe(&self, filter: String) -> MqttFuture<'_> {
-        self.filters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|f| *f != filter);
-        Box::pin(async { Ok(()) })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1133,10 +762,10 @@ mod tests {
     #[test]
     fn broker_addresses_and_default_ports() {
         let s = MqttSettings {
-            ca_file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/mqtt.rs").into()),
+            ca_file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/mqtt/mod.rs").into()),
             ..MqttSettings::default()
         };
-        let at = |url: &str| s.endpoint(url).map(|(h, p, ca)| (h, p, ca.is_some()));
+        let at = |url: &str| options::endpoint(&s, url).map(|(h, p, ca)| (h, p, ca.is_some()));
         assert_eq!(at("mqtt://gw.local"), Ok(("gw.local".into(), 1883, false)));
         assert_eq!(
             at("tcp://10.0.0.2:1884/"),
@@ -1144,13 +773,22 @@ mod tests {
         );
         assert_eq!(at("mqtts://gw.local"), Ok(("gw.local".into(), 8883, true)));
         assert_eq!(at("ssl://gw.local"), Ok(("gw.local".into(), 8883, true)));
-        assert!(matches!(at("gw.local:1883"), Err(MqttError::BadUrl(..))));
-        assert!(matches!(at("mqtt://:1883"), Err(MqttError::BadUrl(..))));
-        assert!(matches!(at("mqtt://h:port"), Err(MqttError::BadUrl(..))));
+        assert!(matches!(
+            at("gw.local:1883"),
+            Err(TransportError::BadUrl(..))
+        ));
+        assert!(matches!(
+            at("mqtt://:1883"),
+            Err(TransportError::BadUrl(..))
+        ));
+        assert!(matches!(
+            at("mqtt://h:port"),
+            Err(TransportError::BadUrl(..))
+        ));
         let no_ca = MqttSettings::default();
         assert!(matches!(
-            no_ca.endpoint("mqtts://h"),
-            Err(MqttError::BadUrl(..))
+            options::endpoint(&no_ca, "mqtts://h"),
+            Err(TransportError::BadUrl(..))
         ));
     }
 }

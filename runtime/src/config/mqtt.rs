@@ -1,0 +1,98 @@
+//! The `[mqtt]` table: where the broker is and how to talk to it. The
+//! adapter that acts on it is [`crate::mqtt`].
+
+use serde::Deserialize;
+
+/// MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// MQTT 3.1.1 (`"3.1.1"`), the default.
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5 (`"5"`); the session is asked never to expire, so that it
+    /// outlives a connection as in 3.1.1.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// Broker connection settings. In `ganglion.toml`:
+///
+/// ```toml
+/// [mqtt]
+/// broker = "mqtt://127.0.0.1:1883"   # or mqtts://...; none: the embedded broker
+/// client_id = "ganglion"
+/// username = "gw"                    # optional
+/// password = "secret"                # optional
+/// ca_file = "/etc/ganglion/ca.pem"   # for mqtts://
+/// keep_alive_secs = 30
+/// inflight = 100                     # our unacknowledged publishes at once
+/// status_topic = "ganglion/status/{client_id}"
+/// protocol = "3.1.1"                 # or "5"
+/// max_packet_bytes = 16777216        # larger outputs are dead-lettered, never queued
+/// intake_buffer = 10000              # deliveries waiting for the rules; QoS 0 beyond it is dropped and counted
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// `mqtt://host[:port]` or, with TLS, `mqtts://host[:port]` (`tcp://`
+    /// and `ssl://` also work); the port defaults to 1883, 8883 for
+    /// `mqtts://` and `ssl://`. Default none: `ganglion run` starts its embedded broker.
+    pub broker: Option<String>,
+    /// The MQTT client id, which the broker keeps our session under; the
+    /// output connection uses it with `-out` appended. Default `ganglion`.
+    pub client_id: String,
+    /// User name; sent only together with `password`. Default none.
+    pub username: Option<String>,
+    /// Password; sent only together with `username`. Default none.
+    pub password: Option<String>,
+    /// PEM file of the CA that signed the broker's certificate; required
+    /// for `mqtts://`. Default none.
+    pub ca_file: Option<String>,
+    /// MQTT keep-alive interval in seconds, at least 5. Default 30.
+    pub keep_alive_secs: u64,
+    /// How many of our publishes may await the broker's PUBACK at once, at
+    /// least 1. Default 100.
+    pub inflight: u16,
+    /// Where `online` is published (retained) on each connection, and
+    /// `offline` as the last will; `{client_id}` is replaced by the client
+    /// id. Default `ganglion/status/{client_id}`.
+    pub status_topic: String,
+    /// "3.1.1" (default) or "5".
+    pub protocol: Protocol,
+    /// Largest MQTT packet sent or received, in bytes. A publish that would
+    /// be larger is refused before it is queued (the gateway dead-letters
+    /// it). Default 16 MiB.
+    pub max_packet_bytes: usize,
+    /// Deliveries held while the rules' lanes are full. QoS 1 and 2
+    /// deliveries are always kept: over MQTT 5 this is also the receive
+    /// maximum the broker must respect, over 3.1.1 the broker's own window
+    /// bounds them. QoS 0 ones past this many are dropped and counted
+    /// (`MqttHandle::dropped_qos0`), as QoS 0 allows. Default 10 000.
+    pub intake_buffer: usize,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            broker: None,
+            client_id: "ganglion".into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            keep_alive_secs: 30,
+            inflight: 100,
+            status_topic: "ganglion/status/{client_id}".into(),
+            protocol: Protocol::V311,
+            max_packet_bytes: 16 << 20,
+            intake_buffer: 10_000,
+        }
+    }
+}
+
+impl MqttSettings {
+    /// The status topic with `{client_id}` filled in.
+    pub fn status_topic(&self) -> String {
+        self.status_topic.replace("{client_id}", &self.client_id)
+    }
+}

@@ -1,0 +1,119 @@
+//! From `[mqtt]` settings to rumqttc's options, for each protocol.
+
+use crate::config::MqttSettings;
+use crate::transport::TransportError;
+use rumqttc::{QoS, Transport};
+use std::time::Duration;
+
+/// Host, port and, for mqtts://, the CA certificate.
+pub(super) fn endpoint(
+    s: &MqttSettings,
+    broker: &str,
+) -> Result<(String, u16, Option<Vec<u8>>), TransportError> {
+    let bad = |m: String| TransportError::BadUrl(broker.to_owned(), m);
+    let (scheme, rest) = broker
+        .split_once("://")
+        .ok_or_else(|| bad("expected mqtt://host:port or mqtts://host:port".into()))?;
+    let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_owned(),
+            p.parse::<u16>().map_err(|e| bad(format!("port: {e}")))?,
+        ),
+        None => (
+            rest.trim_end_matches('/').to_owned(),
+            if matches!(scheme, "mqtts" | "ssl") {
+                8883
+            } else {
+                1883
+            },
+        ),
+    };
+    if host.is_empty() {
+        return Err(bad("no host".into()));
+    }
+    let ca = match scheme {
+        "mqtt" | "tcp" => None,
+        "mqtts" | "ssl" => match &s.ca_file {
+            Some(f) => {
+                Some(std::fs::read(f).map_err(|e| TransportError::Tls(f.clone(), e.to_string()))?)
+            }
+            None => return Err(bad("mqtts needs `ca_file`".into())),
+        },
+        other => return Err(bad(format!("unknown scheme `{other}`"))),
+    };
+    Ok((host, port, ca))
+}
+
+pub(super) fn options_v4(
+    s: &MqttSettings,
+    host: String,
+    port: u16,
+    ca: Option<Vec<u8>>,
+) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(s.client_id.clone(), host, port);
+    o.set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(s.keep_alive_secs.max(5)))
+        .set_inflight(s.inflight.max(1))
+        .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes)
+        .set_last_will(rumqttc::LastWill::new(
+            s.status_topic(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let (Some(u), Some(p)) = (&s.username, &s.password) {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(ca) = ca {
+        o.set_transport(Transport::tls(ca, None, None));
+    }
+    o
+}
+
+pub(super) fn options_v5(
+    s: &MqttSettings,
+    host: String,
+    port: u16,
+    ca: Option<Vec<u8>>,
+) -> rumqttc::v5::MqttOptions {
+    use rumqttc::v5::mqttbytes::{QoS as Q5, v5::LastWill};
+    let mut o = rumqttc::v5::MqttOptions::new(s.client_id.clone(), host, port);
+    o.set_clean_start(false)
+        // MQTT 5 ends a session when the connection closes unless it has an expiry.
+        .set_session_expiry_interval(Some(u32::MAX))
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(s.keep_alive_secs.max(5)))
+        .set_outgoing_inflight_upper_limit(s.inflight.max(1))
+        .set_max_packet_size(Some(u32::try_from(s.max_packet_bytes).unwrap_or(u32::MAX)))
+        // MQTT 5 lets us bound the QoS 1 and 2 deliveries the broker
+        // sends before we acknowledge them: with it, the intake buffer
+        // is bounded for every QoS (MQTT 3.1.1 has no such limit).
+        .set_receive_maximum(Some(
+            u16::try_from(s.intake_buffer.clamp(1, 65_535)).unwrap_or(u16::MAX),
+        ))
+        .set_last_will(LastWill::new(
+            s.status_topic(),
+            "offline",
+            Q5::AtLeastOnce,
+            true,
+            None,
+        ))
+        .set_network_options(network_options());
+    if let (Some(u), Some(p)) = (&s.username, &s.password) {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(ca) = ca {
+        o.set_transport(Transport::tls(ca, None, None));
+    }
+    o
+}
+
+/// TCP without Nagle's algorithm: MQTT packets are small and each publish
+/// waits for its PUBACK, so Nagle plus delayed ACKs would add ~40 ms per
+/// round trip (measured: 84 msg/s instead of thousands).
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
