@@ -11,9 +11,11 @@
 //!   on KV memory.
 //! - [`prefix`]: prompt-prefix KV reuse, bounded in bytes, least recently
 //!   used out first.
-//! - [`kernels`]: the engine's own matrix product for the CPU (Q8_0, Q4_0,
-//!   Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), tiled over weight and activation
-//!   rows, batch-invariant; candle's for the other formats, in row pieces.
+//! - [`kernels`]: the candle glue of the engine's own matrix product for
+//!   the CPU (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; the kernels
+//!   themselves, x86-64, aarch64 and portable, are the `ganglion-kernels`
+//!   crate in runtime/llm/kernels); candle's for the other formats, in row
+//!   pieces.
 //! - [`pool`]: the model's compute threads, a pool of its own that degrades
 //!   gently when the cores are oversubscribed.
 //! - [`gguf`]: opening and checking GGUF files; [`LoadError`].

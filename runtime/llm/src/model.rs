@@ -645,11 +645,11 @@ impl Model {
 }
 
 /// candle 0.11 has no SIMD dot product for Q4_1, Q5_0 and Q5_1 (its scalar
-/// path is ~10× slower than llama.cpp's). Where the engine's own kernel runs
-/// (x86-64 with AVX2) it takes them as they are; elsewhere they are
-/// converted to Q8_0 at load: finer than the source, so the conversion is
-/// close to lossless, at 34 bytes per 32 weights. The original bytes are
-/// dropped.
+/// path is ~10× slower than llama.cpp's). The engine's own kernel takes
+/// them as they are on every CPU; where it does not run (a GPU, or a
+/// matrix of another shape) they are converted to Q8_0 at load: finer than
+/// the source, so the conversion is close to lossless, at 34 bytes per 32
+/// weights. The original bytes are dropped.
 fn widen_for_simd(t: QTensor, device: &Device) -> Result<QTensor> {
     use candle_core::quantized::GgmlDType;
     match t.dtype() {

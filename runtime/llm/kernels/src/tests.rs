@@ -384,19 +384,42 @@ fn wrong_sizes_are_refused() {
 }
 
 /// The paths this CPU has side by side, in GMAC/s, on one thread. It
-/// switches the process-wide path, so it runs alone: `cargo test --release
-/// -p ganglion-kernels kernel_speed -- --ignored --nocapture`.
+/// switches the process-wide path, so it runs alone: `cargo test -p
+/// ganglion-kernels kernel_speed -- --ignored --nocapture` (the dev
+/// profile optimises this crate). `GANGLION_KERNEL_SPEED=quick`: the two
+/// small shapes, 1 and 8 rows, a hundredth of the work, for runs under
+/// qemu, whose figures are emulation speed, not the hardware's.
 #[test]
 #[ignore]
 fn kernel_speed() {
-    for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1, Format::Q5_0] {
-        for (n, k) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
+    let quick = std::env::var("GANGLION_KERNEL_SPEED").is_ok_and(|v| v == "quick");
+    let formats = [
+        Format::Q8_0,
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q4K,
+        Format::Q6K,
+    ];
+    let shapes: &[(usize, usize)] = if quick {
+        &[(1536, 576), (576, 1536)]
+    } else {
+        &[(1536, 576), (576, 1536), (49152, 576)]
+    };
+    let (rows, work, rounds): (&[usize], usize, usize) = if quick {
+        (&[1, 8], 1_000_000, 3)
+    } else {
+        (&[1, 8, 64], 100_000_000, 5)
+    };
+    for format in formats {
+        for &(n, k) in shapes {
+            let k = k.next_multiple_of(format.block_weights());
             let (w, _) = matrix(format, n, k, 1, 1);
-            for m in [1usize, 8, 64] {
+            for &m in rows {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-                let reps = 100_000_000 / (n * k * m).max(1) + 1;
+                let reps = work / (n * k * m).max(1) + 1;
                 let mut best = vec![0f64; Path::ALL.len()];
-                for _ in 0..5 {
+                for _ in 0..rounds {
                     for p in paths() {
                         assert!(dispatch::force(Some(p)));
                         let t = std::time::Instant::now();
