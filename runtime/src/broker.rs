@@ -8,6 +8,7 @@
 //! over the gateway's session (see [`crate::config::BrokerConfig`]).
 
 use crate::config::BrokerConfig;
+pub use crate::config::Login;
 use crate::config::MqttSettings;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,24 +40,6 @@ pub enum BrokerError {
     /// not one of them. Never contains a password.
     #[error("embedded broker: {0}")]
     Accounts(String),
-}
-
-/// A user name and password (the password is left out of `Debug`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Login {
-    /// The user name.
-    pub username: String,
-    /// The password.
-    pub password: String,
-}
-
-impl std::fmt::Debug for Login {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Login")
-            .field("username", &self.username)
-            .field("password", &"…")
-            .finish()
-    }
 }
 
 /// The embedded broker, started.

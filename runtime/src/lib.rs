@@ -33,12 +33,14 @@
 
 pub mod audit;
 pub mod bindings;
+#[cfg(feature = "broker")]
 pub mod broker;
 pub mod config;
 pub mod devtools;
 pub mod gateway;
 pub mod host;
 pub mod llm;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod pipeline;
 pub mod plugin;
@@ -46,6 +48,7 @@ pub mod reload;
 pub mod replay;
 pub mod rules;
 pub mod runtime;
+#[cfg(feature = "mqtt")]
 pub mod simulate;
 pub mod state;
 pub mod transport;

@@ -62,7 +62,7 @@ pub struct SimConfig {
     /// Stop after this long; none means no time limit.
     pub duration: Option<Duration>,
     /// The broker login; none connects anonymously.
-    pub login: Option<crate::broker::Login>,
+    pub login: Option<crate::config::Login>,
 }
 
 /// Why a simulation failed.

@@ -761,7 +761,7 @@ pub fn ganglion_binary() -> PathBuf {
     let bin = xtask::root().join("target/debug/ganglion");
     assert!(
         bin.exists(),
-        "{} is missing: `cargo build -p ganglion` (or `cargo run -p xtask -- test`) builds it",
+        "{} is missing: `cargo build -p ganglion-cli` (or `cargo run -p xtask -- test`) builds it",
         bin.display()
     );
     bin

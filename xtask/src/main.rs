@@ -669,7 +669,7 @@ fn main() -> Result<()> {
             xtask::fetch_model()?;
             xtask::fetch_embedding_model()?;
             // The demo test runs the binary.
-            cargo(&["build", "--quiet", "-p", "ganglion"], &[] as &[&str])?;
+            cargo(&["build", "--quiet", "-p", "ganglion-cli"], &[] as &[&str])?;
             let none: &[String] = &[];
             let mut total = (0, 0);
             for (args, extra) in [
@@ -806,7 +806,7 @@ fn main() -> Result<()> {
                     "run",
                     "--release",
                     "-p",
-                    "ganglion",
+                    "ganglion-cli",
                     "--",
                     "run",
                     "--simulate",

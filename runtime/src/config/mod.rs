@@ -22,7 +22,7 @@
 
 mod mqtt;
 
-pub use mqtt::{MqttSettings, Protocol};
+pub use mqtt::{Login, MqttSettings, Protocol};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -96,3 +96,21 @@ impl MqttSettings {
         self.status_topic.replace("{client_id}", &self.client_id)
     }
 }
+
+/// A user name and password (the password is left out of `Debug`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The user name.
+    pub username: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("username", &self.username)
+            .field("password", &"…")
+            .finish()
+    }
+}

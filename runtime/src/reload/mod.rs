@@ -26,6 +26,8 @@
 //!   A folder that disappears changes nothing until it is back.
 
 mod apply;
+#[cfg(feature = "reload")]
+mod events;
 mod scan;
 mod watcher;
 

@@ -1,0 +1,354 @@
+//! The `ganglion` command.
+
+mod run;
+mod tools;
+
+use run::*;
+use tools::*;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use ganglion::config::GanglionConfig;
+use ganglion::gateway::{Gateway, GatewayEvent, RuleStats};
+use ganglion::llm::NoModel;
+use ganglion::plugin::PluginHost;
+use ganglion::reload::ReloadEvent;
+use ganglion::runtime::Runtime;
+use ganglion::simulate::{self, SimConfig, Source};
+use ganglion::state::StateStore;
+use ganglion::{broker, mqtt};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "ganglion",
+    version,
+    about = "IoT gateway runtime: WebAssembly plugins and a local LLM over MQTT rules"
+)]
+struct Cli {
+    /// Configuration file; defaults apply when it does not exist.
+    #[arg(long, global = true, default_value = "ganglion.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the rules over MQTT: load plugins and rules, connect (or start the
+    /// embedded broker), process until Ctrl-C or SIGTERM, then drain (within
+    /// `[runtime] drain_timeout_ms`) and exit.
+    Run {
+        /// Broker to use instead of the configured one (mqtt://host:port or mqtts://).
+        #[arg(long)]
+        broker: Option<String>,
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
+        /// CA certificate (PEM) for mqtts://.
+        #[arg(long)]
+        ca_file: Option<String>,
+        /// MQTT version to speak to the broker: 3.1.1 or 5.
+        #[arg(long, value_parser = ["3.1.1", "5"])]
+        mqtt_version: Option<String>,
+        /// Also run simulated sensors against the broker.
+        #[arg(long)]
+        simulate: bool,
+        /// Simulated messages per second.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Print only the per-rule summary lines, not every event.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Publish simulated sensor telemetry to a broker.
+    Simulate {
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        /// Synthetic devices (machines and rooms).
+        #[arg(long, default_value_t = 8)]
+        devices: usize,
+        /// Every n-th reading of a device is an anomaly (0: none).
+        #[arg(long, default_value_t = 50)]
+        anomaly_every: u64,
+        /// Replay this CSV (timestamp,value) instead of synthetic data.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Topic, device, metric and unit of the replayed series.
+        #[arg(long, default_value = "factory/machine-1/telemetry")]
+        topic: String,
+        #[arg(long, default_value = "machine-1")]
+        device: String,
+        #[arg(long, default_value = "temperature")]
+        metric: String,
+        #[arg(long, default_value = "F")]
+        unit: String,
+        /// Messages per second (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Broker login (with --password).
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Take the decisions recorded in an audit log again through the current
+    /// plugins, rules and model, and report which changed (or, with
+    /// --export-finetune, write the recorded prompt/completion pairs instead).
+    Replay {
+        /// The audit log (JSON lines, as written under [audit]).
+        log: PathBuf,
+        /// Write chat-format training pairs here instead of replaying.
+        #[arg(long)]
+        export_finetune: Option<PathBuf>,
+    },
+    /// Start a plugin project: sources for the stage in the language, the
+    /// WIT, a manifest and test input; `ganglion build` builds it.
+    New {
+        /// Plugin name (lowercase, digits, dashes): the component's file
+        /// stem, which rules refer to.
+        name: String,
+        /// rust, python, js or c.
+        #[arg(long, default_value = "rust")]
+        lang: String,
+        /// preprocessor, prompt-template, postprocessor or rule.
+        #[arg(long, default_value = "preprocessor")]
+        stage: String,
+        /// Folder to create (default: ./<name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The Ganglion SDK folder, for Rust (default: the one this binary
+        /// was built beside).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin project (made by `ganglion new`) into <name>.wasm.
+    Build {
+        /// The project folder.
+        #[arg(default_value = ".")]
+        project: PathBuf,
+    },
+    /// Call one stage of a plugin on JSON cases (one per line) and print one
+    /// outcome per line: how to test a plugin without a broker or rule.
+    Call {
+        /// The component.
+        file: PathBuf,
+        /// JSON lines, one case each (see docs/plugins.md); `-` reads stdin.
+        #[arg(long)]
+        cases: PathBuf,
+        /// The plugin's settings, as the rule's `config` table would give
+        /// them, as a JSON object.
+        #[arg(long, default_value = "{}")]
+        settings: String,
+        /// preprocess, template, postprocess or handler; needed only when the
+        /// plugin implements more than one.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Load the configured model, for plugins that call `llm`.
+        #[arg(long)]
+        model: bool,
+    },
+    /// Report what components implement and whether they load under the configured limits.
+    Check {
+        /// Component files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn load_config(path: &Path) -> Result<GanglionConfig> {
+    if path.to_string_lossy().trim_start().starts_with('{') {
+        bail!(
+            "--config takes the path of ganglion.toml; give a plugin's settings as JSON with `call --settings`"
+        );
+    }
+    if path.exists() {
+        Ok(GanglionConfig::load(path)?)
+    } else {
+        Ok(GanglionConfig::default())
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let config = load_config(&cli.config)?;
+    // candle's own compute pool is process-wide and sized from the
+    // environment on first use: one thread, since the engine's pool
+    // (`[model] threads`) does the parallel work and candle's workers,
+    // which spin between operations, would compete with it. Set while
+    // this is the only thread.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: no other thread exists yet, so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads())
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async_main(cli, config));
+    // Work a drain cut short by its limit left behind (a lane waiting on the
+    // broker, a plugin call on a blocking thread) must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Check { files } => check(config, files).await,
+        Command::New {
+            name,
+            lang,
+            stage,
+            dir,
+            sdk,
+        } => {
+            let options = ganglion_tools::project::NewOptions {
+                dir: dir.unwrap_or_else(|| PathBuf::from(&name)),
+                name,
+                lang: lang.parse()?,
+                world: stage.parse()?,
+                sdk,
+            };
+            let files = ganglion_tools::project::new_project(&options)?;
+            println!(
+                "created {} ({} {}):",
+                options.dir.display(),
+                options.lang,
+                options.world
+            );
+            for f in files {
+                println!("  {}", f.display());
+            }
+            println!(
+                "next: cd {} && ganglion build && ganglion call {}.wasm --cases test-input.jsonl",
+                options.dir.display(),
+                options.name
+            );
+            Ok(())
+        }
+        Command::Build { project } => {
+            let built = tokio::task::spawn_blocking(move || ganglion_tools::build::build(&project))
+                .await??;
+            println!(
+                "built {} ({} {}, {} bytes) in {:.1?}",
+                built.component.display(),
+                built.manifest.lang,
+                built.manifest.world,
+                built.size,
+                built.time
+            );
+            Ok(())
+        }
+        Command::Call {
+            file,
+            cases,
+            settings,
+            stage,
+            model,
+        } => call(config, file, cases, settings, stage, model).await,
+        Command::Replay {
+            log,
+            export_finetune,
+        } => replay(config, log, export_finetune).await,
+        Command::Run {
+            broker,
+            username,
+            password,
+            ca_file,
+            mqtt_version,
+            simulate,
+            rate,
+            duration,
+            quiet,
+        } => {
+            let mut config = config;
+            match mqtt_version.as_deref() {
+                Some("5") => config.mqtt.protocol = mqtt::Protocol::V5,
+                Some(_) => config.mqtt.protocol = mqtt::Protocol::V311,
+                None => {}
+            }
+            if broker.is_some() {
+                config.mqtt.broker = broker;
+            }
+            config.mqtt.username = username.or(config.mqtt.username);
+            config.mqtt.password = password.or(config.mqtt.password);
+            config.mqtt.ca_file = ca_file.or(config.mqtt.ca_file);
+            let sim = simulate.then_some(SimConfig {
+                source: Source::Synthetic {
+                    devices: 8,
+                    anomaly_every: 12,
+                    seed: 1,
+                },
+                rate,
+                count: None,
+                duration: None,
+                login: None,
+            });
+            run(config, sim, duration.map(Duration::from_secs), quiet).await
+        }
+        Command::Simulate {
+            broker,
+            devices,
+            anomaly_every,
+            csv,
+            topic,
+            device,
+            metric,
+            unit,
+            rate,
+            count,
+            duration,
+            username,
+            password,
+        } => {
+            let source = match csv {
+                Some(path) => Source::Csv {
+                    path,
+                    topic,
+                    device,
+                    metric,
+                    unit,
+                },
+                None => Source::Synthetic {
+                    devices,
+                    anomaly_every,
+                    seed: 1,
+                },
+            };
+            let (host, port) = simulate::host_port(&broker)
+                .with_context(|| format!("broker address `{broker}`: expected mqtt://host:port"))?;
+            let config = SimConfig {
+                source,
+                rate,
+                count,
+                duration: duration.map(Duration::from_secs),
+                login: username
+                    .zip(password)
+                    .map(|(username, password)| broker::Login { username, password }),
+            };
+            let acked = simulate::run(&config, &host, port, "ganglion-simulator").await?;
+            println!("{acked} messages published and acknowledged");
+            Ok(())
+        }
+    }
+}
