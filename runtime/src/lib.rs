@@ -1,33 +1,36 @@
 //! Ganglion: an IoT gateway runtime that runs sandboxed WebAssembly plugins
 //! and a local language model over MQTT rules.
 //!
-//! Module map:
-//! - [`types`]: the runtime's domain types (readings, messages, prompts, actions).
-//! - [`plugin`]: loading components and calling their stages under limits
-//!   ([`plugin::PluginHost`], [`plugin::InstancePool`]).
-//! - [`host`]: the WIT host side: store data, the `log`/`config`/`state`/`llm`
-//!   imports, typed export calls. Generated types stop there.
-//! - [`bindings`]: the one `bindgen!` of the host.
-//! - [`llm`]: the [`llm::LlmEngine`] trait the `llm` interface calls, with
-//!   [`llm::NoModel`] and the scripted [`llm::FakeLlm`].
-//! - [`state`]: the persistent per-plugin, per-rule key–value store (redb).
-//! - [`config`]: typed configuration.
-//! - [`rules`]: rule files, topic filters, the allow-list.
-//! - [`pipeline`]: one rule at work, message to outcome (publishes, dead letters).
-//! - [`audit`]: the decision audit log (JSON lines, rotated), replay and
-//!   fine-tuning export.
-//! - [`gateway`]: routing deliveries to rules, lanes, publishing, acknowledging;
-//!   rules added, replaced and removed while messages flow.
-//! - [`reload`]: watching the plugins and rules folders and applying changes
-//!   (hot reload; a bad file leaves the previous version running).
-//! - [`mqtt`]: the broker connection (rumqttc) behind the [`mqtt::Publisher`] trait.
-//! - [`broker`]: the embedded broker (rumqttd).
+//! Module map, from the top layer down; a module imports only from layers
+//! below its own (docs/ARCHITECTURE.md; `cargo run -p xtask -- layers`
+//! checks it):
 //! - [`runtime`]: the embedding API ([`runtime::Runtime`]): build from
 //!   config, push messages from any transport, take outputs on a channel,
 //!   install and remove rules.
-//! - [`harness`]: calling one stage of a plugin on JSON cases (`ganglion
-//!   call`), for testing plugins alone and comparing them across languages.
-//! - [`simulate`]: simulated sensors (synthetic or CSV replay) over MQTT.
+//! - Adapters: `simulate` (simulated sensors over MQTT), `broker` (the
+//!   embedded rumqttd broker), `mqtt` (the broker connection, rumqttc,
+//!   implementing [`transport::Publisher`]); behind the `mqtt` and `broker`
+//!   features. [`devtools`]: one stage of a plugin on JSON cases (`ganglion
+//!   call`).
+//! - [`reload`]: loading the plugins and rules folders and keeping the
+//!   gateway in step with them (file notifications with the `reload`
+//!   feature); [`replay`]: recorded decisions through the current plugins.
+//! - [`gateway`]: routing deliveries to rules, lanes, publishing,
+//!   acknowledging; rules added, replaced and removed while messages flow.
+//! - [`pipeline`]: one rule at work, message to outcome (publishes, dead
+//!   letters), windows per device.
+//! - [`plugin`]: loading components and calling their stages under limits
+//!   ([`plugin::PluginHost`], [`plugin::InstancePool`]).
+//! - [`host`]: the WIT host side: store data, the `log`/`config`/`state`/`llm`
+//!   imports, typed export calls; [`bindings`]: its one `bindgen!`.
+//!   Generated types stop there.
+//! - [`llm`]: the [`llm::LlmEngine`] trait the `llm` interface calls, with
+//!   [`llm::NoModel`] and the scripted [`llm::FakeLlm`]; [`state`]: the
+//!   per-plugin, per-rule key–value store (redb); [`rules`]: rule files,
+//!   topic filters, the allow-list; [`audit`]: the decision audit log.
+//! - [`transport`]: the seam to whatever carries messages ([`transport::Publisher`],
+//!   [`transport::Delivery`], the opaque [`transport::AckToken`]).
+//! - [`config`]: typed configuration; [`types`]: the domain types.
 
 #![warn(missing_docs)]
 

@@ -112,12 +112,12 @@ pub mod fuzzing {
     use crate::rules::CsvSpec;
     use crate::types::{Message, ReadingBatch};
 
-    /// [`super::parse_csv`].
+    /// The pipeline's CSV parser.
     pub fn parse_csv(message: &Message, spec: &CsvSpec) -> Result<ReadingBatch, String> {
         super::parse_csv(message, spec)
     }
 
-    /// [`super::parse_time`].
+    /// The pipeline's time parser.
     pub fn parse_time(s: &str) -> Option<i64> {
         super::parse_time(s)
     }
