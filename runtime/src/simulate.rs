@@ -13,7 +13,8 @@
 //! `data/utterances.jsonl`) as `{"metric":"speech","value":text}` on
 //! `home/<room>/say`, over and over.
 
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use crate::config::MqttSettings;
+use rumqttc::{AsyncClient, QoS};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -176,19 +177,17 @@ pub fn messages(source: &Source) -> Result<Messages, SimError> {
     }
 }
 
-/// Publishes the configured stream to `broker` (host, port); returns how
-/// many messages the broker acknowledged.
+/// Publishes the configured stream to `broker` with the address, TLS and
+/// credentials rules of `settings` (`config.login`, when set, replaces its
+/// credentials); returns how many messages the broker acknowledged.
 pub async fn run(
     config: &SimConfig,
-    host: &str,
-    port: u16,
+    settings: &MqttSettings,
+    broker: &str,
     client_id: &str,
 ) -> Result<u64, SimError> {
-    let mut options = MqttOptions::new(client_id, host, port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(100)
-        .set_max_packet_size(1 << 20, 1 << 20);
+    let mut options = crate::mqtt::client_options(settings, broker, client_id)
+        .map_err(|e| SimError::Broker(e.to_string()))?;
     if let Some(login) = &config.login {
         options.set_credentials(&login.username, &login.password);
     }
@@ -239,16 +238,6 @@ pub async fn run(
     Ok(acked.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// Splits `mqtt://host:port` into host and port.
-pub fn host_port(url: &str) -> Option<(String, u16)> {
-    let rest = url
-        .split_once("://")
-        .map_or(url, |(_, r)| r)
-        .trim_end_matches('/');
-    let (h, p) = rest.rsplit_once(':')?;
-    Some((h.to_owned(), p.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,9 +262,5 @@ mod tests {
             })
             .count();
         assert_eq!(spikes, 6, "3 machines × 10 readings, every 5th a spike");
-        assert_eq!(
-            host_port("mqtt://127.0.0.1:1883"),
-            Some(("127.0.0.1".into(), 1883))
-        );
     }
 }

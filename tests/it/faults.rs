@@ -244,7 +244,9 @@ async fn a_qos0_flood_cannot_exhaust_the_gateways_memory() {
     let probe = TestClient::connect(&broker.url(), "fault-flood-probe", &["flood/#"]).await;
     let pid = gateway.id();
     let before = rss_kib(pid);
-    let (host, port) = ganglion::simulate::host_port(&broker.url()).unwrap();
+    let (host, port) = ganglion::mqtt::broker_address(&broker.url())
+        .map(|(h, p, _)| (h, p))
+        .unwrap();
     let mut o = rumqttc::MqttOptions::new("fault-flood-sensor", host, port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = rumqttc::AsyncClient::new(o, 1024);
@@ -527,7 +529,9 @@ type Tally = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
 /// Subscribes to `filters` at QoS 1 and keeps every message as JSON less
 /// its payload copy: cheap to count while thousands of dead letters come.
 async fn tally(url: &str, id: &str, filters: &[&str]) -> (Tally, tokio::task::JoinHandle<()>) {
-    let (host, port) = ganglion::simulate::host_port(url).unwrap();
+    let (host, port) = ganglion::mqtt::broker_address(url)
+        .map(|(h, p, _)| (h, p))
+        .unwrap();
     let mut o = rumqttc::MqttOptions::new(id, host, port);
     o.set_inflight(100);
     let (client, mut events) = rumqttc::AsyncClient::new(o, 1024);

@@ -271,7 +271,9 @@ impl TestClient {
     /// Connects with a persistent session (so nothing is lost across a broker
     /// restart) and subscribes to `filters` at QoS 1.
     pub async fn connect(url: &str, id: &str, filters: &[&str]) -> TestClient {
-        let (host, port) = ganglion::simulate::host_port(url).expect("broker url");
+        let (host, port) = ganglion::mqtt::broker_address(url)
+            .map(|(h, p, _)| (h, p))
+            .expect("broker url");
         let mut o = rumqttc::MqttOptions::new(id, host, port);
         o.set_clean_session(false)
             .set_inflight(100)

@@ -335,8 +335,7 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                     seed: 1,
                 },
             };
-            let (host, port) = simulate::host_port(&broker)
-                .with_context(|| format!("broker address `{broker}`: expected mqtt://host:port"))?;
+            let settings = config.mqtt.clone();
             let config = SimConfig {
                 source,
                 rate,
@@ -346,7 +345,7 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                     .zip(password)
                     .map(|(username, password)| broker::Login { username, password }),
             };
-            let acked = simulate::run(&config, &host, port, "ganglion-simulator").await?;
+            let acked = simulate::run(&config, &settings, &broker, "ganglion-simulator").await?;
             println!("{acked} messages published and acknowledged");
             Ok(())
         }

@@ -139,20 +139,17 @@ pub(crate) async fn run(
     for (sim, _) in &mut simulations {
         sim.login = login.clone();
     }
-    let simulator: Vec<_> = match simulate::host_port(&broker) {
-        Some((h, p)) => simulations
-            .into_iter()
-            .map(|(sim, client)| {
-                let h = h.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = simulate::run(&sim, &h, p, client).await {
-                        tracing::error!(error = %e, client, "simulator stopped");
-                    }
-                })
+    let simulator: Vec<_> = simulations
+        .into_iter()
+        .map(|(sim, client)| {
+            let (settings, broker) = (config.mqtt.clone(), broker.clone());
+            tokio::spawn(async move {
+                if let Err(e) = simulate::run(&sim, &settings, &broker, client).await {
+                    tracing::error!(error = %e, client, "simulator stopped");
+                }
             })
-            .collect(),
-        None => Vec::new(),
-    };
+        })
+        .collect();
     let limit = config.runtime.drain_timeout();
     let stopped_at = std::cell::Cell::new(None);
     let stop = async {

@@ -21,7 +21,7 @@ use crate::transport::{
     TransportFuture,
 };
 use crate::types::{Message, Outgoing, Qos};
-pub use options::network_options;
+pub use options::{broker_address, client_options, network_options};
 use rumqttc::{Outgoing as Out, QoS};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

@@ -5,15 +5,20 @@ use crate::transport::TransportError;
 use rumqttc::{QoS, Transport};
 use std::time::Duration;
 
-/// Host, port and, for mqtts://, the CA certificate.
-pub(super) fn endpoint(
-    s: &MqttSettings,
-    broker: &str,
-) -> Result<(String, u16, Option<Vec<u8>>), TransportError> {
+/// A broker address: host, port and whether it asks for TLS. The one parser
+/// of `mqtt://`, `mqtts://`, `tcp://` and `ssl://` addresses (the gateway,
+/// the simulator and the tests use it); the port defaults to 1883, 8883
+/// with TLS.
+pub fn broker_address(broker: &str) -> Result<(String, u16, bool), TransportError> {
     let bad = |m: String| TransportError::BadUrl(broker.to_owned(), m);
     let (scheme, rest) = broker
         .split_once("://")
         .ok_or_else(|| bad("expected mqtt://host:port or mqtts://host:port".into()))?;
+    let tls = match scheme {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => return Err(bad(format!("unknown scheme `{other}`"))),
+    };
     let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
         Some((h, p)) => (
             h.to_owned(),
@@ -21,27 +26,55 @@ pub(super) fn endpoint(
         ),
         None => (
             rest.trim_end_matches('/').to_owned(),
-            if matches!(scheme, "mqtts" | "ssl") {
-                8883
-            } else {
-                1883
-            },
+            if tls { 8883 } else { 1883 },
         ),
     };
     if host.is_empty() {
         return Err(bad("no host".into()));
     }
-    let ca = match scheme {
-        "mqtt" | "tcp" => None,
-        "mqtts" | "ssl" => match &s.ca_file {
-            Some(f) => {
-                Some(std::fs::read(f).map_err(|e| TransportError::Tls(f.clone(), e.to_string()))?)
-            }
-            None => return Err(bad("mqtts needs `ca_file`".into())),
-        },
-        other => return Err(bad(format!("unknown scheme `{other}`"))),
+    Ok((host, port, tls))
+}
+
+/// Host, port and, for mqtts://, the CA certificate.
+pub(super) fn endpoint(
+    s: &MqttSettings,
+    broker: &str,
+) -> Result<(String, u16, Option<Vec<u8>>), TransportError> {
+    let (host, port, tls) = broker_address(broker)?;
+    let ca = match (tls, &s.ca_file) {
+        (false, _) => None,
+        (true, Some(f)) => {
+            Some(std::fs::read(f).map_err(|e| TransportError::Tls(f.clone(), e.to_string()))?)
+        }
+        (true, None) => {
+            return Err(TransportError::BadUrl(
+                broker.to_owned(),
+                "mqtts needs `ca_file`".into(),
+            ));
+        }
     };
     Ok((host, port, ca))
+}
+
+/// Options for a plain client of the gateway's broker (the simulator): the
+/// address, TLS and credentials of `s`, a clean session, automatic acks.
+pub fn client_options(
+    s: &MqttSettings,
+    broker: &str,
+    client_id: &str,
+) -> Result<rumqttc::MqttOptions, TransportError> {
+    let (host, port, ca) = endpoint(s, broker)?;
+    let mut o = rumqttc::MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(Duration::from_secs(s.keep_alive_secs.max(5)))
+        .set_inflight(s.inflight.max(1))
+        .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
+    if let (Some(u), Some(p)) = (&s.username, &s.password) {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(ca) = ca {
+        o.set_transport(Transport::tls(ca, None, None));
+    }
+    Ok(o)
 }
 
 pub(super) fn options_v4(
