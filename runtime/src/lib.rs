@@ -6,8 +6,8 @@
 //! - [`plugin`]: loading components and calling their stages under limits
 //!   ([`plugin::PluginHost`], [`plugin::InstancePool`]).
 //! - [`host`]: the WIT host side: store data, the `log`/`config`/`state`/`llm`
-//!   imports, typed export calls. Generated types stop there.
-//! - [`bindings`]: the one `bindgen!` of the host.
+//!   imports, typed export calls, and per WIT version its one `bindgen!`.
+//!   Generated types stop there.
 //! - [`llm`]: the [`llm::LlmEngine`] trait the `llm` interface calls, with
 //!   [`llm::NoModel`] and the scripted [`llm::FakeLlm`].
 //! - [`state`]: the persistent per-plugin, per-rule key–value store (redb).
@@ -32,7 +32,6 @@
 #![warn(missing_docs)]
 
 pub mod audit;
-pub mod bindings;
 pub mod broker;
 pub mod config;
 pub mod devtools;

@@ -309,14 +309,10 @@ impl Stage {
         Stage::Rule,
     ];
 
-    /// The WIT interface a component exports for this stage.
+    /// The WIT interface a component exports for this stage, in the newest
+    /// version the host serves.
     pub fn interface(self) -> &'static str {
-        match self {
-            Stage::Preprocessor => "ganglion:plugin/preprocess@0.1.0",
-            Stage::PromptTemplate => "ganglion:plugin/template@0.1.0",
-            Stage::Postprocessor => "ganglion:plugin/postprocess@0.1.0",
-            Stage::Rule => "ganglion:plugin/handler@0.1.0",
-        }
+        crate::host::v0_1_0::interface(self)
     }
 
     /// The stage's name in logs and messages, e.g. `prompt-template`.

@@ -32,6 +32,10 @@ pub mod telemetry;
 pub mod threshold;
 pub mod units;
 
+/// The version of the `ganglion:plugin` package the bindings are generated
+/// from, `wit/ganglion-plugin@<version>/`.
+pub const WIT_VERSION: &str = "0.1.0";
+
 pub use bindings::ganglion::plugin::types::{
     Action, Alert, AlertLevel, ChatMessage, Command, Completion, Constraint, Context, FinishReason,
     GenerationParams, LlmError, Message, PluginError, Prompt, Publish, Qos, Reading, ReadingBatch,
@@ -113,5 +117,27 @@ impl Value {
             Value::Boolean(b) => Some(if *b { 1.0 } else { 0.0 }),
             Value::Text(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bindings_name_the_package_of_wit_version() {
+        let source = include_str!("bindings.rs");
+        let code = source.lines().filter(|l| !l.trim_start().starts_with("//"));
+        let versions: Vec<&str> = code
+            .flat_map(|l| l.split('@').skip(1))
+            .map(|rest| rest.split(['"', '/']).next().unwrap())
+            .collect();
+        assert_eq!(versions.len(), 12, "{versions:?}");
+        assert!(versions.iter().all(|v| *v == WIT_VERSION), "{versions:?}");
+        let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../wit/ganglion-plugin@{WIT_VERSION}/ganglion.wit"));
+        let text = std::fs::read_to_string(&wit).unwrap();
+        let package = format!("package ganglion:plugin@{WIT_VERSION};");
+        assert!(text.lines().any(|l| l == package), "{}", wit.display());
     }
 }

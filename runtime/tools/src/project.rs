@@ -9,7 +9,9 @@
 //! ```
 //!
 //! plus the language's sources and `wit/ganglion.wit`, the contract it is
-//! built against.
+//! built against: a copy of the package [`crate::WIT_VERSION`], so that the
+//! project's `wit/` is that package's folder and keeps building when the
+//! host adds a newer version.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
