@@ -11,7 +11,7 @@
 //!         telemetry::parse_json(&message.payload, &telemetry::ParseOptions::from_topic(&message, None, message.timestamp))
 //!     }
 //! }
-//! ganglion_sdk::export!(Clean: preprocessor);
+//! ganglion_sdk::export!(Clean: preprocess);
 //! ```
 //!
 //! Modules:
@@ -51,10 +51,12 @@ pub use bindings::prompt_template::exports::ganglion::plugin::template::Guest as
 /// The rule stage: message to actions, with full control.
 pub use bindings::rule::exports::ganglion::plugin::handler::Guest as Rule;
 
-/// Exports a type as the implementation of the named stages
-/// (`preprocessor`, `prompt_template`, `postprocessor`, `rule`).
+/// Exports a type as the implementation of the named stages: `preprocess`,
+/// `template`, `postprocess`, `handler` (the WIT interface names, as in rule
+/// files and `ganglion call --stage`). The world names `preprocessor`,
+/// `prompt_template`, `postprocessor` and `rule` are accepted as well.
 ///
-/// `ganglion_sdk::export!(MyPlugin: preprocessor, postprocessor);`
+/// `ganglion_sdk::export!(MyPlugin: preprocess, postprocess);`
 #[macro_export]
 macro_rules! export {
     ($ty:ident : $($stage:ident),+ $(,)?) => {
@@ -68,29 +70,41 @@ macro_rules! export {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_stage {
-    (preprocessor, $ty:ident) => {
+    (preprocess, $ty:ident) => {
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::preprocessor::export_preprocessor!($ty with_types_in $crate::bindings::preprocessor);
         #[cfg(not(target_arch = "wasm32"))]
         const _: () = { let _ = <$ty as $crate::Preprocessor>::preprocess; };
     };
-    (prompt_template, $ty:ident) => {
+    (template, $ty:ident) => {
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::prompt_template::export_prompt_template!($ty with_types_in $crate::bindings::prompt_template);
         #[cfg(not(target_arch = "wasm32"))]
         const _: () = { let _ = <$ty as $crate::PromptTemplate>::render; };
     };
-    (postprocessor, $ty:ident) => {
+    (postprocess, $ty:ident) => {
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::postprocessor::export_postprocessor!($ty with_types_in $crate::bindings::postprocessor);
         #[cfg(not(target_arch = "wasm32"))]
         const _: () = { let _ = <$ty as $crate::Postprocessor>::postprocess; };
     };
-    (rule, $ty:ident) => {
+    (handler, $ty:ident) => {
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::rule::export_rule!($ty with_types_in $crate::bindings::rule);
         #[cfg(not(target_arch = "wasm32"))]
         const _: () = { let _ = <$ty as $crate::Rule>::handle; };
+    };
+    (preprocessor, $ty:ident) => {
+        $crate::__export_stage!(preprocess, $ty);
+    };
+    (prompt_template, $ty:ident) => {
+        $crate::__export_stage!(template, $ty);
+    };
+    (postprocessor, $ty:ident) => {
+        $crate::__export_stage!(postprocess, $ty);
+    };
+    (rule, $ty:ident) => {
+        $crate::__export_stage!(handler, $ty);
     };
 }
 
@@ -123,6 +137,42 @@ impl Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Pre;
+    impl Preprocessor for Pre {
+        fn preprocess(_: Message, readings: ReadingBatch) -> Result<ReadingBatch, PluginError> {
+            Ok(readings)
+        }
+    }
+    struct Template;
+    impl PromptTemplate for Template {
+        fn render(_: Context, _: ReadingBatch) -> Result<Prompt, PluginError> {
+            Err(PluginError::Other("unused".into()))
+        }
+    }
+    struct Post;
+    impl Postprocessor for Post {
+        fn postprocess(
+            _: Context,
+            _: ReadingBatch,
+            _: Option<Completion>,
+        ) -> Result<Vec<Action>, PluginError> {
+            Ok(Vec::new())
+        }
+    }
+    struct Handler;
+    impl Rule for Handler {
+        fn handle(_: String, _: Message) -> Result<Vec<Action>, PluginError> {
+            Ok(Vec::new())
+        }
+    }
+
+    // Each type implements one stage only, so a spelling that exported
+    // another stage would not compile.
+    crate::export!(Pre: preprocess, preprocessor);
+    crate::export!(Template: template, prompt_template);
+    crate::export!(Post: postprocess, postprocessor);
+    crate::export!(Handler: handler, rule);
 
     #[test]
     fn the_bindings_name_the_package_of_wit_version() {
