@@ -309,12 +309,6 @@ impl Stage {
         Stage::Rule,
     ];
 
-    /// The WIT interface a component exports for this stage, in the newest
-    /// version the host serves.
-    pub fn interface(self) -> &'static str {
-        crate::host::v0_1_0::interface(self)
-    }
-
     /// The stage's name, that of its WIT interface: `preprocess`, `template`,
     /// `postprocess` or `handler`. The same on the command line, in rule
     /// files, in the SDK's `export!`, in logs and in messages.
@@ -401,7 +395,6 @@ mod tests {
         for stage in Stage::ALL {
             assert_eq!(stage.name().parse(), Ok(stage));
             assert_eq!(stage.world().parse(), Ok(stage));
-            assert!(stage.interface().contains(&format!("/{}@", stage.name())));
             let world: World = stage.name().parse().unwrap();
             assert_eq!(stage.world().parse::<World>().unwrap(), world);
             assert_eq!((world.stage(), world.name()), (stage.name(), stage.world()));

@@ -24,7 +24,8 @@ pub const WIT_VERSION: &str = version!();
 /// The package, `ganglion:plugin@<version>`.
 pub const PACKAGE: &str = concat!("ganglion:plugin@", version!());
 
-/// The WIT interface a component exports for `stage`.
+/// The WIT interface a component exports for `stage`, named as the stage is
+/// ([`Stage::name`]).
 pub fn interface(stage: Stage) -> &'static str {
     match stage {
         Stage::Preprocessor => concat!("ganglion:plugin/preprocess@", version!()),
@@ -99,6 +100,7 @@ mod tests {
                 .instantiate_pre(&component)
                 .unwrap();
             assert_eq!(Exports::new(pre).stages(), [stage]);
+            assert!(interface(stage).contains(&format!("/{}@", stage.name())));
         }
     }
 }
