@@ -10,6 +10,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 out_dir="$root/target/polyglot"
+source "$root/plugins/wit.sh"
 
 if [[ $# -eq 0 ]]; then
     echo "usage: $0 <plugin-dir-name>..." >&2
@@ -41,7 +42,7 @@ for name in "$@"; do
     esac
     out="$out_dir/js-$name.wasm"
     "$here/node_modules/.bin/jco" componentize "$app" \
-        --wit "$root/wit/ganglion.wit" --world-name "$world" \
+        --wit "$wit_dir" --world-name "$world" \
         --disable http fetch-event \
         --bundle --bundle-config "$here/bundle.config.mjs" -o "$out"
     echo "built $out ($(stat -c %s "$out") bytes)"

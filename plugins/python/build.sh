@@ -17,6 +17,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 outdir="$root/target/polyglot"
 source "$root/plugins/python/toolchain.sh"
+source "$root/plugins/wit.sh"
 
 # componentize-py adds a site-packages folder to the app's path: $VIRTUAL_ENV's,
 # else pipenv's, else the host Python's (whose listing then ends up in the
@@ -48,6 +49,6 @@ for name in "$@"; do
     mkdir -p "$stage"
     cp "$src/app.py" "$here"/shared/*.py "$stage/"
     out="$outdir/py-$name.wasm"
-    VIRTUAL_ENV="$no_site" "$venv/bin/componentize-py" -d "$root/wit" -w "$world" componentize app -p "$stage" -o "$out"
+    VIRTUAL_ENV="$no_site" "$venv/bin/componentize-py" -d "$wit_dir" -w "$world" componentize app -p "$stage" -o "$out"
     echo "built $out ($world, $(stat -c %s "$out") bytes)"
 done

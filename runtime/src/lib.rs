@@ -22,8 +22,8 @@
 //! - [`plugin`]: loading components and calling their stages under limits
 //!   ([`plugin::PluginHost`], [`plugin::InstancePool`]).
 //! - [`host`]: the WIT host side: store data, the `log`/`config`/`state`/`llm`
-//!   imports, typed export calls; [`bindings`]: its one `bindgen!`.
-//!   Generated types stop there.
+//!   imports, typed export calls, and per WIT version its one `bindgen!`
+//!   (`host::v0_1_0`). Generated types stop there.
 //! - [`llm`]: the [`llm::LlmEngine`] trait the `llm` interface calls, with
 //!   [`llm::NoModel`] and the scripted [`llm::FakeLlm`]; [`state`]: the
 //!   per-plugin, per-rule key–value store (redb); [`rules`]: rule files,
@@ -35,7 +35,6 @@
 #![warn(missing_docs)]
 
 pub mod audit;
-pub mod bindings;
 #[cfg(feature = "broker")]
 pub mod broker;
 pub mod config;

@@ -309,18 +309,22 @@ impl Stage {
         Stage::Rule,
     ];
 
-    /// The WIT interface a component exports for this stage.
-    pub fn interface(self) -> &'static str {
+    /// The stage's name, that of its WIT interface: `preprocess`, `template`,
+    /// `postprocess` or `handler`. The same on the command line, in rule
+    /// files, in the SDK's `export!`, in logs and in messages.
+    pub fn name(self) -> &'static str {
         match self {
-            Stage::Preprocessor => "ganglion:plugin/preprocess@0.1.0",
-            Stage::PromptTemplate => "ganglion:plugin/template@0.1.0",
-            Stage::Postprocessor => "ganglion:plugin/postprocess@0.1.0",
-            Stage::Rule => "ganglion:plugin/handler@0.1.0",
+            Stage::Preprocessor => "preprocess",
+            Stage::PromptTemplate => "template",
+            Stage::Postprocessor => "postprocess",
+            Stage::Rule => "handler",
         }
     }
 
-    /// The stage's name in logs and messages, e.g. `prompt-template`.
-    pub fn name(self) -> &'static str {
+    /// The WIT world that exports this stage alone (`preprocessor`,
+    /// `prompt-template`, `postprocessor`, `rule`): the name a plugin is
+    /// built for, and an older spelling of the stage that parsing accepts.
+    pub fn world(self) -> &'static str {
         match self {
             Stage::Preprocessor => "preprocessor",
             Stage::PromptTemplate => "prompt-template",
@@ -333,6 +337,25 @@ impl Stage {
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A stage name that is neither a stage's nor its world's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown stage {0:?}: use preprocess, template, postprocess or handler (or the world names preprocessor, prompt-template, postprocessor, rule)"
+)]
+pub struct UnknownStage(pub String);
+
+impl std::str::FromStr for Stage {
+    type Err = UnknownStage;
+
+    /// A stage by its name or, as before the names were unified, its world's.
+    fn from_str(s: &str) -> Result<Stage, UnknownStage> {
+        Stage::ALL
+            .into_iter()
+            .find(|stage| stage.name() == s || stage.world() == s)
+            .ok_or_else(|| UnknownStage(s.to_owned()))
     }
 }
 
@@ -360,4 +383,25 @@ pub fn now_ms() -> i64 {
 /// The receive time to stamp on a message now.
 pub fn received_now() -> i64 {
     now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ganglion_tools::project::World;
+
+    #[test]
+    fn a_stage_parses_from_its_name_and_its_worlds_as_ganglion_new_does() {
+        for stage in Stage::ALL {
+            assert_eq!(stage.name().parse(), Ok(stage));
+            assert_eq!(stage.world().parse(), Ok(stage));
+            let world: World = stage.name().parse().unwrap();
+            assert_eq!(stage.world().parse::<World>().unwrap(), world);
+            assert_eq!((world.stage(), world.name()), (stage.name(), stage.world()));
+        }
+        assert_eq!(
+            "preprocessors".parse::<Stage>(),
+            Err(UnknownStage("preprocessors".into()))
+        );
+    }
 }

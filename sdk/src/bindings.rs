@@ -3,9 +3,12 @@
 //! onto those shared modules with `with`, so that a plugin can export any
 //! subset of stages (a single all-stages world would force every plugin to
 //! export all four).
+//!
+//! `generate!` takes literals only, so the version is written out in the
+//! path and names below; a test checks each against [`crate::WIT_VERSION`].
 
 wit_bindgen::generate!({
-    path: "../wit",
+    path: "../wit/ganglion-plugin@0.1.0",
     world: "ganglion:plugin/host@0.1.0",
     generate_all,
     additional_derives: [PartialEq],
@@ -15,7 +18,7 @@ macro_rules! stage_bindings {
     ($module:ident, $world:literal, $macro_name:literal, $bindings_path:literal) => {
         pub mod $module {
             wit_bindgen::generate!({
-                path: "../wit",
+                path: "../wit/ganglion-plugin@0.1.0",
                 world: $world,
                 with: {
                     "ganglion:plugin/types@0.1.0": crate::bindings::ganglion::plugin::types,

@@ -323,7 +323,7 @@ async fn bad_rule_and_plugin_files_are_reported_and_the_rest_runs() {
     assert!(
         has(
             "wrong-stage.toml",
-            "does not implement the postprocessor stage"
+            "does not implement the postprocess stage"
         ),
         "{problems:#?}"
     );

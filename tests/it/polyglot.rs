@@ -308,15 +308,16 @@ fn a_scaffolded_plugin_in_each_language_builds_passes_check_and_runs_its_test_in
     )
     .unwrap();
     let config = config.to_str().unwrap();
-    // Each language once, and each stage once across them.
-    for (lang, stage) in [
-        ("rust", "rule"),
-        ("python", "postprocessor"),
-        ("js", "prompt-template"),
-        ("c", "preprocessor"),
+    // Each language once, and each stage once across them; half by their
+    // world names, the older spelling `--stage` still takes.
+    for (lang, asked, stage) in [
+        ("rust", "rule", "handler"),
+        ("python", "postprocess", "postprocess"),
+        ("js", "prompt-template", "template"),
+        ("c", "preprocess", "preprocess"),
     ] {
         let name = format!("{lang}-{stage}");
-        ganglion(&scratch, &["new", &name, "--lang", lang, "--stage", stage]);
+        ganglion(&scratch, &["new", &name, "--lang", lang, "--stage", asked]);
         let project = scratch.join(&name);
         let built = ganglion(&project, &["build"]);
         assert!(built.contains(&format!("{name}.wasm")), "{built}");

@@ -23,7 +23,6 @@ pub const LAYERS: &[&[&str]] = &[
     &["pipeline"],
     &["plugin"],
     &["host"],
-    &["bindings"],
     &["llm", "state", "rules", "audit"],
     &["transport"],
     &["config", "types"],

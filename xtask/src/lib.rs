@@ -162,7 +162,7 @@ pub fn build_python_fixture() -> Result<PathBuf> {
     let newest_source = ["app.py", "build.sh"]
         .iter()
         .filter_map(|f| modified(&src.join(f)))
-        .chain(modified(&root.join("wit/ganglion.wit")))
+        .chain(newest_under(&root.join("wit")))
         .chain(modified(&root.join("plugins/python/toolchain.sh")))
         .max();
     if let (Some(built), Some(source)) = (modified(&out), newest_source)
@@ -210,17 +210,14 @@ fn newest_under(dir: &Path) -> Option<std::time::SystemTime> {
     newest
 }
 
-/// Whether `out` is missing or older than anything under `sources` or the WIT.
+/// Whether `out` is missing or older than anything under `sources` or `wit/`
+/// (every version: the scripts build against the newest).
 fn stale(out: &Path, sources: &[PathBuf]) -> bool {
     let built = std::fs::metadata(out).and_then(|m| m.modified()).ok();
     let newest = sources
         .iter()
         .filter_map(|s| newest_under(s))
-        .chain(
-            std::fs::metadata(root().join("wit/ganglion.wit"))
-                .and_then(|m| m.modified())
-                .ok(),
-        )
+        .chain(newest_under(&root().join("wit")))
         .max();
     match (built, newest) {
         (Some(b), Some(n)) => b <= n,
@@ -303,7 +300,7 @@ pub fn build_polyglot() -> Result<PathBuf> {
     let c = root.join("plugins/c/clean-readings");
     ganglion_tools::c::build(
         &c,
-        &root.join("wit"),
+        &ganglion_tools::repo_wit_dir(),
         "preprocessor",
         &out.join("c-clean-readings.wasm"),
     )

@@ -165,4 +165,4 @@ impl Preprocessor for CleanReadings {
     }
 }
 
-ganglion_sdk::export!(CleanReadings: preprocessor);
+ganglion_sdk::export!(CleanReadings: preprocess);

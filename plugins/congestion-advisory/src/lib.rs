@@ -148,4 +148,4 @@ impl Postprocessor for Advisory {
     }
 }
 
-ganglion_sdk::export!(Advisory: postprocessor);
+ganglion_sdk::export!(Advisory: postprocess);

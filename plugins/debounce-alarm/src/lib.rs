@@ -71,4 +71,4 @@ impl Rule for DebounceAlarm {
     }
 }
 
-ganglion_sdk::export!(DebounceAlarm: rule);
+ganglion_sdk::export!(DebounceAlarm: handler);

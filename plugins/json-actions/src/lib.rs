@@ -199,7 +199,7 @@ impl Postprocessor for JsonActions {
     }
 }
 
-ganglion_sdk::export!(JsonActions: postprocessor);
+ganglion_sdk::export!(JsonActions: postprocess);
 
 #[cfg(test)]
 mod proptests;

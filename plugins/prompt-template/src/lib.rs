@@ -6,7 +6,7 @@
 //! `values`; numbers only).
 //!
 //! ```toml
-//! [prompt]
+//! [template]
 //! plugin = "prompt-template"
 //! config.system = "You watch industrial machines. Answer with JSON actions."
 //! config.user = "{{ device }}: temperature last {{ metrics.temperature.last }}, max {{ metrics.temperature.max }}"
@@ -181,4 +181,4 @@ impl PromptTemplate for Template {
     }
 }
 
-ganglion_sdk::export!(Template: prompt_template);
+ganglion_sdk::export!(Template: template);

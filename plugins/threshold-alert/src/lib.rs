@@ -97,4 +97,4 @@ impl Postprocessor for ThresholdAlert {
     }
 }
 
-ganglion_sdk::export!(ThresholdAlert: postprocessor);
+ganglion_sdk::export!(ThresholdAlert: postprocess);

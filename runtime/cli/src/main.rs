@@ -123,8 +123,9 @@ enum Command {
         /// rust, python, js or c.
         #[arg(long, default_value = "rust")]
         lang: String,
-        /// preprocessor, prompt-template, postprocessor or rule.
-        #[arg(long, default_value = "preprocessor")]
+        /// preprocess, template, postprocess or handler (the world names
+        /// preprocessor, prompt-template, postprocessor and rule work too).
+        #[arg(long, default_value = "preprocess")]
         stage: String,
         /// Folder to create (default: ./<name>).
         #[arg(long)]
@@ -152,8 +153,8 @@ enum Command {
         /// them, as a JSON object.
         #[arg(long, default_value = "{}")]
         settings: String,
-        /// preprocess, template, postprocess or handler; needed only when the
-        /// plugin implements more than one.
+        /// preprocess, template, postprocess or handler (or the world's
+        /// name); needed only when the plugin implements more than one.
         #[arg(long)]
         stage: Option<String>,
         /// Load the configured model, for plugins that call `llm`.
@@ -234,7 +235,7 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                 "created {} ({} {}):",
                 options.dir.display(),
                 options.lang,
-                options.world
+                options.world.stage()
             );
             for f in files {
                 println!("  {}", f.display());

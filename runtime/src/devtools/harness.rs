@@ -238,13 +238,7 @@ pub async fn run_case(pool: &InstancePool, stage: Stage, case: &Json) -> Result<
 pub fn stage_to_call(implemented: &[Stage], asked: Option<&str>) -> Result<Stage, CaseError> {
     match asked {
         Some(name) => {
-            let stage = match name {
-                "preprocess" | "preprocessor" => Stage::Preprocessor,
-                "template" | "prompt-template" => Stage::PromptTemplate,
-                "postprocess" | "postprocessor" => Stage::Postprocessor,
-                "handler" | "rule" => Stage::Rule,
-                other => return Err(CaseError(format!("unknown stage {other:?}"))),
-            };
+            let stage: Stage = name.parse().map_err(|e| CaseError(format!("{e}")))?;
             if implemented.contains(&stage) {
                 Ok(stage)
             } else {

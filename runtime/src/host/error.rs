@@ -53,7 +53,7 @@ pub enum CallError {
     NotExported(Stage),
     /// The stage export exists but its types do not match the WIT contract;
     /// found when an instance is made.
-    #[error("the {stage} export does not match ganglion:plugin@0.1.0: {reason}")]
+    #[error("the {stage} export does not match {package}: {reason}", package = super::PACKAGE)]
     Incompatible {
         /// The mismatching stage.
         stage: Stage,

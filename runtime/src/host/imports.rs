@@ -1,8 +1,8 @@
 //! The host interfaces plugins import.
 
 use super::HostState;
-use super::convert;
-use crate::bindings::ganglion::plugin::{config, llm, log, state, types};
+use super::v0_1_0::bindings::ganglion::plugin::{config, llm, log, state, types};
+use super::v0_1_0::convert;
 use crate::llm::GenerateRequest;
 use crate::types::LlmError;
 use std::fmt::Write as _;

@@ -1,9 +1,10 @@
 //! One instantiated component and typed calls into its stage exports.
 
-use super::convert;
-use super::{BindingCtx, HostState};
-use super::{CallError, TICK};
-use crate::bindings::exports::ganglion::plugin::{handler, postprocess, preprocess, template};
+use super::v0_1_0::bindings::exports::ganglion::plugin::{
+    handler, postprocess, preprocess, template,
+};
+use super::v0_1_0::convert;
+use super::{BindingCtx, CallError, HostState, TICK};
 use crate::types::{Action, Completion, Context, Message, Prompt, ReadingBatch, Stage};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,7 +228,9 @@ impl Instance {
 
     fn finish<T>(
         &mut self,
-        r: wasmtime::Result<Result<T, crate::bindings::ganglion::plugin::types::PluginError>>,
+        r: wasmtime::Result<
+            Result<T, super::v0_1_0::bindings::ganglion::plugin::types::PluginError>,
+        >,
     ) -> Result<T, CallError> {
         match r {
             Err(e) => Err(self.fault(e)),

@@ -5,15 +5,20 @@
 //!
 //! Modelled on wasmtime's `wasi-config`: a context ([`BindingCtx`]), a view
 //! ([`HostState`]) and one [`add_to_linker`].
+//!
+//! Each WIT version has its own module ([`v0_1_0`]) holding its `bindgen!`
+//! and conversions.
 
-mod convert;
 mod error;
 mod imports;
 mod instance;
+pub mod v0_1_0;
 
 pub use error::CallError;
 pub(crate) use error::TICK;
 pub use instance::{Exports, Instance};
+// The newest version the host serves, which `ganglion new` scaffolds for.
+pub use v0_1_0::{PACKAGE, WIT_VERSION};
 
 use crate::config::Limits;
 use crate::llm::LlmEngine;
@@ -212,7 +217,7 @@ impl WasiView for HostState {
 /// host interfaces to `linker`.
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
-    crate::bindings::AnyStage::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
+    v0_1_0::bindings::AnyStage::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
 }
 
 #[cfg(test)]

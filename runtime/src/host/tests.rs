@@ -1,8 +1,8 @@
 //! The host interfaces called directly, as a guest's import would: the model
 //! budgets per stage call and plugin log lines.
 
+use super::v0_1_0::bindings::ganglion::plugin::{llm, log, types};
 use super::{BindingCtx, HostState};
-use crate::bindings::ganglion::plugin::{llm, log, types};
 use crate::config::Limits;
 use crate::llm::{FakeLlm, LlmEngine};
 use crate::state::StateStore;
@@ -243,5 +243,16 @@ fn plugin_log_lines_are_cut_at_max_log_line_bytes() {
     assert_eq!(
         escaped[0],
         format!("{}… [2 bytes cut]", r"\u{1b}".repeat(10))
+    );
+}
+
+/// `ganglion new` gives projects the contract the host serves.
+#[test]
+fn new_projects_get_the_version_the_host_serves() {
+    assert_eq!(ganglion_tools::WIT_VERSION, super::WIT_VERSION);
+    assert!(
+        ganglion_tools::WIT
+            .lines()
+            .any(|l| l == format!("package {};", super::PACKAGE))
     );
 }

@@ -66,7 +66,8 @@ pub enum LoadError {
     },
     /// The component exports no stage interface.
     #[error(
-        "{path}: exports none of the stage interfaces (ganglion:plugin/preprocess, template, postprocess or handler @0.1.0); it exports: {exports}"
+        "{path}: exports none of the stage interfaces (ganglion:plugin/preprocess, template, postprocess or handler @{version}); it exports: {exports}",
+        version = crate::host::WIT_VERSION
     )]
     NoStage {
         /// The component file.

@@ -17,7 +17,7 @@
 //! count = 12
 //! seconds = 3600
 //!
-//! [prompt]                           # optional: without it the rule does not use the model
+//! [template]                         # optional: without it the rule does not use the model; `[prompt]` is its old name
 //! plugin = "prompt-template"
 //! config = { user = "..." }
 //!
@@ -178,6 +178,7 @@ struct RuleFile {
     #[serde(default)]
     preprocess: Vec<PluginRef>,
     window: Option<WindowSpec>,
+    #[serde(rename = "template", alias = "prompt")]
     prompt: Option<PluginRef>,
     postprocess: Option<PluginRef>,
     handler: Option<PluginRef>,
@@ -202,7 +203,8 @@ pub enum Stages {
         preprocess: Vec<PluginRef>,
         /// The per-device window; none runs each message's readings at once, per device.
         window: Option<WindowSpec>,
-        /// The prompt template; none means the rule does not use the model.
+        /// The prompt template (`[template]`); none means the rule does not
+        /// use the model.
         prompt: Option<PluginRef>,
         /// The postprocessor that turns the window (and completion) into actions.
         postprocess: PluginRef,
@@ -328,7 +330,7 @@ impl Rule {
         let stages = match (file.handler, file.postprocess) {
             (Some(h), None) => {
                 if !file.preprocess.is_empty() || file.window.is_some() || file.prompt.is_some() {
-                    return Err(invalid("[handler] takes the whole message: drop [[preprocess]], [window] and [prompt]".into()));
+                    return Err(invalid("[handler] takes the whole message: drop [[preprocess]], [window] and [template]".into()));
                 }
                 Stages::Handler(h)
             }
@@ -506,6 +508,32 @@ mod tests {
             .is_err(),
             "no preprocess for json"
         );
+    }
+
+    #[test]
+    fn the_template_table_is_also_read_under_its_old_name_prompt() {
+        let rule = |table: &str| {
+            Rule::parse(
+                &format!(
+                    "topics = [\"a\"]\n[[preprocess]]\nplugin = \"p\"\n[{table}]\nplugin = \"t\"\n[postprocess]\nplugin = \"q\"\n"
+                ),
+                "r",
+                None,
+            )
+        };
+        let template = rule("template").unwrap();
+        assert!(
+            matches!(&template.stages, Stages::Chain { prompt: Some(p), .. } if p.plugin == "t"),
+            "{:?}",
+            template.stages
+        );
+        assert_eq!(rule("prompt").unwrap(), template);
+        let both = Rule::parse(
+            "topics = [\"a\"]\n[[preprocess]]\nplugin = \"p\"\n[template]\nplugin = \"t\"\n[prompt]\nplugin = \"t\"\n[postprocess]\nplugin = \"q\"\n",
+            "r",
+            None,
+        );
+        assert!(both.is_err());
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! `cargo run -p ganglion-tools --example build_c -- <project> <world> <out.wasm> [<wit>]`
 //!
 //! The WIT defaults to `<project>/wit` when that exists, else this
-//! repository's `wit/`.
+//! repository's newest `wit/ganglion-plugin@<version>/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     let wit = match args.get(3) {
         Some(w) => PathBuf::from(w),
         None if project.join("wit").is_dir() => project.join("wit"),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit"),
+        None => ganglion_tools::repo_wit_dir(),
     };
     let started = std::time::Instant::now();
     match ganglion_tools::c::build(&project, &wit, world, &out) {

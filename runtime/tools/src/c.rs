@@ -352,10 +352,6 @@ fn create_dir(dir: &Path) -> Result<(), CError> {
 mod tests {
     use super::*;
 
-    fn repo_wit() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit")
-    }
-
     fn scratch(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("ganglion-tools-c-{name}-{}", std::process::id()));
@@ -373,7 +369,7 @@ mod tests {
             ("postprocessor", "postprocessor"),
             ("rule", "rule"),
         ] {
-            let files = generate_bindings(&repo_wit(), world, &dir).unwrap();
+            let files = generate_bindings(&crate::repo_wit_dir(), world, &dir).unwrap();
             let names: Vec<_> = files
                 .iter()
                 .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -385,7 +381,7 @@ mod tests {
             assert!(dir.join(format!("{stem}.h")).is_file());
             assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3, "{world}");
         }
-        let err = generate_bindings(&repo_wit(), "no-such-world", &dir).unwrap_err();
+        let err = generate_bindings(&crate::repo_wit_dir(), "no-such-world", &dir).unwrap_err();
         assert!(matches!(err, CError::Wit { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -5,11 +5,13 @@
 //! ```toml
 //! name = "pump-flow"        # the component is built as pump-flow.wasm
 //! lang = "python"           # rust, python, js or c
-//! world = "preprocessor"    # preprocessor, prompt-template, postprocessor or rule
+//! world = "preprocessor"    # the stage's world: preprocessor, prompt-template, postprocessor or rule
 //! ```
 //!
 //! plus the language's sources and `wit/ganglion.wit`, the contract it is
-//! built against.
+//! built against: a copy of the package [`crate::WIT_VERSION`], so that the
+//! project's `wit/` is that package's folder and keeps building when the
+//! host adds a newer version.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -72,7 +74,9 @@ impl FromStr for Lang {
     }
 }
 
-/// A WIT world a plugin implements: one stage.
+/// A WIT world a plugin implements: one stage. `--stage` takes the stage's
+/// name (the world's export, [`World::stage`]) or the world's; the manifest
+/// names the world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum World {
@@ -104,6 +108,17 @@ impl World {
             World::Rule => "rule",
         }
     }
+
+    /// The name of the stage, the interface the world exports, as rule
+    /// files, `ganglion call` and the SDK's `export!` spell it.
+    pub fn stage(self) -> &'static str {
+        match self {
+            World::Preprocessor => "preprocess",
+            World::PromptTemplate => "template",
+            World::Postprocessor => "postprocess",
+            World::Rule => "handler",
+        }
+    }
 }
 
 impl fmt::Display for World {
@@ -117,10 +132,10 @@ impl FromStr for World {
     fn from_str(s: &str) -> Result<Self, ToolError> {
         World::ALL
             .into_iter()
-            .find(|w| w.name() == s)
+            .find(|w| w.stage() == s || w.name() == s)
             .ok_or_else(|| {
                 ToolError::Usage(format!(
-                    "unknown stage {s:?}: use preprocessor, prompt-template, postprocessor or rule"
+                    "unknown stage {s:?}: use preprocess, template, postprocess or handler (or the world names preprocessor, prompt-template, postprocessor, rule)"
                 ))
             })
     }
@@ -259,6 +274,7 @@ pub fn new_project(options: &NewOptions) -> Result<Vec<PathBuf>, ToolError> {
         text.replace("{{name}}", &options.name)
             .replace("{{module}}", &module)
             .replace("{{world}}", options.world.name())
+            .replace("{{stage}}", options.world.stage())
             .replace("{{sdk}}", &sdk.display().to_string().replace('\\', "/"))
     };
     let prefix = format!("{}/", options.lang.name());
@@ -331,6 +347,18 @@ mod tests {
     }
 
     #[test]
+    fn a_world_is_named_by_its_stage_or_by_its_own_name() {
+        for world in World::ALL {
+            assert_eq!(world.stage().parse::<World>().unwrap(), world);
+            assert_eq!(world.name().parse::<World>().unwrap(), world);
+        }
+        assert!(matches!(
+            "prompt".parse::<World>(),
+            Err(ToolError::Usage(_))
+        ));
+    }
+
+    #[test]
     fn names_are_checked_and_placeholders_filled() {
         let dir = std::env::temp_dir().join(format!("ganglion-new-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -355,7 +383,13 @@ mod tests {
         );
         for rel in &files {
             let text = std::fs::read_to_string(dir.join(rel)).unwrap();
-            for placeholder in ["{{name}}", "{{module}}", "{{world}}", "{{sdk}}"] {
+            for placeholder in [
+                "{{name}}",
+                "{{module}}",
+                "{{world}}",
+                "{{stage}}",
+                "{{sdk}}",
+            ] {
                 assert!(
                     !text.contains(placeholder),
                     "{} keeps {placeholder}",

@@ -1,8 +1,8 @@
 //! Conversions between generated binding types (`wit`) and the runtime's own.
 
-use crate::bindings::ganglion::plugin::llm::Input;
-use crate::bindings::ganglion::plugin::state::StateError as WitStateError;
-use crate::bindings::ganglion::plugin::types as wit;
+use super::bindings::ganglion::plugin::llm::Input;
+use super::bindings::ganglion::plugin::state::StateError as WitStateError;
+use super::bindings::ganglion::plugin::types as wit;
 use crate::llm::LlmInput;
 use crate::state::StateError;
 use crate::types as dom;
