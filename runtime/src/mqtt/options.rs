@@ -64,6 +64,18 @@ pub fn client_options(
     client_id: &str,
 ) -> Result<rumqttc::MqttOptions, TransportError> {
     let (host, port, ca) = endpoint(s, broker)?;
+    Ok(plain_v4(s, client_id, host, port, ca))
+}
+
+/// What every MQTT 3.1.1 client of ours shares: keep-alive, window and
+/// packet cap, credentials and TLS from `s`.
+fn plain_v4(
+    s: &MqttSettings,
+    client_id: &str,
+    host: String,
+    port: u16,
+    ca: Option<Vec<u8>>,
+) -> rumqttc::MqttOptions {
     let mut o = rumqttc::MqttOptions::new(client_id, host, port);
     o.set_keep_alive(Duration::from_secs(s.keep_alive_secs.max(5)))
         .set_inflight(s.inflight.max(1))
@@ -74,33 +86,26 @@ pub fn client_options(
     if let Some(ca) = ca {
         o.set_transport(Transport::tls(ca, None, None));
     }
-    Ok(o)
+    o
 }
 
+/// The gateway's own 3.1.1 connection: a persistent session, manual
+/// acknowledgements and the status topic's last will.
 pub(super) fn options_v4(
     s: &MqttSettings,
     host: String,
     port: u16,
     ca: Option<Vec<u8>>,
 ) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(s.client_id.clone(), host, port);
+    let mut o = plain_v4(s, &s.client_id, host, port, ca);
     o.set_clean_session(false)
         .set_manual_acks(true)
-        .set_keep_alive(Duration::from_secs(s.keep_alive_secs.max(5)))
-        .set_inflight(s.inflight.max(1))
-        .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes)
         .set_last_will(rumqttc::LastWill::new(
             s.status_topic(),
             "offline",
             QoS::AtLeastOnce,
             true,
         ));
-    if let (Some(u), Some(p)) = (&s.username, &s.password) {
-        o.set_credentials(u.clone(), p.clone());
-    }
-    if let Some(ca) = ca {
-        o.set_transport(Transport::tls(ca, None, None));
-    }
     o
 }
 
