@@ -67,6 +67,11 @@ path = "{dir}/audit.jsonl"
 
 [model]
 path = "{model}"
+
+# A shared 2-core CI machine can take longer than the default 8 s to finish
+# the model calls in flight at the stop; a drain cut short exits 1 by design.
+[runtime]
+drain_timeout_ms = 120000
 "#,
         dir = dir.display(),
         rules_dir = repo["rules"]["dir"],

@@ -676,6 +676,11 @@ users = {{ sensor = "s3cret" }}
 
 [audit]
 enabled = false
+
+# The drain's default limit is not what this test is about (a loaded CI
+# machine can exceed it; a drain cut short exits 1 by design).
+[runtime]
+drain_timeout_ms = 60000
 "#,
             plugins = built().0.display(),
             rules = root.join("examples/rules").display(),
