@@ -27,8 +27,8 @@ pub(super) const UNCONFIRMED_PER_LANE: usize = 256;
 pub(super) enum Sent {
     /// An output; kept, so that a broker's refusal can be dead-lettered.
     Output(Outgoing),
-    /// A dead letter.
-    DeadLetter,
+    /// A dead letter, with its kind.
+    DeadLetter(String),
 }
 
 /// A queued publish: its confirmation, and what it was.
@@ -70,6 +70,9 @@ pub(super) async fn deliver(
     stats
         .readings
         .fetch_add(outcome.readings as u64, Ordering::Relaxed);
+    for (stage, ms) in &outcome.stage_ms {
+        stats.observe(stage, *ms);
+    }
     let mut queued = Vec::with_capacity(outcome.publish.len() + outcome.dead_letters.len() + 1);
     let mut lost = false;
     let persisted = outcome.persisted;
@@ -111,6 +114,7 @@ pub(super) async fn deliver(
         }
     }
     for dl in dead_letters {
+        stats.dead_letter_seen(&dl.stage, &dl.kind, &dl.reason);
         lost |= !queue_dead_letter(pipeline, dl, publisher, Some(events), &mut queued).await;
     }
     Delivered {
@@ -139,6 +143,7 @@ pub(super) async fn queue_dead_letter(
             reason: dl.reason.clone(),
         });
     }
+    let kind = dl.kind.clone();
     let out = Outgoing {
         topic: rule.dead_letter_topic.clone(),
         payload: dl.to_json(),
@@ -147,7 +152,7 @@ pub(super) async fn queue_dead_letter(
     };
     match publisher.publish(out).await {
         Ok(c) => {
-            queued.push((c, Sent::DeadLetter));
+            queued.push((c, Sent::DeadLetter(kind)));
             true
         }
         Err(e) => {
@@ -173,9 +178,7 @@ pub(super) async fn confirm(
     let mut refused = Vec::new();
     for (c, sent) in delivered.queued {
         match (c.await, sent) {
-            (Ok(()), Sent::DeadLetter) => {
-                stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-            }
+            (Ok(()), Sent::DeadLetter(kind)) => stats.dead_letter_confirmed(&kind),
             (Ok(()), Sent::Output(_)) => {
                 stats.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -191,12 +194,15 @@ pub(super) async fn confirm(
     if !refused.is_empty() {
         let mut queued = Vec::new();
         for dl in refused {
+            stats.dead_letter_seen(&dl.stage, &dl.kind, &dl.reason);
             ok &= queue_dead_letter(pipeline, dl, publisher, None, &mut queued).await;
         }
-        for (c, _) in queued {
+        for (c, sent) in queued {
             match c.await {
                 Ok(()) => {
-                    stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    if let Sent::DeadLetter(kind) = sent {
+                        stats.dead_letter_confirmed(&kind);
+                    }
                 }
                 Err(e) => {
                     tracing::error!(rule = %pipeline.rule.name, error = %e, "dead letter of a refused output not confirmed");

@@ -17,33 +17,20 @@
 //! reported as handled.
 
 mod deliver;
+mod stats;
 
 use crate::pipeline::{Outcome, RulePipeline};
 use crate::transport::{AckToken, Confirm, Delivery, Publisher, TransportError};
 use crate::types::{Message, Outgoing, Qos};
 use arc_swap::ArcSwap;
 use deliver::{Delivered, UNCONFIRMED_PER_LANE, acknowledge, confirm, deliver, settle};
+pub use stats::{HistogramSnapshot, LATENCY_BUCKETS, RuleStats, STAGES};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
-
-/// Counters of one rule, for status views and tests.
-#[derive(Debug, Default)]
-pub struct RuleStats {
-    /// Messages a lane took from its queue, counted as processing starts.
-    pub messages: AtomicU64,
-    /// Readings that entered the pipeline after preprocessing.
-    pub readings: AtomicU64,
-    /// Outputs whose publish the broker confirmed (counted on the
-    /// confirmation; one not queued or not confirmed is not counted).
-    pub published: AtomicU64,
-    /// Dead letters whose publish on the rule's dead-letter topic the broker
-    /// confirmed.
-    pub dead_letters: AtomicU64,
-}
 
 /// What the gateway did, for a live view.
 #[derive(Debug, Clone)]
@@ -246,6 +233,7 @@ impl Gateway {
                     // goes on; the pipeline keeps no state a panic could
                     // leave half-changed but its windows, whose lock
                     // recovers from poisoning.
+                    let started = std::time::Instant::now();
                     let processing = std::panic::AssertUnwindSafe(pipeline.process(&job.message));
                     let outcome = match futures_util::FutureExt::catch_unwind(processing).await {
                         Ok(outcome) => outcome,
@@ -266,6 +254,7 @@ impl Gateway {
                             }
                         }
                     };
+                    stats.observe("end-to-end", started.elapsed().as_secs_f64() * 1000.0);
                     let delivered =
                         deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
                     if to_confirm.send((delivered, pipeline, job)).await.is_err() {
@@ -326,6 +315,21 @@ impl Gateway {
     /// ran to the end).
     pub fn stats(&self) -> Vec<(String, Arc<RuleStats>)> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Enables or disables a rule. A disabled rule keeps its lanes, windows
+    /// and counters but takes no new message: [`Gateway::dispatch`] passes
+    /// it by (counted in [`RuleStats::skipped`]), and a message no enabled
+    /// rule matches is acknowledged as handled, so the broker does not keep
+    /// it for later. Messages already queued for the rule finish.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), GatewayError> {
+        let rules = self.rules.load();
+        let rule = rules
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| GatewayError::NoSuchRule(name.to_owned()))?;
+        rule.stats.disabled.store(!enabled, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The current pipeline of every rule now running.
@@ -457,9 +461,16 @@ impl Gateway {
         let matching: Vec<&Arc<RuleRuntime>> = rules
             .iter()
             .filter(|r| r.pipeline.load().rule.matches(&delivery.message.topic))
+            .filter(|r| {
+                let disabled = r.stats.disabled.load(Ordering::Relaxed);
+                if disabled {
+                    r.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                !disabled
+            })
             .collect();
         if matching.is_empty() {
-            tracing::debug!(topic = %delivery.message.topic, "no rule matches; acknowledged");
+            tracing::debug!(topic = %delivery.message.topic, "no enabled rule matches; acknowledged");
             let _ = acknowledge(self.publisher.as_ref(), delivery.token).await;
             return;
         }

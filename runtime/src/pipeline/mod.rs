@@ -97,6 +97,9 @@ pub struct Outcome {
     /// to; the message is acknowledged once it is durable
     /// ([`RulePipeline::durable`]).
     pub persisted: Option<u64>,
+    /// Milliseconds spent in each stage that ran (`preprocess`, `prompt`,
+    /// `llm`, `postprocess`), for the latency histograms of `/metrics`.
+    pub stage_ms: Vec<(&'static str, f64)>,
 }
 
 impl Outcome {
@@ -107,6 +110,7 @@ impl Outcome {
         self.prompts.extend(other.prompts);
         self.completions.extend(other.completions);
         self.persisted = self.persisted.max(other.persisted);
+        self.stage_ms.extend(other.stage_ms);
     }
 }
 

@@ -69,6 +69,7 @@ impl RulePipeline {
                 Err(e) => self.call_failed(message.into(), "handler", h, e),
             },
             Bindings::Chain { preprocess, .. } => {
+                let started = Instant::now();
                 for p in preprocess {
                     readings = match p.pool.preprocess(message, readings).await {
                         Ok(r) => r,
@@ -79,6 +80,10 @@ impl RulePipeline {
                     readings: readings.len(),
                     ..Outcome::default()
                 };
+                if !preprocess.is_empty() {
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    outcome.stage_ms.push(("preprocess", ms));
+                }
                 let mut bad_devices = 0usize;
                 let mut crowded: Vec<(String, usize)> = Vec::new();
                 let topic_device = self
@@ -216,6 +221,20 @@ impl RulePipeline {
             log.append(&self.record(&context, window, &d, log));
         }
         let mut outcome = Outcome::default();
+        if prompt.is_some() {
+            outcome.stage_ms.push(("prompt", d.timings.prompt_ms));
+        }
+        if d.completion.is_some() {
+            outcome.stage_ms.push(("llm", d.timings.llm_ms));
+        }
+        // Postprocess ran unless the prompt failed or the model did.
+        let ran_postprocess = d.failure.as_ref().is_none_or(|(s, _)| *s != "prompt")
+            && d.completion.as_ref().is_none_or(Result::is_ok);
+        if ran_postprocess {
+            outcome
+                .stage_ms
+                .push(("postprocess", d.timings.postprocess_ms));
+        }
         if let Some(p) = &d.prompt {
             outcome.prompts.push(p.user.clone());
         }
