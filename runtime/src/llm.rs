@@ -29,6 +29,11 @@ pub trait LlmEngine: Send + Sync + 'static {
     fn embed(&self, texts: Vec<String>) -> LlmFuture<'_, Vec<Vec<f32>>>;
     /// Number of tokens `text` encodes to with the model's tokenizer.
     fn count_tokens(&self, text: String) -> LlmFuture<'_, u32>;
+    /// The engine's queue, batch and KV cache now, for `/metrics`; none for
+    /// an engine that keeps no such counters.
+    fn stats(&self) -> Option<ganglion_llm::EngineStats> {
+        None
+    }
 }
 
 /// The configured model, or [`NoModel`] when none is configured or it does
@@ -236,5 +241,8 @@ impl LlmEngine for ganglion_llm::Engine {
                 .await
                 .map_err(|e| LlmError::Internal(e.to_string()))?
         })
+    }
+    fn stats(&self) -> Option<ganglion_llm::EngineStats> {
+        Some(ganglion_llm::Engine::stats(self))
     }
 }

@@ -20,8 +20,10 @@
 //! max_text_bytes_per_request = 65536 # bytes of all texts and labels of one request
 //! ```
 
+mod admin;
 mod mqtt;
 
+pub use admin::AdminConfig;
 pub use mqtt::{Login, MqttSettings, Protocol};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -490,6 +492,8 @@ pub struct GanglionConfig {
     pub model: ganglion_llm::EngineConfig,
     /// `[runtime]`: the async runtime's threads.
     pub runtime: RuntimeConfig,
+    /// `[admin]`: the HTTP admin endpoint of `ganglion run`.
+    pub admin: AdminConfig,
 }
 
 /// Why [`GanglionConfig::load`] failed.

@@ -166,8 +166,8 @@ mod tests {
         assert_eq!(s.count, 3);
         assert_eq!(s.cumulative.len(), LATENCY_BUCKETS.len() + 1);
         assert_eq!(s.cumulative[0], 1);
-        assert_eq!(s.cumulative[3], 1, "3 ms is over 2.5 ms");
-        assert_eq!(s.cumulative[4], 2);
+        assert_eq!(s.cumulative[2], 1, "3 ms is over 2.5 ms");
+        assert_eq!(s.cumulative[3], 2, "and under 5 ms");
         assert_eq!(*s.cumulative.last().unwrap(), 3);
         assert!((s.sum_seconds - 120.0032).abs() < 1e-6);
     }

@@ -234,6 +234,18 @@ impl MqttHandle {
         self.backlog.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Connections the broker accepted since the start (CONNACKs); one
+    /// more than the reconnections.
+    pub fn connections(&self) -> u64 {
+        self.connection.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Publishes sent and not yet acknowledged by the broker, now.
+    pub fn in_flight(&self) -> usize {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.unnumbered.len() + p.by_pkid.len()
+    }
+
     /// Subscriptions the broker refused since the start.
     pub fn refused_subscriptions(&self) -> u64 {
         self.refused_subscriptions

@@ -368,6 +368,26 @@ impl RulePipeline {
         })
     }
 
+    /// Each plugin the rule is bound to, with the stage it serves
+    /// (`preprocess`, `prompt`, `postprocess` or `handler`) and its
+    /// instance pool's counters, in pipeline order.
+    pub fn plugins(&self) -> Vec<(&'static str, Arc<Plugin>, crate::plugin::PoolStats)> {
+        let one = |stage, b: &Bound| (stage, b.plugin().clone(), b.pool.stats());
+        match &self.bindings {
+            Bindings::Handler(h) => vec![one("handler", h)],
+            Bindings::Chain {
+                preprocess,
+                prompt,
+                postprocess,
+            } => preprocess
+                .iter()
+                .map(|b| one("preprocess", b))
+                .chain(prompt.iter().map(|b| one("prompt", b)))
+                .chain(std::iter::once(one("postprocess", postprocess)))
+                .collect(),
+        }
+    }
+
     /// The rule's window length in seconds, when it has a time window.
     pub fn window_seconds(&self) -> Option<u64> {
         self.window_spec().and_then(|w| w.seconds)
