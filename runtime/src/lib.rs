@@ -10,7 +10,8 @@
 //! - Adapters: `simulate` (simulated sensors over MQTT), `broker` (the
 //!   embedded rumqttd broker), `mqtt` (the broker connection, rumqttc,
 //!   implementing [`transport::Publisher`]); behind the `mqtt` and `broker`
-//!   features. [`devtools`]: one stage of a plugin on JSON cases (`ganglion
+//!   features. `admin` (feature `admin`): the HTTP admin endpoint
+//!   (metrics, readiness, rules). [`devtools`]: one stage of a plugin on JSON cases (`ganglion
 //!   call`).
 //! - [`reload`]: loading the plugins and rules folders and keeping the
 //!   gateway in step with them (file notifications with the `reload`
@@ -34,6 +35,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod audit;
 #[cfg(feature = "broker")]
 pub mod broker;

@@ -1,6 +1,7 @@
 //! Integration tests: the real host, the real example plugins (built for
 //! wasm32-wasip2 on first use) and the negative fixtures.
 
+mod admin;
 mod audit;
 mod demo;
 mod embedding;

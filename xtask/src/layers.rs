@@ -15,7 +15,7 @@ use std::path::Path;
 /// module of a later entry, none of its own entry or an earlier one.
 pub const LAYERS: &[&[&str]] = &[
     &["runtime"],
-    &["simulate", "devtools"],
+    &["simulate", "devtools", "admin"],
     &["broker"],
     &["mqtt"],
     &["reload", "replay"],
@@ -34,6 +34,7 @@ pub const CONFINED: &[(&str, &[&str])] = &[
     ("rumqttc", &["mqtt", "simulate", "broker"]),
     ("rumqttd", &["broker"]),
     ("notify", &["reload"]),
+    ("axum", &["admin"]),
 ];
 
 /// One import that breaks the layering.

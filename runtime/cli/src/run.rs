@@ -67,6 +67,10 @@ pub(crate) async fn run(
     // First, so that a stop asked while the model and plugins load is
     // taken once serving starts rather than killing the process.
     let (stop_asked, stopping) = watch_signals(StopSignals::new()?);
+    // A refused [admin] is a configuration error: found before the model loads.
+    if config.admin.enabled {
+        config.admin.check().map_err(anyhow::Error::msg)?;
+    }
     let loaded = Runtime::builder(config.clone()).load().await?;
     for p in &loaded.problems {
         tracing::error!("{p}");
@@ -120,6 +124,7 @@ pub(crate) async fn run(
         _ = asked.wait_for(Option::is_some) => {}
     }
     let runtime = loaded.serve(mqtt.clone());
+    let _admin = start_admin(&config, &runtime, &mqtt).await?;
     let status = tokio::spawn(ganglion::reload::publish_events(
         runtime.reload_events(),
         mqtt.clone(),
@@ -191,6 +196,45 @@ pub(crate) async fn run(
     }
     tracing::info!("drained; stopped");
     Ok(())
+}
+
+/// Starts the admin endpoint when `[admin] enabled`. An address already in
+/// use is logged and the gateway serves on without the endpoint: the
+/// gateway's work does not depend on it (metrics scrapes then fail, and the
+/// log says why).
+async fn start_admin(
+    config: &GanglionConfig,
+    runtime: &Runtime,
+    link: &Arc<mqtt::GatewayLink>,
+) -> Result<Option<ganglion::admin::Admin>> {
+    if !config.admin.enabled {
+        return Ok(None);
+    }
+    let link = link.clone();
+    let sources = ganglion::admin::Sources {
+        gateway: runtime.gateway().clone(),
+        llm: runtime.llm().clone(),
+        link: Some(Arc::new(move || ganglion::admin::LinkGauges {
+            connected: link.intake.is_connected() && link.output.is_connected(),
+            connections: link.intake.connections() + link.output.connections(),
+            in_flight: link.output.in_flight() + link.intake.in_flight(),
+            intake_backlog: link.intake.intake_backlog(),
+            dropped_qos0: link.intake.dropped_qos0(),
+        })),
+        reloads: Some(runtime.reload_events()),
+        audit: config.audit.enabled.then(|| config.audit.path.clone()),
+    };
+    match ganglion::admin::start(&config.admin, sources).await {
+        Ok(admin) => {
+            tracing::info!(url = %format!("http://{}/", admin.addr), token = config.admin.token().is_some(), "admin endpoint serving");
+            Ok(Some(admin))
+        }
+        Err(e @ ganglion::admin::AdminError::Bind { .. }) => {
+            tracing::error!("{e}; serving without the admin endpoint");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub(crate) async fn sleep_or_forever(d: Option<Duration>) {

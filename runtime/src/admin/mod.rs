@@ -1,0 +1,390 @@
+//! The HTTP admin endpoint (`[admin]`, feature `admin`): Prometheus
+//! metrics, liveness and readiness, the rules with their counters, enabling
+//! and disabling a rule, and a small read-only page.
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /health` | 200 while the process serves (no token needed) |
+//! | `GET /ready` | 200 when the broker is connected, rules are loaded and the model is, if a rule needs it; else 503 with the reasons (JSON) |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /rules` | every rule: file, topics, plugins and versions, enabled, counters, last error (JSON) |
+//! | `POST /rules/{name}/disable`, `/enable` | the rule stops / starts taking messages |
+//! | `GET /` | an HTML page: rules, rate sparklines, recent decisions from the audit log |
+//!
+//! The server is axum on the gateway's own tokio runtime; everything it
+//! shows is read from counters at request time, except the rate samples of
+//! the sparklines, a ring of `[admin] sparkline_samples` per rule. Request
+//! bodies are capped at `[admin] max_body_bytes`.
+
+mod metrics;
+mod page;
+
+pub use metrics::{Exposition, escape_label};
+pub use page::escape_html;
+
+use crate::config::AdminConfig;
+use crate::gateway::{Gateway, GatewayError};
+use crate::llm::LlmEngine;
+use crate::reload::ReloadEvent;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+/// The MQTT link's state at one moment, as the admin endpoint shows it; the
+/// program that owns the link reads it (the endpoint names no transport).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkGauges {
+    /// Both connections (intake and output) are up.
+    pub connected: bool,
+    /// Connections the broker accepted since the start, both together.
+    pub connections: u64,
+    /// Publishes sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// Deliveries received and not yet taken by the gateway.
+    pub intake_backlog: usize,
+    /// QoS 0 deliveries dropped because the intake buffer was full.
+    pub dropped_qos0: u64,
+}
+
+/// What the endpoint reads.
+pub struct Sources {
+    /// The running rules and their counters.
+    pub gateway: Arc<Gateway>,
+    /// The model; its id is empty when none is loaded.
+    pub llm: Arc<dyn LlmEngine>,
+    /// Reads the broker link; none when there is no broker (embedding).
+    pub link: Option<Arc<dyn Fn() -> LinkGauges + Send + Sync>>,
+    /// Reload outcomes, counted for `/metrics`; none without hot reload.
+    pub reloads: Option<broadcast::Receiver<ReloadEvent>>,
+    /// The audit log, for the page's recent decisions; none when disabled.
+    pub audit: Option<PathBuf>,
+}
+
+/// Why the endpoint did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// `[admin]` is refused (see [`AdminConfig::check`]).
+    #[error("{0}")]
+    Config(String),
+    /// The address could not be bound.
+    #[error("[admin] listen = {listen:?}: {source}")]
+    Bind {
+        /// The address.
+        listen: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The endpoint, serving until dropped.
+pub struct Admin {
+    /// The address bound (the port is the one chosen when `listen` says 0).
+    pub addr: std::net::SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Shared {
+    sources: Sources,
+    config: AdminConfig,
+    reloads_ok: AtomicU64,
+    reloads_refused: AtomicU64,
+    /// Per rule: the message count at the last sample, and the rates (msg/s)
+    /// of the last `sparkline_samples` periods, oldest first.
+    samples: Mutex<BTreeMap<String, (u64, VecDeque<f64>)>>,
+}
+
+/// Binds `[admin] listen` and serves on the current tokio runtime.
+pub async fn start(config: &AdminConfig, mut sources: Sources) -> Result<Admin, AdminError> {
+    let addr = config.check().map_err(AdminError::Config)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind {
+            listen: config.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    let reloads = sources.reloads.take();
+    let shared = Arc::new(Shared {
+        sources,
+        config: config.clone(),
+        reloads_ok: AtomicU64::new(0),
+        reloads_refused: AtomicU64::new(0),
+        samples: Mutex::new(BTreeMap::new()),
+    });
+    let mut tasks = vec![tokio::spawn(sample(shared.clone()))];
+    if let Some(rx) = reloads {
+        tasks.push(tokio::spawn(count_reloads(shared.clone(), rx)));
+    }
+    let app = router(shared);
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    }));
+    Ok(Admin { addr, tasks })
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.config.max_body_bytes;
+    let guarded = Router::new()
+        .route("/", get(page::page))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/rules", get(rules))
+        .route("/rules/:name/enable", post(enable))
+        .route("/rules/:name/disable", post(disable))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            authorize,
+        ));
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .merge(guarded)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
+/// Equal strings, compared without stopping at the first difference, so
+/// the answer's timing does not tell how much of a guessed token is right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+async fn authorize(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = shared.config.token() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(json!({"error": "a bearer token is required ([admin] token)"})),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Takes a rate sample of every rule each `sample_ms`.
+async fn sample(shared: Arc<Shared>) {
+    let period = std::time::Duration::from_millis(shared.config.sample_ms.max(1));
+    let keep = shared.config.sparkline_samples.max(1);
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let stats = shared.sources.gateway.stats();
+        let mut samples = shared.samples.lock().unwrap_or_else(|e| e.into_inner());
+        samples.retain(|name, _| stats.iter().any(|(n, _)| n == name));
+        for (name, s) in stats {
+            let now = s.messages.load(Ordering::Relaxed);
+            let (last, ring) = samples
+                .entry(name)
+                .or_insert_with(|| (now, VecDeque::with_capacity(keep)));
+            let rate = now.saturating_sub(*last) as f64 / period.as_secs_f64();
+            *last = now;
+            if ring.len() == keep {
+                ring.pop_front();
+            }
+            ring.push_back(rate);
+        }
+    }
+}
+
+async fn count_reloads(shared: Arc<Shared>, mut rx: broadcast::Receiver<ReloadEvent>) {
+    loop {
+        match rx.recv().await {
+            Ok(e) if e.error.is_some() => {
+                shared.reloads_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {
+                shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            // Missed events are not counted: the counters only go up.
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let reloads = (
+        shared.reloads_ok.load(Ordering::Relaxed),
+        shared.reloads_refused.load(Ordering::Relaxed),
+    );
+    let text = metrics::render(&shared.sources, reloads);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Why the gateway is not ready; empty when it is.
+fn not_ready(sources: &Sources) -> Vec<String> {
+    let mut why = Vec::new();
+    if let Some(link) = &sources.link
+        && !link().connected
+    {
+        why.push("the broker is not connected".to_owned());
+    }
+    let pipelines = sources.gateway.pipelines();
+    if pipelines.is_empty() {
+        why.push("no rule is loaded".to_owned());
+    }
+    let needs_model: Vec<&str> = pipelines
+        .iter()
+        .filter(|p| uses_model(&p.rule))
+        .map(|p| p.rule.name.as_str())
+        .collect();
+    if !needs_model.is_empty() && sources.llm.model_id().is_empty() {
+        why.push(format!(
+            "no model is loaded, and rules use it: {}",
+            needs_model.join(", ")
+        ));
+    }
+    why
+}
+
+fn uses_model(rule: &crate::rules::Rule) -> bool {
+    matches!(
+        rule.stages,
+        crate::rules::Stages::Chain {
+            prompt: Some(_),
+            ..
+        }
+    )
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    let why = not_ready(&shared.sources);
+    if why.is_empty() {
+        axum::Json(json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ready": false, "reasons": why})),
+        )
+            .into_response()
+    }
+}
+
+/// Every rule, for `/rules` and the page.
+fn rules_json(gateway: &Gateway) -> Vec<serde_json::Value> {
+    let stats = gateway.stats();
+    gateway
+        .pipelines()
+        .iter()
+        .map(|p| {
+            let s = stats
+                .iter()
+                .find(|(n, _)| *n == p.rule.name)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            let plugins: Vec<_> = p
+                .plugins()
+                .into_iter()
+                .map(|(stage, plugin, _)| {
+                    json!({
+                        "stage": stage,
+                        "name": plugin.name,
+                        "version": plugin.version.to_string(),
+                        "blake3": plugin.version.hash,
+                    })
+                })
+                .collect();
+            let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            json!({
+                "name": p.rule.name,
+                "file": p.rule.source,
+                "topics": p.rule.topics,
+                "uses_model": uses_model(&p.rule),
+                "enabled": !s.disabled.load(Ordering::Relaxed),
+                "plugins": plugins,
+                "counters": {
+                    "messages": n(&s.messages),
+                    "readings": n(&s.readings),
+                    "published": n(&s.published),
+                    "dead_letters": n(&s.dead_letters),
+                    "skipped": n(&s.skipped),
+                },
+                "dead_letters_by_kind": s.dead_letters_by_kind(),
+                "last_error": s.last_error(),
+            })
+        })
+        .collect()
+}
+
+async fn rules(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({ "rules": rules_json(&shared.sources.gateway) })).into_response()
+}
+
+fn set_enabled(shared: &Shared, name: &str, enabled: bool) -> Response {
+    match shared.sources.gateway.set_enabled(name, enabled) {
+        Ok(()) => {
+            tracing::info!(rule = %name.escape_debug(), enabled, "rule switched through the admin endpoint");
+            axum::Json(json!({"rule": name, "enabled": enabled})).into_response()
+        }
+        Err(GatewayError::NoSuchRule(_)) => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "no such rule", "rule": name})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn enable(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    set_enabled(&shared, &name, true)
+}
+
+async fn disable(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    set_enabled(&shared, &name, false)
+}
+
+/// The page's answer type, for `page.rs`.
+type PageResponse = Html<String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3cre"));
+        assert!(!same(b"s3cret", b"s3creT"));
+        assert!(!same(b"", b"x"));
+    }
+}

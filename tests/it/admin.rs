@@ -1,0 +1,371 @@
+//! The HTTP admin endpoint of `ganglion run`: the real binary against a
+//! real mosquitto, scraped over HTTP while messages flow: counters and
+//! dead letters by kind in `/metrics`, `/rules`, disabling a rule,
+//! readiness following the broker, the bearer token, and the page's
+//! escaping.
+
+use ganglion_tests::*;
+use serde_json::Value as Json;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HOT_RULE: &str = r#"
+topics = ["t/+/telemetry", "t/<script>alert(1)</script>/x"]
+[[preprocess]]
+plugin = "clean-readings"
+config = { device_from_topic = 1 }
+[postprocess]
+plugin = "threshold-alert"
+config = { thresholds = [{ metric = "temperature", above = 50.0, level = "critical" }] }
+"#;
+
+/// One HTTP/1.1 request on its own connection: (status, body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // axum sends small bodies whole, larger ones chunked.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        unchunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// The value of the sample `series` (name with labels, as written) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> Option<String>) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut last = None;
+    while Instant::now() < until {
+        match f() {
+            None => return,
+            Some(why) => last = Some(why),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not happen in {secs} s: {last:?}");
+}
+
+struct Gateway {
+    child: Child,
+    stderr: StderrLines,
+    port: u16,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, admin: &str) -> PathBuf {
+    let rules = dir.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(rules.join("hot.toml"), HOT_RULE).unwrap();
+    let config = dir.join("ganglion.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[plugins]
+dir = "{plugins}"
+cache_dir = "{dir}/compiled"
+
+[state]
+path = "{dir}/state.redb"
+
+[rules]
+dir = "{dir}/rules"
+
+[mqtt]
+client_id = "ganglion-admin-{id}"
+
+[audit]
+enabled = false
+
+[runtime]
+drain_timeout_ms = 60000
+
+[admin]
+sample_ms = 200
+{admin}
+"#,
+            plugins = built().0.display(),
+            dir = dir.display(),
+            id = free_port(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn start(dir: &Path, broker: &str, admin: &str) -> Gateway {
+    let port = free_port();
+    let config = write_config(dir, &format!("listen = \"127.0.0.1:{port}\"\n{admin}"));
+    let mut child = Command::new(ganglion_binary())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--broker", broker, "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = StderrLines::collect(&mut child);
+    assert!(
+        stderr.wait_for("admin endpoint serving", Duration::from_secs(120)),
+        "the admin endpoint did not start: {}",
+        stderr.text()
+    );
+    Gateway {
+        child,
+        stderr,
+        port,
+    }
+}
+
+/// Counters move as messages flow, a bad payload shows as a dead letter of
+/// its kind, `/rules` tells the rule's plugins and counters, a disabled
+/// rule takes no message (counted as skipped) until enabled, and `/ready`
+/// turns 503 when the broker goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
+    built();
+    let mut broker = Mosquitto::start("admin-broker");
+    let dir = scratch("admin-metrics");
+    let gw = start(&dir, &broker.url(), "");
+    let port = gw.port;
+    wait_for("/ready 200", 30, || {
+        let (status, body) = http(port, "GET", "/ready", None);
+        (status != 200).then(|| format!("{status} {body}"))
+    });
+    let sensor =
+        TestClient::connect(&broker.url(), &format!("admin-sensor-{}", free_port()), &[]).await;
+    sensor
+        .publish("t/m1/telemetry", r#"{"metric":"temperature","value":20}"#)
+        .await;
+    sensor
+        .publish("t/m1/telemetry", r#"{"metric":"temperature","value":75.5}"#)
+        .await;
+    sensor
+        .publish("t/m2/telemetry", "{\"metric\": \"temp")
+        .await;
+
+    let mut scrape = String::new();
+    wait_for("counters in /metrics", 30, || {
+        scrape = http(port, "GET", "/metrics", None).1;
+        let messages = sample(&scrape, r#"ganglion_rule_messages_total{rule="hot"}"#);
+        let published = sample(&scrape, r#"ganglion_rule_published_total{rule="hot"}"#);
+        let bad = sample(
+            &scrape,
+            r#"ganglion_rule_dead_letters_by_kind_total{rule="hot",kind="bad-payload"}"#,
+        );
+        (messages < Some(3.0) || published < Some(1.0) || bad != Some(1.0))
+            .then(|| format!("{messages:?} {published:?} {bad:?}"))
+    });
+    assert!(
+        scrape.contains("# TYPE ganglion_rule_messages_total counter"),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            r#"ganglion_stage_duration_seconds_count{rule="hot",stage="end-to-end"}"#
+        ),
+        Some(3.0),
+        "{scrape}"
+    );
+    assert!(
+        sample(
+            &scrape,
+            r#"ganglion_stage_duration_seconds_count{rule="hot",stage="preprocess"}"#
+        ) >= Some(2.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(&scrape, "ganglion_mqtt_connected"),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(&scrape, r#"ganglion_rule_enabled{rule="hot"}"#),
+        Some(1.0)
+    );
+    assert!(
+        scrape.contains(r#"ganglion_plugin_instances_created_total{rule="hot",plugin="clean-readings",stage="preprocess""#),
+        "{scrape}"
+    );
+
+    let (status, body) = http(port, "GET", "/rules", None);
+    assert_eq!(status, 200, "{body}");
+    let rules: Json = serde_json::from_str(&body).unwrap();
+    let hot = &rules["rules"][0];
+    assert_eq!(hot["name"], "hot", "{body}");
+    assert_eq!(hot["enabled"], true);
+    assert_eq!(hot["plugins"][0]["name"], "clean-readings", "{body}");
+    assert_eq!(hot["plugins"][1]["name"], "threshold-alert", "{body}");
+    assert_eq!(hot["plugins"][0]["blake3"].as_str().map(str::len), Some(64));
+    assert_eq!(hot["counters"]["dead_letters"], 1, "{body}");
+    assert!(
+        hot["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("intake/bad-payload"),
+        "{body}"
+    );
+
+    // Disabled: the message is passed by and acknowledged, not processed.
+    let (status, body) = http(port, "POST", "/rules/hot/disable", None);
+    assert_eq!(status, 200, "{body}");
+    sensor
+        .publish("t/m3/telemetry", r#"{"metric":"temperature","value":99}"#)
+        .await;
+    wait_for("a skipped message", 20, || {
+        let s = http(port, "GET", "/metrics", None).1;
+        (sample(&s, r#"ganglion_rule_skipped_total{rule="hot"}"#) != Some(1.0)).then(|| {
+            s.lines()
+                .filter(|l| l.contains("rule=\"hot\"}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    });
+    let s = http(port, "GET", "/metrics", None).1;
+    assert_eq!(
+        sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&s, r#"ganglion_rule_enabled{rule="hot"}"#),
+        Some(0.0)
+    );
+    let rules: Json = serde_json::from_str(&http(port, "GET", "/rules", None).1).unwrap();
+    assert_eq!(rules["rules"][0]["enabled"], false);
+    assert_eq!(http(port, "POST", "/rules/nope/disable", None).0, 404);
+
+    let (status, _) = http(port, "POST", "/rules/hot/enable", None);
+    assert_eq!(status, 200);
+    sensor
+        .publish("t/m4/telemetry", r#"{"metric":"temperature","value":21}"#)
+        .await;
+    wait_for("messages again after enable", 20, || {
+        let s = http(port, "GET", "/metrics", None).1;
+        (sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#) != Some(4.0)).then_some(s)
+    });
+
+    drop(sensor);
+    broker.stop();
+    wait_for("/ready 503 without the broker", 30, || {
+        let (status, body) = http(port, "GET", "/ready", None);
+        (status != 503 || !body.contains("broker is not connected"))
+            .then(|| format!("{status} {body}"))
+    });
+    assert_eq!(http(port, "GET", "/health", None).0, 200);
+    assert!(
+        !gw.stderr.text().contains("panicked"),
+        "{}",
+        gw.stderr.text()
+    );
+}
+
+/// With `[admin] token`, every endpoint but `/health` wants the bearer
+/// token; the page escapes what rules put on it (a topic with markup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_guards_the_endpoint_and_the_page_escapes_markup() {
+    built();
+    let broker = Mosquitto::start("admin-token-broker");
+    let dir = scratch("admin-token");
+    let gw = start(&dir, &broker.url(), "token = \"s3cret-token\"\n");
+    let port = gw.port;
+    assert_eq!(http(port, "GET", "/health", None).0, 200);
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("GET", "/ready"),
+        ("GET", "/rules"),
+        ("GET", "/"),
+        ("POST", "/rules/hot/disable"),
+    ] {
+        assert_eq!(http(port, method, path, None).0, 401, "{method} {path}");
+        assert_eq!(
+            http(port, method, path, Some("s3cret-tokeN")).0,
+            401,
+            "{method} {path} with a wrong token"
+        );
+    }
+    let rules: Json =
+        serde_json::from_str(&http(port, "GET", "/rules", Some("s3cret-token")).1).unwrap();
+    assert_eq!(
+        rules["rules"][0]["enabled"], true,
+        "the refused disable did nothing"
+    );
+    let (status, page) = http(port, "GET", "/", Some("s3cret-token"));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h1>Ganglion</h1>"), "{page}");
+    assert!(page.contains("<svg"), "a sparkline per rule: {page}");
+    assert!(
+        page.contains("t/&lt;script&gt;alert(1)&lt;/script&gt;/x"),
+        "the topic is escaped: {page}"
+    );
+    assert!(!page.contains("<script>"), "{page}");
+}
+
+/// An address off loopback without a token is refused before anything
+/// loads, with the reason.
+#[test]
+fn listening_off_loopback_needs_a_token() {
+    built();
+    let dir = scratch("admin-open");
+    let config = write_config(&dir, "listen = \"0.0.0.0:9464\"\n");
+    let out = Command::new(ganglion_binary())
+        .current_dir(&dir)
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "run",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{}", free_port()),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("set [admin] token"), "{stderr}");
+}
