@@ -1,6 +1,7 @@
 //! The HTTP admin endpoint of `ganglion run`: the real binary against a
 //! real mosquitto, scraped over HTTP while messages flow: counters and
-//! dead letters by kind in `/metrics`, `/rules`, disabling a rule,
+//! dead letters by kind in `/metrics`, `/rules`, a rule test that
+//! answers what the live message then does, disabling a rule,
 //! readiness following the broker, the bearer token, and the page's
 //! escaping.
 
@@ -21,14 +22,20 @@ plugin = "threshold-alert"
 config = { thresholds = [{ metric = "temperature", above = 50.0, level = "critical" }] }
 "#;
 
-/// One HTTP/1.1 request on its own connection: (status, body).
+/// One HTTP/1.1 request without a body on its own connection: (status, body).
 fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    request(port, method, path, token, "")
+}
+
+/// One HTTP/1.1 request with a JSON body on its own connection: (status, body).
+fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin port");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut raw = Vec::new();
@@ -253,6 +260,81 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         "{body}"
     );
 
+    // A trial publishes nothing and answers what the live message then does.
+    let watcher = TestClient::connect(
+        &broker.url(),
+        &format!("admin-watch-{}", free_port()),
+        &["ganglion/#"],
+    )
+    .await;
+    let hot_reading = r#"{"metric":"temperature","value":88}"#;
+    let body = serde_json::json!({"topic": "t/m9/telemetry", "payload": hot_reading}).to_string();
+    let (status, answer) = request(port, "POST", "/rules/hot/test", None, &body);
+    assert_eq!(status, 200, "{answer}");
+    let trial: Json = serde_json::from_str(&answer).unwrap();
+    let stages: Vec<&str> = trial["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["preprocess", "postprocess"], "{answer}");
+    assert_eq!(trial["stages"][0]["output"][0]["device"], "m9", "{answer}");
+    assert_eq!(
+        trial["actions"].as_array().map(Vec::len),
+        Some(1),
+        "{answer}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        watcher.on("ganglion/alert/hot/m9").is_empty(),
+        "a trial publishes nothing"
+    );
+    let s = http(port, "GET", "/metrics", None).1;
+    assert_eq!(
+        sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#),
+        Some(3.0),
+        "a trial is not a message"
+    );
+    sensor.publish("t/m9/telemetry", hot_reading).await;
+    assert!(
+        watcher
+            .wait_until(20, |w| !w.on("ganglion/alert/hot/m9").is_empty())
+            .await,
+        "the live alert"
+    );
+    let live: Vec<_> = watcher
+        .received()
+        .into_iter()
+        .filter(|(t, _)| t == "ganglion/alert/hot/m9")
+        .collect();
+    assert_eq!(trial["actions"][0]["topic"], live[0].0.as_str());
+    assert_eq!(
+        trial["actions"][0]["payload"],
+        String::from_utf8_lossy(&live[0].1).as_ref()
+    );
+    wait_for("the live message counted", 20, || {
+        let s = http(port, "GET", "/metrics", None).1;
+        (sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#) != Some(4.0)).then_some(s)
+    });
+    // Hostile bodies: too large, not JSON, a topic the rule does not take.
+    let big =
+        serde_json::json!({"topic": "t/m9/telemetry", "payload": "x".repeat(70_000)}).to_string();
+    assert_eq!(request(port, "POST", "/rules/hot/test", None, &big).0, 413);
+    assert_eq!(
+        request(port, "POST", "/rules/hot/test", None, "{nope").0,
+        400
+    );
+    let elsewhere = serde_json::json!({"topic": "other/topic", "payload": "{}"}).to_string();
+    assert_eq!(
+        request(port, "POST", "/rules/hot/test", None, &elsewhere).0,
+        400
+    );
+    assert_eq!(
+        request(port, "POST", "/rules/nope/test", None, &body).0,
+        404
+    );
+
     // Disabled: the message is passed by and acknowledged, not processed.
     let (status, body) = http(port, "POST", "/rules/hot/disable", None);
     assert_eq!(status, 200, "{body}");
@@ -271,7 +353,7 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
     let s = http(port, "GET", "/metrics", None).1;
     assert_eq!(
         sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#),
-        Some(3.0)
+        Some(4.0)
     );
     assert_eq!(
         sample(&s, r#"ganglion_rule_enabled{rule="hot"}"#),
@@ -288,10 +370,11 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         .await;
     wait_for("messages again after enable", 20, || {
         let s = http(port, "GET", "/metrics", None).1;
-        (sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#) != Some(4.0)).then_some(s)
+        (sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#) != Some(5.0)).then_some(s)
     });
 
     drop(sensor);
+    drop(watcher);
     broker.stop();
     wait_for("/ready 503 without the broker", 30, || {
         let (status, body) = http(port, "GET", "/ready", None);
@@ -322,6 +405,7 @@ async fn the_token_guards_the_endpoint_and_the_page_escapes_markup() {
         ("GET", "/rules"),
         ("GET", "/"),
         ("POST", "/rules/hot/disable"),
+        ("POST", "/rules/hot/test"),
     ] {
         assert_eq!(http(port, method, path, None).0, 401, "{method} {path}");
         assert_eq!(

@@ -9,6 +9,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /rules` | every rule: file, topics, plugins and versions, enabled, counters, last error (JSON) |
 //! | `POST /rules/{name}/disable`, `/enable` | the rule stops / starts taking messages |
+//! | `POST /rules/{name}/test` | `{"topic", "payload"}` through the live rule, nothing published: every stage's output and the actions the allow-list lets out ([`crate::pipeline::Trial`]) |
 //! | `GET /` | an HTML page: rules, rate sparklines, recent decisions from the audit log |
 //!
 //! The server is axum on the gateway's own tokio runtime; everything it
@@ -150,6 +151,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/rules", get(rules))
         .route("/rules/:name/enable", post(enable))
         .route("/rules/:name/disable", post(disable))
+        .route("/rules/:name/test", post(test))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             authorize,
@@ -371,6 +373,59 @@ async fn enable(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> 
 
 async fn disable(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
     set_enabled(&shared, &name, false)
+}
+
+/// The body of `POST /rules/{name}/test`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestMessage {
+    topic: String,
+    /// A string is the payload as it is; any other JSON value is the
+    /// payload written as JSON.
+    payload: serde_json::Value,
+}
+
+async fn test(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Result<axum::Json<TestMessage>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let bad = |status: StatusCode, error: String| {
+        (status, axum::Json(json!({"error": error, "rule": name}))).into_response()
+    };
+    let axum::Json(m) = match body {
+        Ok(b) => b,
+        // Too large (over [admin] max_body_bytes), not JSON, wrong fields.
+        Err(e) => return bad(e.status(), e.body_text()),
+    };
+    let Some(pipeline) = shared
+        .sources
+        .gateway
+        .pipelines()
+        .into_iter()
+        .find(|p| p.rule.name == name)
+    else {
+        return bad(StatusCode::NOT_FOUND, "no such rule".into());
+    };
+    if !pipeline.rule.matches(&m.topic) {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the rule's topics ({}) do not match the topic",
+                pipeline.rule.topics.join(", ")
+            ),
+        );
+    }
+    let payload = match m.payload {
+        serde_json::Value::String(s) => s.into_bytes(),
+        other => other.to_string().into_bytes(),
+    };
+    let message = crate::types::Message {
+        topic: m.topic,
+        payload,
+        timestamp: crate::types::received_now(),
+    };
+    axum::Json(pipeline.trial(&message).await).into_response()
 }
 
 /// The page's answer type, for `page.rs`.

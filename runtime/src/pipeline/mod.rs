@@ -5,11 +5,13 @@
 
 mod parse;
 mod process;
+mod trial;
 mod window;
 
 #[doc(hidden)]
 pub use parse::fuzzing;
 use parse::parse_csv;
+pub use trial::{Trial, TrialAction, TrialDeadLetter, TrialStage};
 use window::{Window, restore_windows, split_by_device};
 
 use crate::audit::{AuditLog, DecisionRecord, Replayed};

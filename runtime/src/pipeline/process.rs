@@ -7,56 +7,10 @@ use super::*;
 impl RulePipeline {
     /// Processes one message to the end of the pipeline (or into a window).
     pub async fn process(&self, message: &Message) -> Outcome {
-        if message.payload.len() > self.rule.max_payload_bytes {
-            let reason = format!(
-                "payload of {} bytes over the rule's cap of {}",
-                message.payload.len(),
-                self.rule.max_payload_bytes
-            );
-            return Outcome {
-                dead_letters: vec![self.dead(message, "intake", "oversized-payload", reason, None)],
-                ..Outcome::default()
-            };
-        }
-        let mut readings = ReadingBatch::default();
-        match self.rule.format {
-            PayloadFormat::Json => {
-                if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&message.payload) {
-                    return Outcome {
-                        dead_letters: vec![self.dead(
-                            message,
-                            "intake",
-                            "bad-payload",
-                            format!("invalid JSON: {e}"),
-                            None,
-                        )],
-                        ..Outcome::default()
-                    };
-                }
-            }
-            PayloadFormat::Csv => match parse_csv(
-                message,
-                self.rule
-                    .csv
-                    .as_ref()
-                    .expect("validated: csv rules have [csv]"),
-            ) {
-                Ok(b) => readings = b,
-                Err(reason) => {
-                    return Outcome {
-                        dead_letters: vec![self.dead(
-                            message,
-                            "intake",
-                            "bad-payload",
-                            reason,
-                            None,
-                        )],
-                        ..Outcome::default()
-                    };
-                }
-            },
-            PayloadFormat::Raw => {}
-        }
+        let mut readings = match self.intake(message) {
+            Ok(r) => r,
+            Err(outcome) => return *outcome,
+        };
         match &self.bindings {
             Bindings::Handler(h) => match h.pool.handle(&self.rule.name, message).await {
                 Ok(actions) => {
@@ -175,6 +129,88 @@ impl RulePipeline {
         }
     }
 
+    /// The payload cap and the format check (CSV parsed into readings): a
+    /// dead letter when the message is refused.
+    pub(super) fn intake(&self, message: &Message) -> Result<ReadingBatch, Box<Outcome>> {
+        if message.payload.len() > self.rule.max_payload_bytes {
+            let reason = format!(
+                "payload of {} bytes over the rule's cap of {}",
+                message.payload.len(),
+                self.rule.max_payload_bytes
+            );
+            return Err(Box::new(Outcome {
+                dead_letters: vec![self.dead(message, "intake", "oversized-payload", reason, None)],
+                ..Outcome::default()
+            }));
+        }
+        let mut readings = ReadingBatch::default();
+        match self.rule.format {
+            PayloadFormat::Json => {
+                if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&message.payload) {
+                    return Err(Box::new(Outcome {
+                        dead_letters: vec![self.dead(
+                            message,
+                            "intake",
+                            "bad-payload",
+                            format!("invalid JSON: {e}"),
+                            None,
+                        )],
+                        ..Outcome::default()
+                    }));
+                }
+            }
+            PayloadFormat::Csv => match parse_csv(
+                message,
+                self.rule
+                    .csv
+                    .as_ref()
+                    .expect("validated: csv rules have [csv]"),
+            ) {
+                Ok(b) => readings = b,
+                Err(reason) => {
+                    return Err(Box::new(Outcome {
+                        dead_letters: vec![self.dead(
+                            message,
+                            "intake",
+                            "bad-payload",
+                            reason,
+                            None,
+                        )],
+                        ..Outcome::default()
+                    }));
+                }
+            },
+            PayloadFormat::Raw => {}
+        }
+        Ok(readings)
+    }
+
+    /// The context of a device's window: its readings' time span, or the
+    /// message's time when they carry none.
+    pub(super) fn window_context(
+        &self,
+        device: &str,
+        window: &ReadingBatch,
+        received: i64,
+    ) -> Context {
+        Context {
+            rule: self.rule.name.clone(),
+            device: device.to_owned(),
+            window_start: window
+                .readings
+                .iter()
+                .map(|r| r.timestamp)
+                .min()
+                .unwrap_or(received),
+            window_end: window
+                .readings
+                .iter()
+                .map(|r| r.timestamp)
+                .max()
+                .unwrap_or(received),
+        }
+    }
+
     pub(super) async fn run_window(
         &self,
         message: Source<'_>,
@@ -198,22 +234,7 @@ impl RulePipeline {
                 ..Outcome::default()
             };
         };
-        let context = Context {
-            rule: self.rule.name.clone(),
-            device: device.to_owned(),
-            window_start: window
-                .readings
-                .iter()
-                .map(|r| r.timestamp)
-                .min()
-                .unwrap_or(message.timestamp()),
-            window_end: window
-                .readings
-                .iter()
-                .map(|r| r.timestamp)
-                .max()
-                .unwrap_or(message.timestamp()),
-        };
+        let context = self.window_context(device, &window, message.timestamp());
         let auditing = self.audit.as_ref().filter(|_| prompt.is_some());
         let recorded_window = auditing.map(|_| crate::audit::record_window(&window));
         let d = self.decide(&context, window).await;
