@@ -242,6 +242,17 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         "{scrape}"
     );
 
+    let calls = scrape
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"ganglion_plugin_calls_total{rule="hot",plugin="clean-readings",stage="preprocess""#)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(
+        calls,
+        Some(2.0),
+        "one preprocess call per good message: {scrape}"
+    );
     let (status, body) = http(port, "GET", "/rules", None);
     assert_eq!(status, 200, "{body}");
     let rules: Json = serde_json::from_str(&body).unwrap();

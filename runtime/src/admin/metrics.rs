@@ -189,7 +189,31 @@ pub(super) fn render(sources: &Sources, reloads: (u64, u64)) -> String {
 fn plugins(e: &mut Exposition, sources: &Sources) {
     let pipelines = sources.gateway.pipelines();
     type Pool = fn(&crate::plugin::PoolStats) -> f64;
-    let pools: [(&str, &str, &str, Pool); 4] = [
+    let pools: [(&str, &str, &str, Pool); 8] = [
+        (
+            "ganglion_plugin_calls_total",
+            "counter",
+            "Stage calls a rule made to a plugin.",
+            |p| p.calls as f64,
+        ),
+        (
+            "ganglion_plugin_call_failures_total",
+            "counter",
+            "Stage calls that failed for any reason (the plugin's own errors too).",
+            |p| p.failed as f64,
+        ),
+        (
+            "ganglion_plugin_traps_total",
+            "counter",
+            "Stage calls that ended in a trap.",
+            |p| p.traps as f64,
+        ),
+        (
+            "ganglion_plugin_deadlines_total",
+            "counter",
+            "Stage calls stopped at the guest-time deadline (call_timeout_ms).",
+            |p| p.deadlines as f64,
+        ),
         (
             "ganglion_plugin_instances_created_total",
             "counter",

@@ -501,6 +501,10 @@ impl PluginHost {
             created: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             retired: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            traps: AtomicU64::new(0),
+            deadlines: AtomicU64::new(0),
         }
     }
 }
@@ -548,6 +552,10 @@ pub struct InstancePool {
     created: AtomicU64,
     discarded: AtomicU64,
     retired: AtomicU64,
+    calls: AtomicU64,
+    failed: AtomicU64,
+    traps: AtomicU64,
+    deadlines: AtomicU64,
 }
 
 /// Counters of a pool, for tests and metrics.
@@ -562,6 +570,14 @@ pub struct PoolStats {
     pub retired: u64,
     /// Instances waiting for a call now.
     pub idle: usize,
+    /// Stage calls made (each ran on an instance).
+    pub calls: u64,
+    /// Calls that failed, for any reason (the plugin's own errors too).
+    pub failed: u64,
+    /// Calls that ended in a trap.
+    pub traps: u64,
+    /// Calls stopped at the guest-time deadline (`call_timeout_ms`).
+    pub deadlines: u64,
     /// Log lines dropped by the per-call cap.
     pub suppressed_logs: u64,
 }
@@ -579,6 +595,10 @@ impl InstancePool {
             discarded: self.discarded.load(Ordering::Relaxed),
             retired: self.retired.load(Ordering::Relaxed),
             idle: self.idle.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            calls: self.calls.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            traps: self.traps.load(Ordering::Relaxed),
+            deadlines: self.deadlines.load(Ordering::Relaxed),
             suppressed_logs: self.binding.suppressed_logs(),
         }
     }
@@ -606,6 +626,15 @@ impl InstancePool {
             }
         };
         let result = call(&mut instance).await;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            match e {
+                CallError::Trap(_) => self.traps.fetch_add(1, Ordering::Relaxed),
+                CallError::Deadline { .. } => self.deadlines.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
         if instance.is_poisoned() {
             self.discarded.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(plugin = %self.plugin.name, version = %self.plugin.version, rule = %self.binding.rule,
