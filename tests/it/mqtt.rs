@@ -488,8 +488,6 @@ async fn a_panicking_lane_keeps_acknowledging_later_messages() {
     rt.shutdown().await;
 }
 
-use ganglion::transport::Publisher as _;
-
 /// A transport with bugs: the first publish panics, and so does the
 /// confirmation of the second; the rest are recorded.
 #[derive(Default)]
