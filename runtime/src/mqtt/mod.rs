@@ -517,6 +517,9 @@ impl Publisher for GatewayLink {
 }
 
 #[cfg(test)]
+mod filter_check;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
