@@ -45,6 +45,11 @@ pub async fn load_configured(config: &ganglion_llm::EngineConfig) -> Arc<dyn Llm
         tracing::info!("no model configured; rules that call the model will dead-letter");
         return Arc::new(NoModel);
     }
+    load_engine(config).await
+}
+
+#[cfg(feature = "llm")]
+async fn load_engine(config: &ganglion_llm::EngineConfig) -> Arc<dyn LlmEngine> {
     let cfg = config.clone();
     match tokio::task::spawn_blocking(move || ganglion_llm::Engine::load(&cfg)).await {
         Ok(Ok((engine, summary))) => {
@@ -64,6 +69,18 @@ pub async fn load_configured(config: &ganglion_llm::EngineConfig) -> Arc<dyn Llm
             Arc::new(NoModel)
         }
     }
+}
+
+/// A build without the `llm` feature has no engine: a configured model is
+/// an error reported once, and the rules that need it dead-letter.
+#[cfg(not(feature = "llm"))]
+async fn load_engine(config: &ganglion_llm::EngineConfig) -> Arc<dyn LlmEngine> {
+    tracing::error!(
+        model = ?config.path,
+        embedding = ?config.embedding,
+        "a model is configured but this build of ganglion has no model engine (cargo feature `llm`); running without a model"
+    );
+    Arc::new(NoModel)
 }
 
 /// The engine when no model is configured: every call is `model-not-loaded`.
@@ -221,6 +238,7 @@ impl LlmEngine for FakeLlm {
 /// The native engine (`ganglion-llm`): generation, classification and
 /// embedding run on the engine's worker; token counting on a blocking
 /// thread.
+#[cfg(feature = "llm")]
 impl LlmEngine for ganglion_llm::Engine {
     fn model_id(&self) -> String {
         ganglion_llm::Engine::model_id(self).to_owned()

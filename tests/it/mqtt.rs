@@ -488,6 +488,92 @@ async fn a_panicking_lane_keeps_acknowledging_later_messages() {
     rt.shutdown().await;
 }
 
+/// A transport with bugs: the first publish panics, and so does the
+/// confirmation of the second; the rest are recorded.
+#[derive(Default)]
+struct PanickingTransport {
+    publishes: std::sync::atomic::AtomicUsize,
+    recorded: ganglion::transport::RecordingPublisher,
+}
+
+impl ganglion::transport::Publisher for PanickingTransport {
+    fn publish(&self, out: ganglion::types::Outgoing) -> ganglion::transport::QueueFuture<'_> {
+        let n = self
+            .publishes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            match n {
+                0 => panic!("transport bug while queueing"),
+                1 => {
+                    let _ = self.recorded.publish(out).await;
+                    let confirm: ganglion::transport::Confirm =
+                        Box::pin(async { panic!("transport bug while confirming") });
+                    Ok(confirm)
+                }
+                _ => self.recorded.publish(out).await,
+            }
+        })
+    }
+
+    fn ack(
+        &self,
+        token: ganglion::transport::AckToken,
+    ) -> ganglion::transport::TransportFuture<'_> {
+        self.recorded.ack(token)
+    }
+}
+
+/// A panic in the transport while a lane queues or confirms a message's
+/// outputs used to end the lane (only processing was guarded): its queue
+/// stopped and, over MQTT, the acknowledgements of the whole connection
+/// with it. Now the message is released (left for the broker to deliver
+/// again, since which outputs went out is unknown) and the lane goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_delivering_releases_the_message_and_the_lane_goes_on() {
+    use ganglion::runtime::Runtime;
+    let model = FakeLlm::new(|_| Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into()));
+    let mut config = ganglion::config::GanglionConfig::default();
+    config.plugins.dir = plugins_folder();
+    config.plugins.cache_dir = None;
+    config.rules.dir = rules(&[("voice", VOICE_RULE)]);
+    config.rules.lanes = 1;
+    config.reload.enabled = false;
+    config.audit.enabled = false;
+    let loaded = Runtime::builder(config)
+        .llm(model)
+        .state(ganglion::state::StateStore::in_memory())
+        .load()
+        .await
+        .unwrap();
+    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let transport = std::sync::Arc::new(PanickingTransport::default());
+    let rt = loaded.serve(transport.clone());
+    let say = br#"{"metric":"speech","value":"turn the fan on"}"#.to_vec();
+    let mut results = Vec::new();
+    for _ in 0..6 {
+        let pushed = tokio::time::timeout(
+            Duration::from_secs(10),
+            rt.push("home/kitchen/say", say.clone()),
+        )
+        .await;
+        results.push(pushed.map(|r| r.is_ok()));
+    }
+    assert_eq!(
+        results,
+        vec![Ok(false), Ok(false), Ok(true), Ok(true), Ok(true), Ok(true)],
+        "the two messages whose delivery panicked are released, every later one is handled"
+    );
+    let published = transport.recorded.published();
+    assert_eq!(published.len(), 5, "{published:?}");
+    assert!(
+        published
+            .iter()
+            .all(|o| !o.topic.starts_with("ganglion/dead-letter/")),
+        "{published:?}"
+    );
+    rt.shutdown().await;
+}
+
 /// Outputs the broker never confirms, as with a broker that is down.
 struct BrokerDown;
 

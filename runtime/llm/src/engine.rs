@@ -4,6 +4,7 @@
 //! bounded by `queue`: beyond it a request is `overloaded` at once, so the
 //! pipeline can turn it into backpressure.
 
+use crate::config::EngineConfig;
 use crate::constraint::Constraints;
 use crate::embed::Embedder;
 use crate::gguf::{GgufFile, LoadError};
@@ -13,8 +14,6 @@ use crate::scheduler::{EngineStats, Limits, Scheduler, SharedStats};
 use crate::tokenizer::Tokenizer;
 use crate::types::{ChatMessage, Completion, GenerateRequest, LlmError, Role};
 use candle_core::Device;
-use serde::Deserialize;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -24,70 +23,6 @@ use tokio::sync::oneshot;
 /// The input whose label scores `classify` subtracts, so that what the
 /// model prefers with no evidence at all does not count as evidence.
 const CONTENT_FREE: &str = "N/A";
-
-/// `[model]` in `ganglion.toml`.
-///
-/// ```toml
-/// [model]
-/// path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-/// embedding = "models/all-MiniLM-L6-v2"
-/// threads = 2
-/// queue = 64
-/// context = 2048
-/// prefix_cache_mib = 64   # KV state of recent prompts, reused by prompts that share their start
-/// max_batch = 8           # generation requests decoded together
-/// kv_cache_mib = 256      # KV state of the running requests, reserved at admission
-/// prefill_chunk = 64      # prompt tokens per step: a new prompt delays the others by this much
-/// ```
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct EngineConfig {
-    /// A GGUF file of the llama family; none means no generation.
-    pub path: Option<PathBuf>,
-    /// A folder with a BERT-family sentence encoder; none means no `embed`.
-    pub embedding: Option<PathBuf>,
-    /// Model threads; default: cores − 1 on more than 2 cores, else all.
-    /// The compute pool is process-wide, so the first engine (or
-    /// `GANGLION_MODEL_THREADS`) sets it.
-    pub threads: Option<usize>,
-    /// Requests waiting for the model beyond those running.
-    pub queue: usize,
-    /// Generation requests in the running batch at most.
-    pub max_batch: usize,
-    /// Bound on the KV state of running requests, in MiB. A request
-    /// reserves its prompt plus `max-tokens` when it starts.
-    pub kv_cache_mib: usize,
-    /// Prompt tokens fed per forward pass, in all: a long prompt is fed in
-    /// chunks of this size, between the decode steps of the others.
-    pub prefill_chunk: usize,
-    /// Longest sequence (prompt + completion) in tokens; capped by the model's own.
-    pub context: usize,
-    /// Deadline for requests that set none, in milliseconds.
-    pub default_deadline_ms: u64,
-    /// KV state of recent prompts kept for reuse by later prompts that
-    /// start the same way, in MiB; 0 turns prefix reuse off.
-    pub prefix_cache_mib: usize,
-    /// `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
-    pub device: String,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            path: None,
-            embedding: None,
-            threads: None,
-            queue: 64,
-            max_batch: 8,
-            kv_cache_mib: 256,
-            prefill_chunk: 64,
-            context: 2048,
-            default_deadline_ms: 60_000,
-            prefix_cache_mib: 64,
-            device: "cpu".into(),
-        }
-    }
-}
 
 impl EngineConfig {
     pub fn device(&self) -> Result<Device, LoadError> {

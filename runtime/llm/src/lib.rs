@@ -2,7 +2,7 @@
 //! interface; the runtime holds an [`Engine`] behind its `LlmEngine` trait.
 //!
 //! - [`engine`]: the [`Engine`] handle, its worker thread and bounded queue,
-//!   generation, classification and embedding jobs, [`EngineConfig`].
+//!   generation, classification and embedding jobs.
 //! - [`model`]: the llama-family forward pass (llama, qwen2, qwen3) over
 //!   quantized GGUF weights, batched over sequences with per-sequence KV
 //!   caches.
@@ -26,27 +26,50 @@
 //! - [`embed`]: sentence embeddings with a BERT-family encoder.
 //! - [`testing`]: tiny random-weight GGUF models for tests.
 //! - [`types`]: requests and results.
+//! - [`config`]: [`EngineConfig`], the `[model]` settings.
+//!
+//! Everything but `types` and `config` needs the `engine` feature (on by
+//! default): it brings candle, the tokenizer and the constraint engine. An
+//! embedder whose runtime has no model builds without it.
 
+#[cfg(feature = "engine")]
 mod attention;
+pub mod config;
+#[cfg(feature = "engine")]
 pub mod constraint;
+#[cfg(feature = "engine")]
 pub mod embed;
+#[cfg(feature = "engine")]
 pub mod engine;
+#[cfg(feature = "engine")]
 pub mod gguf;
+#[cfg(feature = "engine")]
 pub mod kernels;
+#[cfg(feature = "engine")]
 pub mod model;
+#[cfg(feature = "engine")]
 pub mod pool;
+#[cfg(feature = "engine")]
 pub mod prefix;
+#[cfg(feature = "engine")]
 pub mod sampling;
+#[cfg(feature = "engine")]
 pub mod scheduler;
+#[cfg(feature = "engine")]
 pub mod testing;
+#[cfg(feature = "engine")]
 pub mod tokenizer;
 pub mod types;
 
-pub use engine::{Engine, EngineConfig, ModelSummary};
+pub use config::EngineConfig;
+#[cfg(feature = "engine")]
+pub use engine::{Engine, ModelSummary};
+#[cfg(feature = "engine")]
 pub use gguf::LoadError;
+#[cfg(feature = "engine")]
 pub use scheduler::EngineStats;
 pub use types::*;
-#[cfg(test)]
+#[cfg(all(test, feature = "engine"))]
 mod proptests;
-#[cfg(test)]
+#[cfg(all(test, feature = "engine"))]
 mod tests;

@@ -43,6 +43,17 @@ pub(super) struct Delivered {
     persisted: Option<u64>,
 }
 
+impl Delivered {
+    /// Nothing queued and something lost: the message is released.
+    pub(super) fn lost() -> Delivered {
+        Delivered {
+            queued: Vec::new(),
+            lost: true,
+            persisted: None,
+        }
+    }
+}
+
 /// Acknowledges a message all of whose rules are done, or releases it for
 /// redelivery when an output of any of them was lost.
 pub(super) async fn settle(publisher: &dyn Publisher, pending: &Pending, topic: &str) {

@@ -93,6 +93,22 @@ struct Job {
     pending: Arc<Pending>,
 }
 
+/// Runs `work`, turning a panic into its message. A lane's tasks run every
+/// step through this: a panic that ended a lane would stop its queue, and
+/// with it the acknowledgements of the whole connection, which go out in
+/// order. Nothing a step keeps is left half-changed by a panic but the
+/// windows, whose lock recovers from poisoning.
+async fn guarded<T>(work: impl std::future::Future<Output = T>) -> Result<T, String> {
+    futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .await
+        .map_err(|p| {
+            p.downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into())
+        })
+}
+
 /// One rule at work: its lanes, and the pipeline version they use.
 ///
 /// The lanes and their workers live as long as the rule; a new version of
@@ -207,11 +223,27 @@ impl Gateway {
                     let (publisher, stats) = (publisher.clone(), stats.clone());
                     tokio::spawn(async move {
                         while let Some((delivered, pipeline, job)) = confirming.recv().await {
-                            if !confirm(delivered, &pipeline, publisher.as_ref(), &stats).await {
+                            let confirmed =
+                                guarded(confirm(delivered, &pipeline, publisher.as_ref(), &stats))
+                                    .await
+                                    .unwrap_or_else(|what| {
+                                        tracing::error!(rule = %pipeline.rule.name, "confirming the outputs panicked: {what}");
+                                        false
+                                    });
+                            if !confirmed {
                                 job.pending.lost.store(true, Ordering::Release);
                             }
                             if job.pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                                settle(publisher.as_ref(), &job.pending, &job.message.topic).await;
+                                let (publisher, pending) = (publisher.as_ref(), &job.pending);
+                                if let Err(what) =
+                                    guarded(settle(publisher, pending, &job.message.topic)).await
+                                {
+                                    // Its place in the acknowledgement order
+                                    // must still be given up, or every later
+                                    // message of the connection waits on it.
+                                    tracing::error!(topic = %job.message.topic, "settling a message panicked: {what}; releasing it");
+                                    let _ = guarded(publisher.release(pending.token.clone())).await;
+                                }
                             }
                         }
                     })
@@ -226,23 +258,12 @@ impl Gateway {
                             payload: String::from_utf8_lossy(&job.message.payload).into_owned(),
                         });
                     }
-                    // A panic in a stage (a host or model-backend bug) must
-                    // not end the lane: its queue would stop, and with it the
-                    // acknowledgements of the whole connection, which go out
-                    // in order. A panic becomes a dead letter and the lane
-                    // goes on; the pipeline keeps no state a panic could
-                    // leave half-changed but its windows, whose lock
-                    // recovers from poisoning.
+                    // A panic in a stage (a host or model-backend bug)
+                    // becomes a dead letter and the lane goes on.
                     let started = std::time::Instant::now();
-                    let processing = std::panic::AssertUnwindSafe(pipeline.process(&job.message));
-                    let outcome = match futures_util::FutureExt::catch_unwind(processing).await {
+                    let outcome = match guarded(pipeline.process(&job.message)).await {
                         Ok(outcome) => outcome,
-                        Err(p) => {
-                            let what = p
-                                .downcast_ref::<&str>()
-                                .map(|s| (*s).to_owned())
-                                .or_else(|| p.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "no message".into());
+                        Err(what) => {
                             Outcome {
                                 dead_letters: vec![pipeline.dead_letter(
                                     &job.message,
@@ -255,8 +276,16 @@ impl Gateway {
                         }
                     };
                     stats.observe("end-to-end", started.elapsed().as_secs_f64() * 1000.0);
+                    // A panic here (a transport bug) leaves unknown which
+                    // outputs went out: the message is released, for the
+                    // broker to deliver again, rather than acknowledged.
                     let delivered =
-                        deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
+                        guarded(deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events))
+                            .await
+                            .unwrap_or_else(|what| {
+                                tracing::error!(rule = %pipeline.rule.name, topic = %job.message.topic, "delivering the outputs panicked: {what}; the message is released for the broker to deliver again");
+                                Delivered::lost()
+                            });
                     if to_confirm.send((delivered, pipeline, job)).await.is_err() {
                         break;
                     }
@@ -287,17 +316,24 @@ impl Gateway {
                     _ = stop.changed() => return,
                 }
                 let pipeline = flushed.load_full();
-                let outcome = pipeline.flush_expired(false).await;
-                let delivered = deliver(
-                    &pipeline,
-                    outcome,
-                    publisher.as_ref(),
-                    &flusher_stats,
-                    &events,
-                )
-                .await;
-                if !confirm(delivered, &pipeline, publisher.as_ref(), &flusher_stats).await {
-                    tracing::error!(rule = %pipeline.rule.name, "outputs of a window flushed by time were not delivered");
+                // A panic must not end the flusher: time windows would
+                // never close again.
+                let flushing = async {
+                    let outcome = pipeline.flush_expired(false).await;
+                    let delivered = deliver(
+                        &pipeline,
+                        outcome,
+                        publisher.as_ref(),
+                        &flusher_stats,
+                        &events,
+                    )
+                    .await;
+                    confirm(delivered, &pipeline, publisher.as_ref(), &flusher_stats).await
+                };
+                match guarded(flushing).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::error!(rule = %pipeline.rule.name, "outputs of a window flushed by time were not delivered"),
+                    Err(what) => tracing::error!(rule = %pipeline.rule.name, "flushing windows by time panicked: {what}"),
                 }
             }
         }));

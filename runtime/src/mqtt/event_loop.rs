@@ -129,26 +129,18 @@ macro_rules! event_loop {
                             handle.backlog.store(overflow.len(), std::sync::atomic::Ordering::Relaxed);
                         }
                         Ok(Event::Outgoing(Out::Publish(pkid))) => {
-                            let mut pending = handle.pending.lock().unwrap_or_else(|e| e.into_inner());
-                            if pkid == 0 {
-                                if let Some(tx) = pending.unnumbered.pop_front() {
-                                    let _ = tx.send(Ok(()));
-                                }
-                            } else if !pending.by_pkid.contains_key(&pkid) {
-                                // A new publish (a retransmission keeps its registered pkid).
-                                if let Some(tx) = pending.unnumbered.pop_front() {
-                                    pending.by_pkid.insert(pkid, tx);
-                                }
-                            }
+                            handle.loop_event(state::LoopEvent::Sent(pkid));
                         }
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
                             let result = match refusal(&ack) {
                                 Some(reason) => Err(TransportError::Refused(reason)),
                                 None => Ok(()),
                             };
-                            handle.confirm(ack.pkid, result)
+                            handle.loop_event(state::LoopEvent::Acknowledged(ack.pkid, result));
                         }
-                        Ok(Event::Incoming(Packet::PubComp(c))) => handle.confirm(c.pkid, Ok(())),
+                        Ok(Event::Incoming(Packet::PubComp(c))) => {
+                            handle.loop_event(state::LoopEvent::Acknowledged(c.pkid, Ok(())));
+                        }
                         Ok(Event::Incoming(Packet::SubAck(ack))) => {
                             let refused = sub_refusals(&ack);
                             if !refused.is_empty() {

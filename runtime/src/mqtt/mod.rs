@@ -2,8 +2,10 @@
 //! both ways, manual acknowledgements and publishes that complete on the
 //! broker's PUBACK.
 //!
-//! One task owns the rumqttc event loop ([`connect`]); everyone else holds an
-//! [`MqttHandle`]. Incoming publishes go to a channel as [`Delivery`]s; the
+//! One task owns the rumqttc event loop ([`connect`]) and one the
+//! connection's state (publishes in flight, the acknowledgement order:
+//! `state.rs`); everyone else holds an [`MqttHandle`] that sends them
+//! commands. Incoming publishes go to a channel as [`Delivery`]s; the
 //! gateway acknowledges each one with [`Publisher::ack`] only after its
 //! outcome is published. The broker's in-flight window of unacknowledged
 //! messages is the runtime's backpressure: nothing is dropped on either side.
@@ -14,6 +16,7 @@
 
 mod event_loop;
 mod options;
+mod state;
 
 pub use crate::config::{MqttSettings, Protocol};
 use crate::transport::{
@@ -72,14 +75,6 @@ impl TransportAck for MqttAck {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
-}
-
-/// Publishes waiting for their packet id (in request order), and those
-/// waiting for their PUBACK (by packet id).
-#[derive(Default)]
-struct Pending {
-    unnumbered: VecDeque<oneshot::Sender<Result<(), TransportError>>>,
-    by_pkid: HashMap<u16, oneshot::Sender<Result<(), TransportError>>>,
 }
 
 /// The protocol's client.
@@ -156,17 +151,22 @@ fn qos5(q: Qos) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
-/// The handle everyone but the event-loop task holds.
+/// The handle everyone but the event-loop task holds. Publishes and
+/// acknowledgements go to the connection's state task (`state.rs`), which
+/// owns the packet ids in flight and the acknowledgement order;
+/// subscriptions and the disconnect go to rumqttc's client directly.
 #[derive(Clone)]
 pub struct MqttHandle {
     client: Client,
-    pending: Arc<Mutex<Pending>>,
-    /// Keeps `unnumbered` in the order requests enter the client's channel.
-    order: Arc<tokio::sync::Mutex<()>>,
+    commands: mpsc::Sender<state::Command>,
+    /// What the event loop reports to the state task.
+    loop_events: mpsc::UnboundedSender<state::LoopEvent>,
     connected: watch::Receiver<bool>,
     /// Counts connections (ConnAcks).
     connection: Arc<std::sync::atomic::AtomicU64>,
-    acks: Arc<tokio::sync::Mutex<AckOrder>>,
+    /// Publishes queued and not yet acknowledged, as the state task last
+    /// counted them.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Filters subscribed after every connection; changed at run time when
     /// rules come and go.
     filters: Arc<Mutex<Vec<String>>>,
@@ -178,14 +178,6 @@ pub struct MqttHandle {
     refused_subscriptions: Arc<std::sync::atomic::AtomicU64>,
     /// Deliveries received and waiting for the gateway (the intake buffer).
     backlog: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// Acknowledgements of the current connection, released in arrival order.
-#[derive(Default)]
-struct AckOrder {
-    connection: u64,
-    next: u64,
-    done: std::collections::BTreeMap<u64, Option<Arc<dyn TransportAck>>>,
 }
 
 fn qos(q: Qos) -> QoS {
@@ -210,18 +202,9 @@ impl MqttHandle {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Completes the publish the broker acknowledged (PUBACK, or PUBCOMP
-    /// for QoS 2), or refused with a failure reason code.
-    fn confirm(&self, pkid: u16, result: Result<(), TransportError>) {
-        if let Some(tx) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_pkid
-            .remove(&pkid)
-        {
-            let _ = tx.send(result);
-        }
+    /// Tells the state task what the event loop saw.
+    fn loop_event(&self, event: state::LoopEvent) {
+        let _ = self.loop_events.send(event);
     }
 
     /// QoS 0 deliveries dropped because `[mqtt] intake_buffer` was full.
@@ -242,8 +225,7 @@ impl MqttHandle {
 
     /// Publishes sent and not yet acknowledged by the broker, now.
     pub fn in_flight(&self) -> usize {
-        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.unnumbered.len() + p.by_pkid.len()
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Subscriptions the broker refused since the start.
@@ -278,18 +260,14 @@ impl Publisher for MqttHandle {
                     max: self.max_packet_bytes,
                 });
             }
+            // Queued once the state task has the command: it keeps the
+            // order; a failure to hand it to rumqttc shows in the
+            // confirmation.
             let (tx, rx) = oneshot::channel();
-            {
-                let _order = self.order.lock().await;
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .unnumbered
-                    .push_back(tx);
-                self.client
-                    .publish(out.topic, out.qos, out.retain, out.payload)
-                    .await?;
-            }
+            self.commands
+                .send(state::Command::Publish(out, tx))
+                .await
+                .map_err(|_| TransportError::Stopped)?;
             let confirm: Confirm =
                 Box::pin(async move { rx.await.unwrap_or(Err(TransportError::Stopped)) });
             Ok(confirm)
@@ -343,38 +321,12 @@ impl MqttHandle {
         Box::pin(async move {
             match token {
                 AckToken::Transport(t) => {
-                    // A token of another transport is not ours to settle.
-                    let Some(a) = t.as_any().downcast_ref::<MqttAck>() else {
-                        return Ok(());
-                    };
-                    let (connection, seq) = (a.connection, a.seq);
-                    let mut order = self.acks.lock().await;
-                    if order.connection != connection {
-                        if connection < self.connection.load(std::sync::atomic::Ordering::Acquire) {
-                            return Ok(());
-                        }
-                        *order = AckOrder {
-                            connection,
-                            ..AckOrder::default()
-                        };
-                    }
-                    // QoS 0 publishes take a place in the order but need no PUBACK.
-                    let needs = ack && t.needs_ack();
-                    order.done.insert(seq, needs.then_some(t));
-                    loop {
-                        let next = order.next;
-                        let Some(p) = order.done.remove(&next) else {
-                            break;
-                        };
-                        order.next += 1;
-                        if let Some(a) = p
-                            .as_ref()
-                            .and_then(|t| t.as_any().downcast_ref::<MqttAck>())
-                        {
-                            self.client.ack(&a.publish).await?;
-                        }
-                    }
-                    Ok(())
+                    let (reply, done) = oneshot::channel();
+                    self.commands
+                        .send(state::Command::Settle(t, ack, reply))
+                        .await
+                        .map_err(|_| TransportError::Stopped)?;
+                    done.await.unwrap_or(Err(TransportError::Stopped))
                 }
                 AckToken::Done(_) | AckToken::None => Ok(()),
             }
@@ -395,18 +347,30 @@ pub fn connect(
     let (host, port, ca) = options::endpoint(settings, broker)?;
     let (connected_tx, connected) = watch::channel(false);
     let status = settings.status_topic();
-    let handle = |client| MqttHandle {
-        client,
-        pending: Arc::default(),
-        order: Arc::default(),
-        connected,
-        connection: Arc::default(),
-        acks: Arc::default(),
-        filters: Arc::new(Mutex::new(filters)),
-        max_packet_bytes: settings.max_packet_bytes,
-        dropped_qos0: Arc::default(),
-        refused_subscriptions: Arc::default(),
-        backlog: Arc::default(),
+    let handle = |client: Client| {
+        let (commands, commands_rx) = mpsc::channel(state::COMMANDS);
+        let (loop_events, events_rx) = mpsc::unbounded_channel();
+        let connection = Arc::<std::sync::atomic::AtomicU64>::default();
+        let in_flight = Arc::<std::sync::atomic::AtomicUsize>::default();
+        tokio::spawn(state::run(
+            client.clone(),
+            (connection.clone(), in_flight.clone()),
+            commands_rx,
+            events_rx,
+        ));
+        MqttHandle {
+            client,
+            commands,
+            loop_events,
+            connected,
+            connection,
+            in_flight,
+            filters: Arc::new(Mutex::new(filters)),
+            max_packet_bytes: settings.max_packet_bytes,
+            dropped_qos0: Arc::default(),
+            refused_subscriptions: Arc::default(),
+            backlog: Arc::default(),
+        }
     };
     let args = (
         deliveries,
@@ -527,6 +491,9 @@ impl Publisher for GatewayLink {
         self.intake.unsubscribe(filter)
     }
 }
+
+#[cfg(test)]
+mod filter_check;
 
 #[cfg(test)]
 mod tests {

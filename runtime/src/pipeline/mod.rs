@@ -204,7 +204,7 @@ struct Decision {
     completion: Option<Result<Completion, LlmError>>,
     /// Each proposed action: what to publish, or why the allow-list refused it.
     actions: Vec<Result<Outgoing, String>>,
-    /// The stage (`prompt` or `postprocess`) whose call failed.
+    /// The stage (`template` or `postprocess`) whose call failed.
     failure: Option<(&'static str, CallError)>,
     timings: crate::audit::RecordedTimings,
 }
@@ -215,7 +215,7 @@ impl Decision {
         Replayed {
             prompt: match (&self.prompt, &self.failure) {
                 (Some(p), _) => Ok(record_prompt(p)),
-                (None, Some(("prompt", e))) => Err(e.to_string()),
+                (None, Some(("template", e))) => Err(e.to_string()),
                 (None, _) => Err("no prompt".into()),
             },
             completion: self.completion.as_ref().map(record_completion),

@@ -274,7 +274,7 @@ impl RulePipeline {
         }
         if let Some((stage, e)) = d.failure {
             let bound = match stage {
-                "prompt" => prompt.as_ref().unwrap_or(postprocess),
+                "template" => prompt.as_ref().unwrap_or(postprocess),
                 _ => postprocess,
             };
             outcome.merge(self.call_failed(message, stage, bound, e));
@@ -304,7 +304,7 @@ impl RulePipeline {
                 let mut rendered = match rendered {
                     Ok(r) => r,
                     Err(e) => {
-                        d.failure = Some(("prompt", e));
+                        d.failure = Some(("template", e));
                         return d;
                     }
                 };
