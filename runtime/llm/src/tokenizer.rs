@@ -217,8 +217,9 @@ impl Tokenizer {
         })
     }
 
-    /// Token ids the model can produce: its embedding rows, which may be
-    /// more than the tokenizer's tokens (padding rows, never produced).
+    /// Size of the model's token-id space: its embedding rows, which may be
+    /// more than the tokenizer's tokens (the extra padding rows are never
+    /// produced).
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()
     }
