@@ -5,10 +5,16 @@ use crate::{Reading, ReadingBatch, Value};
 /// A reading with its names resolved, borrowed from a batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReadingRef<'a> {
+    /// The device that produced it.
     pub device: &'a str,
+    /// What was measured, such as `temperature`.
     pub metric: &'a str,
+    /// The unit as the payload gave it (see [`crate::units`]); empty when
+    /// none was given.
     pub unit: &'a str,
+    /// The value.
     pub value: &'a Value,
+    /// When it was measured: milliseconds since the Unix epoch, UTC.
     pub timestamp: i64,
 }
 
@@ -34,10 +40,13 @@ impl Default for ReadingBatch {
 }
 
 impl BatchBuilder {
+    /// An empty builder.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// An empty builder with room for `readings` readings, for when the
+    /// count is known (a payload's list) and reallocation is worth avoiding.
     pub fn with_capacity(readings: usize) -> Self {
         BatchBuilder {
             batch: ReadingBatch {
@@ -48,7 +57,8 @@ impl BatchBuilder {
         }
     }
 
-    /// Index of `name` in the table, adding it if new.
+    /// Index of `name` in the table, adding it if new. Linear in the table
+    /// up to 16 names, hashed beyond.
     pub fn intern(&mut self, name: &str) -> u32 {
         if let Some(index) = &self.index {
             if let Some(i) = index.get(name) {
@@ -74,6 +84,8 @@ impl BatchBuilder {
         i
     }
 
+    /// Appends a reading; `timestamp` is milliseconds since the Unix epoch,
+    /// and `unit` may be empty.
     pub fn push(&mut self, device: &str, metric: &str, value: Value, unit: &str, timestamp: i64) {
         let reading = Reading {
             device: self.intern(device),
@@ -85,28 +97,35 @@ impl BatchBuilder {
         self.batch.readings.push(reading);
     }
 
+    /// Appends a reading borrowed from another batch, re-interning its
+    /// names here (to filter or merge batches).
     pub fn push_ref(&mut self, r: ReadingRef<'_>) {
         self.push(r.device, r.metric, r.value.clone(), r.unit, r.timestamp)
     }
 
+    /// Readings appended so far.
     pub fn len(&self) -> usize {
         self.batch.readings.len()
     }
 
+    /// Whether no reading has been appended.
     pub fn is_empty(&self) -> bool {
         self.batch.readings.is_empty()
     }
 
+    /// The batch, with each distinct name stored once.
     pub fn finish(self) -> ReadingBatch {
         self.batch
     }
 }
 
 impl ReadingBatch {
+    /// Readings in the batch (not names).
     pub fn len(&self) -> usize {
         self.readings.len()
     }
 
+    /// Whether the batch holds no readings.
     pub fn is_empty(&self) -> bool {
         self.readings.is_empty()
     }
@@ -120,10 +139,12 @@ impl ReadingBatch {
             .unwrap_or("")
     }
 
+    /// Reading `i` with its names resolved; `None` past the end.
     pub fn get(&self, i: usize) -> Option<ReadingRef<'_>> {
         self.readings.get(i).map(|r| self.resolve(r))
     }
 
+    /// The readings in order, names resolved.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = ReadingRef<'_>> + '_ {
         self.readings.iter().map(|r| self.resolve(r))
     }

@@ -21,7 +21,11 @@
 //! - [`units`]: unit names and conversions.
 //! - [`config`], [`log`], [`state`], [`llm`]: the host interfaces, wrapped.
 
+#![warn(missing_docs)]
+
 pub mod batch;
+// Hidden, so `missing_docs` passes over the generated code; the generated
+// items carry the WIT's own doc comments where it has them.
 #[doc(hidden)]
 pub mod bindings;
 pub mod config;
@@ -125,6 +129,8 @@ impl Default for GenerationParams {
 }
 
 impl Value {
+    /// The value as a number: booleans as 1 and 0, for thresholds and
+    /// statistics; `None` for text.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Number(n) => Some(*n),

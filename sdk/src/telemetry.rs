@@ -19,7 +19,11 @@ use std::fmt;
 /// Defaults for fields a payload leaves out.
 #[derive(Debug, Clone)]
 pub struct ParseOptions<'a> {
+    /// Device for readings whose payload names none; with none here either,
+    /// such a payload is a bad payload.
     pub default_device: Option<&'a str>,
+    /// Timestamp for readings whose payload gives none, in milliseconds
+    /// since the Unix epoch (usually the message's `timestamp`).
     pub default_timestamp: i64,
 }
 

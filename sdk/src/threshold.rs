@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Threshold {
+    /// The metric it applies to, matched exactly; readings of other
+    /// metrics never violate it.
     pub metric: String,
     /// Alert when the value is strictly above this.
     pub above: Option<f64>,
@@ -16,16 +18,22 @@ pub struct Threshold {
     pub below: Option<f64>,
     /// Alert when a boolean reading has this value.
     pub equals: Option<bool>,
+    /// How serious a violation is; `warning` when not given.
     #[serde(default)]
     pub level: Level,
 }
 
+/// The alert level a threshold raises, spelled in lower case in rule
+/// files; converts into the WIT [`AlertLevel`].
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
+    /// Worth recording; no one need act.
     Info,
+    /// Needs attention soon. The default.
     #[default]
     Warning,
+    /// Needs attention now.
     Critical,
 }
 

@@ -4,14 +4,22 @@
 //! and exactly for symbols where case matters (`K` vs `k`). Conversions are
 //! affine (`value * scale + offset` into the quantity's base unit).
 
+/// What a unit measures; [`convert`] converts only within one quantity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantity {
+    /// `C`, `F`, `K`.
     Temperature,
+    /// `Pa`, `hPa` (`mbar`), `kPa`, `bar`, `psi`.
     Pressure,
+    /// `m/s`, `km/h`, `mph`.
     Speed,
+    /// `m`, `cm`, `mm`, `km`, `ft`.
     Length,
+    /// `%` and `ratio` (a fraction of 1).
     Ratio,
+    /// `J`, `Wh`, `kWh`.
     Energy,
+    /// `W`, `kW`.
     Power,
 }
 
@@ -204,6 +212,7 @@ pub fn canonical(name: &str) -> Option<&'static str> {
     find(name).map(|u| u.canonical)
 }
 
+/// What a known unit measures; `None` for an unknown unit.
 pub fn quantity(name: &str) -> Option<Quantity> {
     find(name).map(|u| u.quantity)
 }

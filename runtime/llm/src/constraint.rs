@@ -32,6 +32,13 @@ pub struct Constraints {
 }
 
 impl Constraints {
+    /// Builds the token trie of the model's vocabulary and the grammar
+    /// compiler; done once at load, as it walks every token.
+    ///
+    /// # Errors
+    ///
+    /// llguidance's message when it cannot build the compiler for this
+    /// vocabulary.
     pub fn new(tokenizer: Arc<Tokenizer>) -> Result<Constraints, String> {
         let mut info = TokRxInfo::new(tokenizer.vocab_size() as u32, tokenizer.eos);
         info.tok_bos = tokenizer.bos;
@@ -43,6 +50,12 @@ impl Constraints {
     }
 
     /// A matcher for one generation, or `None` without a constraint.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a schema that is not JSON, a regex that does not
+    /// parse, or a choice with no choices; `ConstraintUnsatisfiable` when
+    /// llguidance cannot compile the grammar.
     pub fn matcher(&self, constraint: &Constraint) -> Result<Option<Matcher>, LlmError> {
         let grammar = match constraint {
             Constraint::None => return Ok(None),

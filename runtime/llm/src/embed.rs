@@ -13,14 +13,25 @@ use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
 /// transformer config truncates at 256 word pieces).
 const MAX_TOKENS: usize = 256;
 
+/// A loaded sentence encoder. Stateless between calls; the engine's
+/// worker runs it whole between generation steps.
 pub struct Embedder {
     model: BertModel,
     tokenizer: tokenizers::Tokenizer,
     device: Device,
+    /// Length of each embedding: the encoder's hidden size (384 for
+    /// all-MiniLM-L6-v2).
     pub dimensions: usize,
 }
 
 impl Embedder {
+    /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from
+    /// `dir` onto `device`, weights as f32.
+    ///
+    /// # Errors
+    ///
+    /// `Missing` or `Io` for a file that cannot be read, `Invalid` (naming
+    /// the file) for one that does not parse or does not fit the config.
     pub fn load(dir: &Path, device: &Device) -> Result<Embedder, LoadError> {
         let invalid = |file: &str, reason: String| LoadError::Invalid {
             file: dir.join(file),
@@ -63,6 +74,14 @@ impl Embedder {
         })
     }
 
+    /// One L2-normalised vector of [`Embedder::dimensions`] per text, in
+    /// order, so a dot product is the cosine similarity. All texts run as
+    /// one padded batch; each is truncated at 256 word pieces. No texts, no
+    /// vectors.
+    ///
+    /// # Errors
+    ///
+    /// The tokenizer's or candle's message.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
         if texts.is_empty() {
             return Ok(Vec::new());

@@ -25,6 +25,13 @@ use tokio::sync::oneshot;
 const CONTENT_FREE: &str = "N/A";
 
 impl EngineConfig {
+    /// The candle device `device` names: `cpu`, `cuda` (ordinal 0) or
+    /// `cuda:N`.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Device`] for any other name, or when CUDA cannot open
+    /// the device (a build without the `cuda` feature, no such GPU).
     pub fn device(&self) -> Result<Device, LoadError> {
         let ordinal = match self.device.as_str() {
             "cpu" => return Ok(Device::Cpu),
@@ -47,6 +54,8 @@ impl EngineConfig {
         })
     }
 
+    /// Threads for the compute pool: `threads` when set and non-zero, else
+    /// cores − 1 on more than 2 cores, else all of them.
     pub fn thread_count(&self) -> usize {
         self.threads
             .filter(|&n| n > 0)
@@ -100,11 +109,20 @@ pub struct Engine {
 /// What a load reports about the model.
 #[derive(Debug, Clone)]
 pub struct ModelSummary {
+    /// The GGUF file's name without its extension, which usually says the
+    /// model and its quantisation (`general.name` often does not); reported
+    /// as [`crate::Completion::model`].
     pub id: String,
+    /// `general.architecture`: one of [`crate::gguf::ARCHITECTURES`].
     pub architecture: String,
+    /// Transformer blocks.
     pub layers: usize,
+    /// Hidden size (embedding length).
     pub width: usize,
+    /// Tokens in the vocabulary.
     pub vocab: usize,
+    /// Longest sequence in tokens: the model's own, capped by `[model]
+    /// context`.
     pub context: usize,
 }
 
@@ -115,6 +133,14 @@ impl Engine {
         Self::load_with_progress(config, true)
     }
 
+    /// [`Engine::load`], with the progress bar on standard error shown or
+    /// not (tests and benchmarks load quietly).
+    ///
+    /// # Errors
+    ///
+    /// A [`LoadError`] naming the file: missing or unreadable, not GGUF,
+    /// truncated, an unsupported architecture or tensor type, a bad
+    /// tokenizer, or a device that cannot be opened.
     pub fn load_with_progress(
         config: &EngineConfig,
         show_progress: bool,
@@ -218,6 +244,8 @@ impl Engine {
         Ok((engine, summary))
     }
 
+    /// The generation model's id (its file name without the extension);
+    /// empty when none is loaded.
     pub fn model_id(&self) -> &str {
         &self.model_id
     }
@@ -259,6 +287,14 @@ impl Engine {
         }
     }
 
+    /// Generates a completion. The future resolves when the request
+    /// finishes in the running batch; it need not be polled for the request
+    /// to run, and dropping it abandons the request at the next step.
+    ///
+    /// # Errors
+    ///
+    /// `ModelNotLoaded` and `Overloaded` at once, without queueing; the
+    /// others ([`LlmError`]) when the request is checked or runs.
     pub fn generate(
         &self,
         request: GenerateRequest,
@@ -269,6 +305,18 @@ impl Engine {
         })
     }
 
+    /// Scores `labels` as the category of `text`: one probability per
+    /// label, in the given order, summing to 1. Each label is scored as the
+    /// model's answer in both label orders, less its score for a
+    /// content-free input, so neither a label's place in the list nor the
+    /// model's prior counts as evidence. Runs whole between generation
+    /// steps, under the engine's default deadline.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for no labels, a blank label, or a text that does not
+    /// fit the context; `ModelNotLoaded`, `Overloaded`, `DeadlineExceeded`
+    /// as for [`Engine::generate`].
     pub fn classify(
         &self,
         text: String,
@@ -280,6 +328,15 @@ impl Engine {
         })
     }
 
+    /// Sentence embeddings of `texts`, one L2-normalised vector of
+    /// [`crate::embed::Embedder::dimensions`] per text, in order. Texts
+    /// beyond the encoder's 256 word pieces are truncated.
+    ///
+    /// # Errors
+    ///
+    /// `ModelNotLoaded` when no `[model] embedding` is configured;
+    /// `Overloaded` and `DeadlineExceeded` as for [`Engine::generate`];
+    /// `Internal` when the encoder fails.
     pub fn embed(
         &self,
         texts: Vec<String>,
@@ -297,6 +354,8 @@ impl Engine {
             .map_err(LlmError::InvalidInput)
     }
 
+    /// The generation model's tokenizer, for callers that count or split
+    /// text the way the model does; none without a model.
     pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
         self.tokenizer.as_ref()
     }

@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 /// A layer matrix: the engine's kernel where it applies, else candle's.
 pub enum Linear {
+    /// On the engine's kernel: a CPU matrix in one of its formats.
     Own(Arc<Matrix>),
+    /// On candle's product: other formats, float weights, GPUs.
     Candle(Arc<Pieces>),
 }
 
@@ -90,11 +92,19 @@ impl Linear {
 /// lookup); with a tied output head, the same bytes serve as the output
 /// projection.
 pub enum Embedding {
+    /// Held in the engine's kernel layout; rows dequantised by it.
     Own(Arc<Matrix>),
+    /// Held by candle; rows dequantised by candle.
     Candle(Arc<Pieces>),
 }
 
 impl Embedding {
+    /// Wraps the `[vocab, width]` table, on the engine's kernel where
+    /// [`Matrix::takes`] it, as for [`Linear::new`].
+    ///
+    /// # Errors
+    ///
+    /// When the tensor's bytes cannot be read or repacked.
     pub fn new(t: QTensor) -> Result<Embedding> {
         Ok(match Linear::new(t)? {
             Linear::Own(m) => Embedding::Own(m),
@@ -149,6 +159,15 @@ impl Pieces {
     /// the row alignment candle's repacked kernels ask for.
     const ROW_ALIGN: usize = 256;
 
+    /// Cuts a matrix into about two row pieces per pool thread, cut at
+    /// multiples of 256 rows; a matrix that is under 512 rows, not 2-D,
+    /// unquantised, or not on the CPU, or a pool of one thread, leaves it
+    /// whole (one piece).
+    ///
+    /// # Errors
+    ///
+    /// When candle cannot read the tensor's bytes or build a piece from
+    /// them.
     pub fn new(t: QTensor) -> Result<Pieces> {
         let dims = t.shape().dims().to_vec();
         let cut = t.device().is_cpu() && t.dtype().block_size() > 1 && dims.len() == 2;
@@ -289,6 +308,11 @@ impl Matrix {
     }
 
     /// From GGML blocks of `dtype`, `n` rows of `k`.
+    ///
+    /// # Errors
+    ///
+    /// When `dtype` is not one of the kernel's formats, or `bytes` does not
+    /// hold exactly `n` rows of `k` in it.
     pub fn from_blocks(dtype: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<Matrix> {
         let Some(format) = format(dtype) else {
             candle_core::bail!("the engine's kernel does not take {dtype:?}");
@@ -298,10 +322,12 @@ impl Matrix {
             .map_err(candle_core::Error::wrap)
     }
 
+    /// Rows: output features (vocabulary size for the embedding table).
     pub fn n(&self) -> usize {
         self.0.n()
     }
 
+    /// Columns: input features, a multiple of 32.
     pub fn k(&self) -> usize {
         self.0.k()
     }

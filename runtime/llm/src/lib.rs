@@ -32,6 +32,8 @@
 //! default): it brings candle, the tokenizer and the constraint engine. An
 //! embedder whose runtime has no model builds without it.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "engine")]
 mod attention;
 pub mod config;

@@ -20,25 +20,52 @@ use crate::kernels::{Embedding, Linear};
 use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, Tensor};
 
+/// The architecture family, from `general.architecture`. The layers are
+/// the same; what differs is the rotary layout, and which optional tensors
+/// (attention biases, per-head Q/K norms) a file carries, which the loader
+/// takes whenever present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
+    /// Llama and its derivatives (SmolLM, TinyLlama): rotary embedding on
+    /// interleaved pairs of each head.
     Llama,
+    /// Qwen2 and Qwen2.5: Q/K/V biases; rotary embedding on the two halves
+    /// of each head (NeoX layout).
     Qwen2,
+    /// Qwen3: per-head RMS norms of queries and keys; NeoX rotary layout.
     Qwen3,
 }
 
+/// The model's hyperparameters, from the GGUF metadata
+/// (`<architecture>.*` keys) and the token embedding's shape.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
+    /// The architecture family.
     pub family: Family,
+    /// Transformer blocks (`block_count`).
     pub layers: usize,
+    /// Hidden size (`embedding_length`).
     pub width: usize,
+    /// Query heads (`attention.head_count`); a non-zero multiple of
+    /// `kv_heads`.
     pub heads: usize,
+    /// Key/value heads (`attention.head_count_kv`, default `heads`); fewer
+    /// than `heads` means grouped-query attention.
     pub kv_heads: usize,
+    /// Size of one head (`attention.key_length`, default `width / heads`);
+    /// even, as rotary embedding pairs its elements.
     pub head_dim: usize,
+    /// Inner size of the feed-forward block (`feed_forward_length`).
     pub feed_forward: usize,
+    /// Tokens in the vocabulary: rows of `token_embd.weight`.
     pub vocab: usize,
+    /// Longest sequence the model was trained for, in tokens
+    /// (`context_length`, default 2048); the rotary tables cover this many
+    /// positions and no sequence may exceed it.
     pub context: usize,
+    /// Epsilon of the RMS norms (default 1e-5).
     pub rms_eps: f32,
+    /// Base of the rotary frequencies (`rope.freq_base`, default 10 000).
     pub rope_base: f32,
 }
 
@@ -59,7 +86,11 @@ struct Layer {
     down: Linear,
 }
 
+/// A loaded llama-family model: weights on one device, ready to run
+/// batched forward passes. It holds no per-sequence state (that is in each
+/// [`KvCache`]), so one model serves any number of sequences.
 pub struct Model {
+    /// Its hyperparameters.
     pub config: ModelConfig,
     embedding: Embedding,
     layers: Vec<Layer>,
@@ -86,10 +117,12 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Positions (tokens) whose keys and values it holds.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it holds no positions: a sequence not yet started.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -155,10 +188,16 @@ impl KvCache {
 
 /// New tokens of one sequence for a forward call.
 pub struct Step<'a> {
+    /// Token ids to feed, at the positions after the cache's; at least one,
+    /// each below the vocabulary size.
     pub tokens: &'a [u32],
+    /// The sequence's state so far; the forward pass appends the tokens'
+    /// keys and values to it.
     pub cache: &'a mut KvCache,
 }
 
+/// Results of the forward pass: candle's errors, since every failure there
+/// is a tensor operation's.
 pub type Result<T> = candle_core::Result<T>;
 
 impl Model {
@@ -346,6 +385,13 @@ impl Model {
     /// Runs the new tokens of every step through the model, appends their
     /// keys and values to each step's cache, and returns the logits of each
     /// step's last token, `[steps, vocab]`.
+    ///
+    /// # Errors
+    ///
+    /// When there are no steps, a step has no tokens, a token is outside
+    /// the vocabulary, or a sequence would exceed `context`; or when a
+    /// tensor operation fails. After an error the caches' contents are
+    /// unspecified: drop them.
     pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Tensor> {
         let hidden = self.hidden(steps, false)?;
         self.output.forward(&hidden)
@@ -621,6 +667,8 @@ impl Model {
         layer.out.forward(&o)
     }
 
+    /// The device its weights live on; tensors passed to or built from its
+    /// output must be on it too.
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -7,6 +7,8 @@ use rand::{Rng, SeedableRng};
 /// How many recent tokens the repeat penalty looks at (llama.cpp's default).
 const PENALTY_WINDOW: usize = 64;
 
+/// One generation's sampling settings and random generator; a sequence
+/// owns one, so seeded sequences stay reproducible in any batch.
 pub struct Sampler {
     temperature: f32,
     top_k: usize,
@@ -16,6 +18,10 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// Settings as in [`crate::GenerationParams`], made safe rather than
+    /// refused: a negative temperature is greedy, a `top_p` outside (0, 1)
+    /// or a `repeat_penalty` of 0 or less turns that step off. Without a
+    /// seed the generator is seeded from the OS.
     pub fn new(
         temperature: f32,
         top_k: u32,

@@ -12,6 +12,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
+/// SmolLM2's ChatML chat template (Jinja), as the tiny models carry it in
+/// `tokenizer.chat_template`: a default system message when the chat has
+/// none, each turn between `<|im_start|>` and `<|im_end|>`.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 const MERGES: &[(&str, &str)] = &[
@@ -53,19 +56,33 @@ const MERGES: &[(&str, &str)] = &[
     ("\"", "}"),
 ];
 
+/// The shape of a tiny test model. The default is a 2-layer llama of width
+/// 64, Q8_0 matrices, tied embedding, 512 tokens of context: small enough
+/// to load and run in milliseconds.
 #[derive(Debug, Clone)]
 pub struct TinySpec {
     /// `llama`, `qwen2` or `qwen3`.
     pub arch: &'static str,
+    /// Format of the matrices under [`Mix::Uniform`]; norms are always
+    /// F32.
     pub dtype: GgmlDType,
+    /// Hidden size; a multiple of `heads`, and of the format's block size
+    /// (32, or 256 for the K formats).
     pub width: usize,
+    /// Transformer blocks.
     pub layers: usize,
+    /// Query heads; head size is `width / heads`, which must be even.
     pub heads: usize,
+    /// Key/value heads; must divide `heads`.
     pub kv_heads: usize,
+    /// Inner size of the feed-forward block, with the same block-size
+    /// limit as `width`.
     pub feed_forward: usize,
+    /// `context_length`, in tokens.
     pub context: usize,
     /// Without an `output.weight`, the embedding is the output projection.
     pub tied: bool,
+    /// Seed of the random weights: the same spec writes the same file.
     pub seed: u64,
     /// `tokenizer.ggml.pre`.
     pub pre: &'static str,
@@ -164,6 +181,11 @@ fn random(rng: &mut StdRng, dims: &[usize], scale: f32) -> candle_core::Result<T
 }
 
 /// Writes a model with random weights to `path`.
+///
+/// # Errors
+///
+/// When a tensor cannot be quantised to its format (a row length that is
+/// not a multiple of the block size) or the file cannot be written.
 pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut tokens = vocabulary();

@@ -88,9 +88,19 @@ fn token_bytes(token: &str, char_to_byte: &std::collections::HashMap<char, u8>) 
     token.replace('\u{2581}', " ").into_bytes()
 }
 
+/// A model's tokenizer: text to token ids and back, which ids end
+/// generation, and the chat template. Built once per model and shared
+/// (behind an `Arc`) by the engine, the scheduler and the constraint
+/// engine.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Beginning-of-sequence token (`tokenizer.ggml.bos_token_id`), if the
+    /// model has one; put first by [`Tokenizer::encode`] only when the
+    /// model asks for it (`add_bos_token`).
     pub bos: Option<u32>,
+    /// End-of-sequence token (`tokenizer.ggml.eos_token_id`, required).
+    /// One of the [`Tokenizer::end_of_generation`] tokens, not the only
+    /// one.
     pub eos: u32,
     add_bos: bool,
     /// Tokens that end generation.
@@ -207,6 +217,9 @@ impl Tokenizer {
         })
     }
 
+    /// Size of the model's token-id space: its embedding rows, which may be
+    /// more than the tokenizer's tokens (the extra padding rows are never
+    /// produced).
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()
     }
@@ -250,18 +263,30 @@ impl Tokenizer {
         out
     }
 
+    /// The text of the tokens, special tokens left out; bytes that are not
+    /// valid UTF-8 (a character cut between tokens) become U+FFFD, so
+    /// decode whole sequences rather than token by token.
     pub fn decode(&self, ids: &[u32]) -> String {
         String::from_utf8_lossy(&self.decode_bytes(ids)).into_owned()
     }
 
+    /// Whether sampling `id` ends a completion: see
+    /// [`Tokenizer::end_of_generation`].
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()
     }
 
+    /// Tokens that end generation, sorted: EOS, EOT when the metadata names
+    /// one, and special tokens that close a turn in common chat formats
+    /// (such as `<|im_end|>`, `<|eot_id|>`), since chat models end their
+    /// answers with those rather than EOS.
     pub fn end_of_generation(&self) -> &[u32] {
         &self.end_of_generation
     }
 
+    /// Per token id, its bytes; special tokens are their text prefixed with
+    /// 0xFF (llguidance's convention, so they never match plain text).
+    /// Indexed by id, [`Tokenizer::vocab_size`] long.
     pub fn pieces(&self) -> &[Vec<u8>] {
         &self.pieces
     }
