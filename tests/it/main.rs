@@ -2,6 +2,7 @@
 //! wasm32-wasip2 on first use) and the negative fixtures.
 
 mod audit;
+mod connect;
 mod demo;
 mod embedding;
 mod engine;

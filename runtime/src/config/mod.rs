@@ -21,8 +21,9 @@
 //! ```
 
 mod mqtt;
+mod paths;
 
-pub use mqtt::{Login, MqttSettings, Protocol};
+pub use mqtt::{Login, MqttSettings, PasswordError, Protocol};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -515,15 +516,19 @@ pub enum ConfigError {
 
 impl GanglionConfig {
     /// Reads a config file; errors name the file, and the line and field.
+    /// Relative paths in it (and the defaults, which are relative) are made
+    /// relative to the file's folder ([`GanglionConfig::resolve_paths`]).
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        config.resolve_paths(path.parent().unwrap_or(std::path::Path::new("")));
+        Ok(config)
     }
 
     /// Parses config text; unset fields take their defaults, unknown fields are refused.

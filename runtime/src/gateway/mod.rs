@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 /// Counters of one rule, for status views and tests.
 #[derive(Debug, Default)]
@@ -246,7 +247,17 @@ impl Gateway {
                     // goes on; the pipeline keeps no state a panic could
                     // leave half-changed but its windows, whose lock
                     // recovers from poisoning.
-                    let processing = std::panic::AssertUnwindSafe(pipeline.process(&job.message));
+                    // Every log line of the message's way (stages, model,
+                    // publish) carries its rule, topic and plugin versions.
+                    let span = tracing::info_span!(
+                        "message",
+                        rule = %pipeline.rule.name,
+                        topic = %job.message.topic,
+                        plugins = pipeline.plugin_versions(),
+                    );
+                    let processing = std::panic::AssertUnwindSafe(
+                        pipeline.process(&job.message).instrument(span.clone()),
+                    );
                     let outcome = match futures_util::FutureExt::catch_unwind(processing).await {
                         Ok(outcome) => outcome,
                         Err(p) => {
@@ -267,7 +278,9 @@ impl Gateway {
                         }
                     };
                     let delivered =
-                        deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events).await;
+                        deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events)
+                            .instrument(span)
+                            .await;
                     if to_confirm.send((delivered, pipeline, job)).await.is_err() {
                         break;
                     }
