@@ -4,6 +4,8 @@
 //! [plugins]
 //! dir = "target/plugins"          # every *.wasm component here is loaded
 //! cache_dir = ".ganglion/compiled" # compiled artefacts, keyed by content and engine
+//! cache_max_bytes = 1073741824     # past this, least recently used artefacts go; 0: no bound
+//! cache_max_age_days = 30          # artefacts unused this long go; 0: no bound
 //!
 //! [plugins.limits]
 //! call_timeout_ms = 100        # guest time per stage call (host waits excluded)
@@ -119,6 +121,15 @@ pub struct PluginConfig {
     pub dir: PathBuf,
     /// Where compiled artefacts are kept; none disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Total size of the artefacts in `cache_dir`, in bytes: at start and
+    /// after each new artefact, the least recently used ones are removed
+    /// until the rest fit (the newest is always kept). Every plugin version
+    /// and every wasmtime upgrade leaves a new artefact, so without a bound
+    /// the folder only grows. 0: no bound. Default 1 GiB.
+    pub cache_max_bytes: u64,
+    /// Artefacts not used (loaded or stored) for this many days are removed
+    /// at the same times. 0: no bound. Default 30.
+    pub cache_max_age_days: u64,
     /// Per-instance limits (`[plugins.limits]`).
     pub limits: Limits,
     /// Instance slots the engine reserves across all plugins.
@@ -130,6 +141,8 @@ impl Default for PluginConfig {
         PluginConfig {
             dir: PathBuf::from("plugins"),
             cache_dir: Some(PathBuf::from(".ganglion/compiled")),
+            cache_max_bytes: 1 << 30,
+            cache_max_age_days: 30,
             limits: Limits::default(),
             total_instances: 256,
         }
