@@ -8,6 +8,7 @@ mod embedding;
 mod engine;
 mod examples;
 mod faults;
+mod init;
 mod limits;
 mod llm_link;
 mod loading;

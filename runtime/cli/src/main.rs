@@ -1,5 +1,6 @@
 //! The `ganglion` command.
 
+mod init;
 mod run;
 mod tools;
 
@@ -152,6 +153,19 @@ enum Command {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+    /// Make a gateway folder to run outside the repository: ganglion.toml
+    /// (paths relative to it), rules/ with an example rule, plugins/ with
+    /// the example plugins when built ones are found, a README.
+    Init {
+        /// The folder; created if missing, refused unless empty.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Copy the plugins from this folder [default: the built example
+        /// plugins, beside an installed binary or in the repository it was
+        /// built in].
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
     /// Build a plugin project (made by `ganglion new`) into <name>.wasm.
     Build {
         /// The project folder.
@@ -290,6 +304,24 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                 "next: cd {} && ganglion build && ganglion call {}.wasm --cases test-input.jsonl",
                 options.dir.display(),
                 options.name
+            );
+            Ok(())
+        }
+        Command::Init { dir, plugins } => {
+            let made = init::init(&dir, plugins.as_deref())?;
+            println!("created {}:", dir.display());
+            for f in &made {
+                println!("  {}", f.display());
+            }
+            if !made.iter().any(|f| f.starts_with("plugins")) {
+                println!(
+                    "note: no built example plugins found; copy components into {}/plugins (`cargo run -p xtask -- plugins` builds them in the repository)",
+                    dir.display()
+                );
+            }
+            println!(
+                "next: ganglion --config {} run --simulate",
+                dir.join("ganglion.toml").display()
             );
             Ok(())
         }
