@@ -1,5 +1,7 @@
 //! `ganglion init`: a gateway folder outside the repository that loads from
-//! any working directory, and a non-empty folder is refused.
+//! any working directory, and a non-empty folder is refused; the gateway run
+//! from such a folder with JSON logs, whose lines about a message carry
+//! its rule, topic and plugin versions.
 
 use ganglion_tests::*;
 
@@ -58,4 +60,72 @@ fn init_scaffolds_a_gateway_folder_that_checks_from_elsewhere_and_refuses_a_non_
         !again.status.success() && stderr.contains("not empty"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_rule_topic_and_plugin_versions_of_a_message() {
+    let (plugins, _) = built();
+    let dir = scratch("init-json-logs").join("gateway");
+    let made = std::process::Command::new(ganglion_binary())
+        .args(["init", "--plugins"])
+        .arg(plugins)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let port = free_port();
+    let config = dir.join("ganglion.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("127.0.0.1:1883", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(ganglion_binary())
+        .current_dir(std::env::temp_dir())
+        .env_remove("RUST_LOG")
+        .arg("--config")
+        .arg(&config)
+        .args(["--log-format", "json", "run", "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = StderrLines::collect(&mut child);
+    assert!(
+        stderr.wait_for("rule ready", std::time::Duration::from_secs(60)),
+        "{}",
+        stderr.text()
+    );
+    let sensor = TestClient::connect(&format!("mqtt://127.0.0.1:{port}"), "json-sensor", &[]).await;
+    // Not JSON: dead-lettered, and the dead letter is logged (a warning)
+    // while the gateway handles the message. The gateway may subscribe
+    // just after the sensor connects: publish until it shows.
+    let mut seen = false;
+    for _ in 0..60 {
+        sensor.publish("factory/m1/telemetry", "not json").await;
+        if stderr.wait_for("dead letter", std::time::Duration::from_millis(500)) {
+            seen = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = stderr.text();
+    assert!(seen, "{text}");
+    let line: serde_json::Value = text
+        .lines()
+        .find(|l| l.contains("dead letter"))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON dead-letter line: {text}"));
+    let span = &line["span"];
+    assert_eq!(span["name"], "message", "{line}");
+    assert_eq!(span["rule"], "machine-overheat", "{line}");
+    assert_eq!(span["topic"], "factory/m1/telemetry", "{line}");
+    let versions = span["plugins"].as_str().unwrap_or_default();
+    assert!(
+        versions.starts_with("clean-readings@") && versions.contains(",threshold-alert@"),
+        "{line}"
+    );
+    assert_eq!(line["level"], "WARN", "{line}");
 }
