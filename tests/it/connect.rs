@@ -270,3 +270,43 @@ fn an_explicit_config_file_must_exist_and_the_default_may_be_absent() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("x.wasm: REFUSED"), "{text}");
 }
+
+/// `ganglion run` with no `ca_file` trusts the system's roots, which
+/// `SSL_CERT_FILE` points at the test CA here; the broker, user name and
+/// password come from GANGLION_* variables, and relative paths in the
+/// config from its own folder (the working directory is elsewhere).
+#[test]
+fn ganglion_run_takes_the_broker_and_login_from_the_environment_and_trusts_system_roots() {
+    let (_broker, tls_port, ca) = Mosquitto::start_tls_auth("mosquitto-system-roots");
+    let dir = scratch("system-roots");
+    for d in ["plugins", "rules"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(
+        dir.join("ganglion.toml"),
+        "[plugins]\ndir = \"plugins\"\ncache_dir = \"compiled\"\n[state]\npath = \"state.redb\"\n[rules]\ndir = \"rules\"\n[mqtt]\nclient_id = \"gw-env\"\n[audit]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(ganglion_binary())
+        .current_dir(std::env::temp_dir())
+        .env("GANGLION_CONFIG", dir.join("ganglion.toml"))
+        .env("GANGLION_BROKER", format!("mqtts://localhost:{tls_port}"))
+        .env("GANGLION_USERNAME", "gw")
+        .env("GANGLION_PASSWORD", "secret")
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("SSL_CERT_DIR")
+        .args(["run", "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = StderrLines::collect(&mut child);
+    let connected = stderr.wait_for("connected to the MQTT broker", Duration::from_secs(60));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = stderr.text();
+    assert!(connected, "{text}");
+    assert!(!text.contains("secret"), "the password was logged: {text}");
+    // The state file went beside the config, not into the working directory.
+    assert!(dir.join("state.redb").exists(), "{text}");
+}
