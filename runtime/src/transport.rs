@@ -25,7 +25,8 @@ pub enum TransportError {
     /// `ca_file` on a system without root certificates.
     #[error("invalid broker address `{0}`: {1}")]
     BadUrl(String, String),
-    /// The `ca_file` (first field) could not be read, with the I/O error.
+    /// A TLS file (`ca_file`, `cert_file`, `key_file`: the first field)
+    /// could not be read, with the I/O error.
     #[error("cannot read TLS file {0}: {1}")]
     Tls(String, String),
     /// The password could not be had from its source (`[mqtt]
