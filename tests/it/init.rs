@@ -1,7 +1,7 @@
 //! `ganglion init`: a gateway folder outside the repository that loads from
 //! any working directory, and a non-empty folder is refused; the gateway run
 //! from such a folder with JSON logs, whose lines about a message carry
-//! its rule, topic and plugin versions.
+//! its rule, topic, device and plugin versions.
 
 use ganglion_tests::*;
 
@@ -63,7 +63,7 @@ fn init_scaffolds_a_gateway_folder_that_checks_from_elsewhere_and_refuses_a_non_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_carry_the_rule_topic_and_plugin_versions_of_a_message() {
+async fn json_logs_carry_the_rule_topic_device_and_plugin_versions_of_a_message() {
     let (plugins, _) = built();
     let dir = scratch("init-json-logs").join("gateway");
     let made = std::process::Command::new(ganglion_binary())
@@ -109,15 +109,38 @@ async fn json_logs_carry_the_rule_topic_and_plugin_versions_of_a_message() {
             break;
         }
     }
+    // A device id over `max_device_bytes` (128) is dead-lettered after the
+    // preprocess stage has named the device: the span has it.
+    let long = "m".repeat(200);
+    let mut refused = false;
+    if seen {
+        for _ in 0..20 {
+            sensor
+                .publish(
+                    &format!("factory/{long}/telemetry"),
+                    r#"{"metric":"temperature","value":20}"#,
+                )
+                .await;
+            if stderr.wait_for("bad-device", std::time::Duration::from_millis(500)) {
+                refused = true;
+                break;
+            }
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
     let text = stderr.text();
-    assert!(seen, "{text}");
-    let line: serde_json::Value = text
-        .lines()
-        .find(|l| l.contains("dead letter"))
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON dead-letter line: {text}"));
+    assert!(seen && refused, "{text}");
+    let json_line = |needle: &str| -> serde_json::Value {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("no JSON line with {needle}: {text}"))
+    };
+    let bad_device = json_line("bad-device");
+    assert_eq!(bad_device["span"]["device"], long.as_str(), "{bad_device}");
+    let line = json_line("bad-payload");
+    assert!(line["span"].get("device").is_none(), "{line}");
     let span = &line["span"];
     assert_eq!(span["name"], "message", "{line}");
     assert_eq!(span["rule"], "machine-overheat", "{line}");

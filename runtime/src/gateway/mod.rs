@@ -248,11 +248,14 @@ impl Gateway {
                     // leave half-changed but its windows, whose lock
                     // recovers from poisoning.
                     // Every log line of the message's way (stages, model,
-                    // publish) carries its rule, topic and plugin versions.
+                    // publish) carries its rule, topic and plugin versions,
+                    // and its device once the pipeline knows it (after
+                    // preprocess; none when the message holds several).
                     let span = tracing::info_span!(
                         "message",
                         rule = %pipeline.rule.name,
                         topic = %job.message.topic,
+                        device = tracing::field::Empty,
                         plugins = pipeline.plugin_versions(),
                     );
                     let processing = std::panic::AssertUnwindSafe(

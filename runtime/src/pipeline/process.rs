@@ -64,6 +64,7 @@ impl RulePipeline {
                         .rule
                         .topic_device(&message.topic, self.limits.max_device_bytes)
                         .unwrap_or_default();
+                    tracing::Span::current().record("device", device);
                     self.authorize(message.into(), device, actions, h)
                 }
                 Err(e) => self.call_failed(message.into(), "handler", h, e),
@@ -86,7 +87,14 @@ impl RulePipeline {
                     .device_level
                     .map(|i| message.topic.split('/').nth(i).unwrap_or_default());
                 let mut spoofed = 0;
-                for (device, batch) in split_by_device(readings) {
+                let by_device = split_by_device(readings);
+                // The gateway's span for this message has a `device` field:
+                // filled when the message's readings are of one device
+                // (the usual case), left empty when of several.
+                if let [(device, _)] = by_device.as_slice() {
+                    tracing::Span::current().record("device", device.as_str());
+                }
+                for (device, batch) in by_device {
                     if let Some(own) = topic_device
                         && device != own
                     {
