@@ -127,7 +127,10 @@ pub fn start(config: &BrokerConfig, gateway: &MqttSettings) -> Result<Embedded, 
             login: None,
         });
     }
-    let login = match (&gateway.username, &gateway.password) {
+    let password = gateway
+        .password()
+        .map_err(|e| BrokerError::Accounts(e.to_string()))?;
+    let login = match (&gateway.username, &password) {
         (Some(username), Some(password)) => {
             if accounts.get(username) != Some(password) {
                 return Err(BrokerError::Accounts(format!(

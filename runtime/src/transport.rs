@@ -20,13 +20,20 @@ pub enum TransportError {
     #[error("MQTT client stopped")]
     Stopped,
     /// The broker address (first field) is unusable, for the reason in the
-    /// second: no `scheme://`, an unknown scheme, no host, a bad port, or
-    /// `mqtts://` without `ca_file`.
+    /// second: no `scheme://`, an unknown scheme, no host, a bad port, a
+    /// client certificate without its key or without TLS, or TLS without
+    /// `ca_file` on a system without root certificates.
     #[error("invalid broker address `{0}`: {1}")]
     BadUrl(String, String),
-    /// The `ca_file` (first field) could not be read, with the I/O error.
+    /// A TLS file (`ca_file`, `cert_file`, `key_file`: the first field)
+    /// could not be read, with the I/O error.
     #[error("cannot read TLS file {0}: {1}")]
     Tls(String, String),
+    /// The password could not be had from its source (`[mqtt]
+    /// password_file`, `password_env`); the message names the source,
+    /// never the password.
+    #[error("MQTT credentials: {0}")]
+    Credentials(String),
     /// The broker answered a publish with a failure reason code (MQTT 5
     /// PUBACK: not authorized, quota exceeded, topic invalid...). Sending it
     /// again would be refused again.

@@ -40,13 +40,25 @@ fn the_demo_publishes_actions_for_every_scenario() {
     let dir = scratch("demo");
     let config = dir.join("ganglion.toml");
     // The repository's demo configuration, with its own broker port and
-    // scratch state, cache and audit files.
+    // scratch state, cache and audit files. Its relative folders are made
+    // absolute: in a config file they are relative to the file's folder.
     let repo = std::fs::read_to_string(root.join("ganglion.toml")).unwrap();
     let repo: toml::Table = toml::from_str(&repo).unwrap();
+    let at_root =
+        |v: &toml::Value| toml::Value::String(root.join(v.as_str().unwrap()).display().to_string());
+    let rules_dir = at_root(&repo["rules"]["dir"]);
+    let extra = toml::Value::Array(
+        repo["rules"]["extra_dirs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(at_root)
+            .collect(),
+    );
     let text = format!(
         r#"
 [plugins]
-dir = "target/plugins"
+dir = "{plugins}"
 cache_dir = "{dir}/compiled"
 
 [state]
@@ -74,8 +86,7 @@ path = "{model}"
 drain_timeout_ms = 120000
 "#,
         dir = dir.display(),
-        rules_dir = repo["rules"]["dir"],
-        extra = repo["rules"]["extra_dirs"],
+        plugins = root.join("target/plugins").display(),
         port = free_port(),
         model = model.display(),
     );

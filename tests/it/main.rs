@@ -3,11 +3,13 @@
 
 mod admin;
 mod audit;
+mod connect;
 mod demo;
 mod embedding;
 mod engine;
 mod examples;
 mod faults;
+mod init;
 mod limits;
 mod llm_link;
 mod loading;

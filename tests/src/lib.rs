@@ -181,7 +181,9 @@ impl Mosquitto {
         (m, tls_port, ca)
     }
 
-    fn start_with(name: &str, listeners: impl FnOnce(u16, &Path) -> String) -> Mosquitto {
+    /// A broker whose configuration starts with `listeners(port, dir)`: the
+    /// listener lines for the plain `port`, and any more (TLS, say).
+    pub fn start_with(name: &str, listeners: impl FnOnce(u16, &Path) -> String) -> Mosquitto {
         let dir = scratch(name);
         let port = free_port();
         let conf = format!(

@@ -1,5 +1,6 @@
 //! The `ganglion` command.
 
+mod init;
 mod run;
 mod tools;
 
@@ -30,11 +31,23 @@ use std::time::{Duration, Instant};
     about = "IoT gateway runtime: WebAssembly plugins and a local LLM over MQTT rules"
 )]
 struct Cli {
-    /// Configuration file; defaults apply when it does not exist.
-    #[arg(long, global = true, default_value = "ganglion.toml")]
-    config: PathBuf,
+    /// Configuration file [default: ganglion.toml, and defaults apply when
+    /// that does not exist]. A file given here (or in GANGLION_CONFIG) must
+    /// exist. Relative paths in it are relative to its folder.
+    #[arg(long, global = true, env = "GANGLION_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log lines as `text` (for people) or `json` (one object a line, for
+    /// log collectors). The level is set by RUST_LOG (default info).
+    #[arg(long, global = true, env = "GANGLION_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -43,15 +56,20 @@ enum Command {
     /// embedded broker), process until Ctrl-C or SIGTERM, then drain (within
     /// `[runtime] drain_timeout_ms`) and exit.
     Run {
-        /// Broker to use instead of the configured one (mqtt://host:port or mqtts://).
-        #[arg(long)]
+        /// Broker to use instead of the configured one (mqtt://, mqtts://,
+        /// ws:// or wss://host:port).
+        #[arg(long, env = "GANGLION_BROKER")]
         broker: Option<String>,
-        #[arg(long)]
+        /// Broker user name, instead of `[mqtt] username`.
+        #[arg(long, env = "GANGLION_USERNAME")]
         username: Option<String>,
-        #[arg(long)]
+        /// Broker password, instead of any password source of `[mqtt]`.
+        /// Prefer GANGLION_PASSWORD or `[mqtt] password_file`: a command
+        /// line is visible to every user of the machine.
+        #[arg(long, env = "GANGLION_PASSWORD", hide_env_values = true)]
         password: Option<String>,
-        /// CA certificate (PEM) for mqtts://.
-        #[arg(long)]
+        /// CA certificate (PEM) for mqtts:// and wss://.
+        #[arg(long, env = "GANGLION_CA_FILE")]
         ca_file: Option<String>,
         /// MQTT version to speak to the broker: 3.1.1 or 5.
         #[arg(long, value_parser = ["3.1.1", "5"])]
@@ -71,7 +89,7 @@ enum Command {
     },
     /// Publish simulated sensor telemetry to a broker.
     Simulate {
-        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        #[arg(long, env = "GANGLION_BROKER", default_value = "mqtt://127.0.0.1:1883")]
         broker: String,
         /// Synthetic devices (machines and rooms).
         #[arg(long, default_value_t = 8)]
@@ -99,9 +117,9 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
         /// Broker login (with --password).
-        #[arg(long)]
+        #[arg(long, env = "GANGLION_USERNAME")]
         username: Option<String>,
-        #[arg(long)]
+        #[arg(long, env = "GANGLION_PASSWORD", hide_env_values = true)]
         password: Option<String>,
     },
     /// Take the decisions recorded in an audit log again through the current
@@ -134,6 +152,19 @@ enum Command {
         /// was built beside).
         #[arg(long)]
         sdk: Option<PathBuf>,
+    },
+    /// Make a gateway folder to run outside the repository: ganglion.toml
+    /// (paths relative to it), rules/ with an example rule, plugins/ with
+    /// the example plugins when built ones are found, a README.
+    Init {
+        /// The folder; created if missing, refused unless empty.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Copy the plugins from this folder [default: the built example
+        /// plugins, beside an installed binary or in the repository it was
+        /// built in].
+        #[arg(long)]
+        plugins: Option<PathBuf>,
     },
     /// Build a plugin project (made by `ganglion new`) into <name>.wasm.
     Build {
@@ -169,22 +200,57 @@ enum Command {
     },
 }
 
-fn load_config(path: &Path) -> Result<GanglionConfig> {
+/// The file `ganglion` reads when no `--config` (or GANGLION_CONFIG) is given.
+const DEFAULT_CONFIG: &str = "ganglion.toml";
+
+/// The configuration: the given file, which must exist, or else
+/// `ganglion.toml` in the working directory when there is one, or else the
+/// defaults. A mistyped `--config` used to run on the defaults silently.
+fn load_config(path: Option<&Path>) -> Result<GanglionConfig> {
+    let Some(path) = path else {
+        let default = Path::new(DEFAULT_CONFIG);
+        return Ok(if default.exists() {
+            GanglionConfig::load(default)?
+        } else {
+            GanglionConfig::default()
+        });
+    };
     if path.to_string_lossy().trim_start().starts_with('{') {
         bail!(
             "--config takes the path of ganglion.toml; give a plugin's settings as JSON with `call --settings`"
         );
     }
-    if path.exists() {
-        Ok(GanglionConfig::load(path)?)
-    } else {
-        Ok(GanglionConfig::default())
+    if !path.exists() {
+        bail!(
+            "config file {} does not exist (given by --config or GANGLION_CONFIG)",
+            path.display()
+        );
+    }
+    Ok(GanglionConfig::load(path)?)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rumqttd=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // The span fields (rule, device, topic of the message) go with
+        // every line, flattened into the line's object.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let config = load_config(&cli.config)?;
+    let config = load_config(cli.config.as_deref())?;
     // candle's own compute pool is process-wide and sized from the
     // environment on first use: one thread, since the engine's pool
     // (`[model] threads`) does the parallel work and candle's workers,
@@ -207,13 +273,7 @@ fn main() -> Result<()> {
 }
 
 async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format);
     match cli.command {
         Command::Check { files } => check(config, files).await,
         Command::New {
@@ -244,6 +304,24 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                 "next: cd {} && ganglion build && ganglion call {}.wasm --cases test-input.jsonl",
                 options.dir.display(),
                 options.name
+            );
+            Ok(())
+        }
+        Command::Init { dir, plugins } => {
+            let made = init::init(&dir, plugins.as_deref())?;
+            println!("created {}:", dir.display());
+            for f in &made {
+                println!("  {}", f.display());
+            }
+            if !made.iter().any(|f| f.starts_with("plugins")) {
+                println!(
+                    "note: no built example plugins found; copy components into {}/plugins (`cargo run -p xtask -- plugins` builds them in the repository)",
+                    dir.display()
+                );
+            }
+            println!(
+                "next: ganglion --config {} run --simulate",
+                dir.join("ganglion.toml").display()
             );
             Ok(())
         }
@@ -292,7 +370,13 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                 config.mqtt.broker = broker;
             }
             config.mqtt.username = username.or(config.mqtt.username);
-            config.mqtt.password = password.or(config.mqtt.password);
+            if password.is_some() {
+                // The command line's password replaces every configured
+                // source (only one may be set).
+                config.mqtt.password = password;
+                config.mqtt.password_file = None;
+                config.mqtt.password_env = None;
+            }
             config.mqtt.ca_file = ca_file.or(config.mqtt.ca_file);
             let sim = simulate.then_some(SimConfig {
                 source: Source::Synthetic {

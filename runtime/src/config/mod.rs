@@ -4,6 +4,8 @@
 //! [plugins]
 //! dir = "target/plugins"          # every *.wasm component here is loaded
 //! cache_dir = ".ganglion/compiled" # compiled artefacts, keyed by content and engine
+//! cache_max_bytes = 1073741824     # past this, least recently used artefacts go; 0: no bound
+//! cache_max_age_days = 30          # artefacts unused this long go; 0: no bound
 //!
 //! [plugins.limits]
 //! call_timeout_ms = 100        # guest time per stage call (host waits excluded)
@@ -22,9 +24,10 @@
 
 mod admin;
 mod mqtt;
+mod paths;
 
 pub use admin::AdminConfig;
-pub use mqtt::{Login, MqttSettings, Protocol};
+pub use mqtt::{Login, MqttSettings, PasswordError, Protocol};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -120,6 +123,15 @@ pub struct PluginConfig {
     pub dir: PathBuf,
     /// Where compiled artefacts are kept; none disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Total size of the artefacts in `cache_dir`, in bytes: at start and
+    /// after each new artefact, the least recently used ones are removed
+    /// until the rest fit (the newest is always kept). Every plugin version
+    /// and every wasmtime upgrade leaves a new artefact, so without a bound
+    /// the folder only grows. 0: no bound. Default 1 GiB.
+    pub cache_max_bytes: u64,
+    /// Artefacts not used (loaded or stored) for this many days are removed
+    /// at the same times. 0: no bound. Default 30.
+    pub cache_max_age_days: u64,
     /// Per-instance limits (`[plugins.limits]`).
     pub limits: Limits,
     /// Instance slots the engine reserves across all plugins.
@@ -131,6 +143,8 @@ impl Default for PluginConfig {
         PluginConfig {
             dir: PathBuf::from("plugins"),
             cache_dir: Some(PathBuf::from(".ganglion/compiled")),
+            cache_max_bytes: 1 << 30,
+            cache_max_age_days: 30,
             limits: Limits::default(),
             total_instances: 256,
         }
@@ -519,15 +533,19 @@ pub enum ConfigError {
 
 impl GanglionConfig {
     /// Reads a config file; errors name the file, and the line and field.
+    /// Relative paths in it (and the defaults, which are relative) are made
+    /// relative to the file's folder ([`GanglionConfig::resolve_paths`]).
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        config.resolve_paths(path.parent().unwrap_or(std::path::Path::new("")));
+        Ok(config)
     }
 
     /// Parses config text; unset fields take their defaults, unknown fields are refused.

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 /// What the gateway did, for a live view.
 #[derive(Debug, Clone)]
@@ -260,8 +261,20 @@ impl Gateway {
                     }
                     // A panic in a stage (a host or model-backend bug)
                     // becomes a dead letter and the lane goes on.
+                    // Every log line of the message's way (stages, model,
+                    // publish) carries its rule, topic and plugin versions,
+                    // and its device once the pipeline knows it (after
+                    // preprocess; none when the message holds several).
+                    let span = tracing::info_span!(
+                        "message",
+                        rule = %pipeline.rule.name,
+                        topic = %job.message.topic,
+                        device = tracing::field::Empty,
+                        plugins = pipeline.plugin_versions(),
+                    );
                     let started = std::time::Instant::now();
-                    let outcome = match guarded(pipeline.process(&job.message)).await {
+                    let processing = pipeline.process(&job.message).instrument(span.clone());
+                    let outcome = match guarded(processing).await {
                         Ok(outcome) => outcome,
                         Err(what) => {
                             Outcome {
@@ -280,12 +293,15 @@ impl Gateway {
                     // outputs went out: the message is released, for the
                     // broker to deliver again, rather than acknowledged.
                     let delivered =
-                        guarded(deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events))
-                            .await
-                            .unwrap_or_else(|what| {
-                                tracing::error!(rule = %pipeline.rule.name, topic = %job.message.topic, "delivering the outputs panicked: {what}; the message is released for the broker to deliver again");
-                                Delivered::lost()
-                            });
+                        guarded(
+                            deliver(&pipeline, outcome, publisher.as_ref(), &stats, &events)
+                                .instrument(span),
+                        )
+                        .await
+                        .unwrap_or_else(|what| {
+                            tracing::error!(rule = %pipeline.rule.name, topic = %job.message.topic, "delivering the outputs panicked: {what}; the message is released for the broker to deliver again");
+                            Delivered::lost()
+                        });
                     if to_confirm.send((delivered, pipeline, job)).await.is_err() {
                         break;
                     }

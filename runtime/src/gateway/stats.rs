@@ -73,7 +73,7 @@ impl Histogram {
 
 /// The stages whose latency is measured, in pipeline order; `end-to-end`
 /// is a lane's whole processing of one message (delivery not included).
-pub const STAGES: [&str; 5] = ["preprocess", "prompt", "llm", "postprocess", "end-to-end"];
+pub const STAGES: [&str; 5] = ["preprocess", "template", "llm", "postprocess", "end-to-end"];
 
 /// Counters of one rule, for status views and tests.
 #[derive(Debug, Default)]

@@ -344,7 +344,7 @@ pub fn connect(
     filters: Vec<String>,
     deliveries: mpsc::Sender<Delivery>,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), TransportError> {
-    let (host, port, ca) = options::endpoint(settings, broker)?;
+    let endpoint = options::endpoint(settings, broker)?;
     let (connected_tx, connected) = watch::channel(false);
     let status = settings.status_topic();
     let handle = |client: Client| {
@@ -382,7 +382,7 @@ pub fn connect(
         match settings.protocol {
             Protocol::V311 => {
                 let (client, mut eventloop) =
-                    rumqttc::AsyncClient::new(options::options_v4(settings, host, port, ca), 1024);
+                    rumqttc::AsyncClient::new(options::options_v4(settings, endpoint), 1024);
                 eventloop.set_network_options(network_options());
                 let handle = handle(Client::V4(client));
                 (
@@ -391,10 +391,8 @@ pub fn connect(
                 )
             }
             Protocol::V5 => {
-                let (client, eventloop) = rumqttc::v5::AsyncClient::new(
-                    options::options_v5(settings, host, port, ca),
-                    1024,
-                );
+                let (client, eventloop) =
+                    rumqttc::v5::AsyncClient::new(options::options_v5(settings, endpoint), 1024);
                 let handle = handle(Client::V5(client));
                 (
                     handle.clone(),
@@ -505,30 +503,78 @@ mod tests {
             ca_file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/src/mqtt/mod.rs").into()),
             ..MqttSettings::default()
         };
-        let at = |url: &str| options::endpoint(&s, url).map(|(h, p, ca)| (h, p, ca.is_some()));
-        assert_eq!(at("mqtt://gw.local"), Ok(("gw.local".into(), 1883, false)));
+        let at = |url: &str| {
+            options::endpoint(&s, url).map(|e| {
+                let kind = match e.transport {
+                    rumqttc::Transport::Tcp => "tcp",
+                    rumqttc::Transport::Tls(_) => "tls",
+                    rumqttc::Transport::Ws => "ws",
+                    rumqttc::Transport::Wss(_) => "wss",
+                    _ => "other",
+                };
+                (e.host, e.port, kind)
+            })
+        };
+        assert_eq!(at("mqtt://gw.local"), Ok(("gw.local".into(), 1883, "tcp")));
         assert_eq!(
             at("tcp://10.0.0.2:1884/"),
-            Ok(("10.0.0.2".into(), 1884, false))
+            Ok(("10.0.0.2".into(), 1884, "tcp"))
         );
-        assert_eq!(at("mqtts://gw.local"), Ok(("gw.local".into(), 8883, true)));
-        assert_eq!(at("ssl://gw.local"), Ok(("gw.local".into(), 8883, true)));
+        assert_eq!(at("mqtts://gw.local"), Ok(("gw.local".into(), 8883, "tls")));
+        assert_eq!(at("ssl://gw.local"), Ok(("gw.local".into(), 8883, "tls")));
+        // For WebSockets rumqttc takes the whole URL as the host.
+        assert_eq!(
+            at("ws://gw.local/mqtt"),
+            Ok(("ws://gw.local:80/mqtt".into(), 80, "ws"))
+        );
+        assert_eq!(
+            at("wss://gw.local:8443"),
+            Ok(("wss://gw.local:8443/".into(), 8443, "wss"))
+        );
+        for bad in [
+            "gw.local:1883",
+            "mqtt://:1883",
+            "mqtt://h:port",
+            "mqtt://h/path",
+            "http://h",
+        ] {
+            assert!(matches!(at(bad), Err(TransportError::BadUrl(..))), "{bad}");
+        }
+        // A client certificate needs its key, and TLS.
+        let half = MqttSettings {
+            cert_file: s.ca_file.clone(),
+            ..s.clone()
+        };
         assert!(matches!(
-            at("gw.local:1883"),
-            Err(TransportError::BadUrl(..))
+            options::endpoint(&half, "mqtts://h"),
+            Err(TransportError::BadUrl(_, m)) if m.contains("key_file")
         ));
+        let plain = MqttSettings {
+            key_file: s.ca_file.clone(),
+            ..half
+        };
         assert!(matches!(
-            at("mqtt://:1883"),
-            Err(TransportError::BadUrl(..))
+            options::endpoint(&plain, "mqtt://h"),
+            Err(TransportError::BadUrl(_, m)) if m.contains("needs TLS")
         ));
+        let missing = MqttSettings {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..MqttSettings::default()
+        };
         assert!(matches!(
-            at("mqtt://h:port"),
-            Err(TransportError::BadUrl(..))
+            options::endpoint(&missing, "mqtts://h"),
+            Err(TransportError::Tls(f, _)) if f == "/nonexistent/ca.pem"
         ));
-        let no_ca = MqttSettings::default();
-        assert!(matches!(
-            options::endpoint(&no_ca, "mqtts://h"),
-            Err(TransportError::BadUrl(..))
-        ));
+        // The password's source is named, never the password.
+        let pw = MqttSettings {
+            username: Some("gw".into()),
+            password: Some("hunter2".into()),
+            password_env: Some("GANGLION_TEST_UNSET_PASSWORD_VAR".into()),
+            ..MqttSettings::default()
+        };
+        let Err(err) = options::endpoint(&pw, "mqtt://h") else {
+            panic!("two password sources were accepted");
+        };
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

@@ -259,6 +259,9 @@ pub struct RulePipeline {
     audit: Option<AuditLog>,
     llm: Arc<dyn LlmEngine>,
     llm_timeout: Duration,
+    /// `name@version` of every bound plugin, in pipeline order, for the
+    /// span each message is processed in (made once, not per message).
+    versions: String,
 }
 
 /// Why a rule could not be bound to its plugins.
@@ -358,6 +361,23 @@ impl RulePipeline {
         let llm_timeout = host.limits().llm_timeout();
         let store = host.state().clone();
         let windows = restore_windows(&store, &rule.name);
+        let bound: Vec<&Bound> = match &bindings {
+            Bindings::Handler(h) => vec![h],
+            Bindings::Chain {
+                preprocess,
+                prompt,
+                postprocess,
+            } => preprocess
+                .iter()
+                .chain(prompt)
+                .chain(std::iter::once(postprocess))
+                .collect(),
+        };
+        let versions = bound
+            .iter()
+            .map(|b| format!("{}@{}", b.plugin().name, b.plugin().version))
+            .collect::<Vec<_>>()
+            .join(",");
         Ok(RulePipeline {
             rule: Arc::new(rule),
             bindings,
@@ -367,11 +387,12 @@ impl RulePipeline {
             audit: None,
             llm,
             llm_timeout,
+            versions,
         })
     }
 
     /// Each plugin the rule is bound to, with the stage it serves
-    /// (`preprocess`, `prompt`, `postprocess` or `handler`) and its
+    /// (`preprocess`, `template`, `postprocess` or `handler`) and its
     /// instance pool's counters, in pipeline order.
     pub fn plugins(&self) -> Vec<(&'static str, Arc<Plugin>, crate::plugin::PoolStats)> {
         let one = |stage, b: &Bound| (stage, b.plugin().clone(), b.pool.stats());
@@ -384,10 +405,17 @@ impl RulePipeline {
             } => preprocess
                 .iter()
                 .map(|b| one("preprocess", b))
-                .chain(prompt.iter().map(|b| one("prompt", b)))
+                .chain(prompt.iter().map(|b| one("template", b)))
                 .chain(std::iter::once(one("postprocess", postprocess)))
                 .collect(),
         }
+    }
+
+    /// `name@version` of the rule's plugins in pipeline order, comma
+    /// separated; the version is the first 12 hex digits of the component's
+    /// hash, as in dead letters and the audit log.
+    pub fn plugin_versions(&self) -> &str {
+        &self.versions
     }
 
     /// The rule's window length in seconds, when it has a time window.

@@ -18,6 +18,7 @@ impl RulePipeline {
                         .rule
                         .topic_device(&message.topic, self.limits.max_device_bytes)
                         .unwrap_or_default();
+                    tracing::Span::current().record("device", device);
                     self.authorize(message.into(), device, actions, h)
                 }
                 Err(e) => self.call_failed(message.into(), "handler", h, e),
@@ -45,7 +46,14 @@ impl RulePipeline {
                     .device_level
                     .map(|i| message.topic.split('/').nth(i).unwrap_or_default());
                 let mut spoofed = 0;
-                for (device, batch) in split_by_device(readings) {
+                let by_device = split_by_device(readings);
+                // The gateway's span for this message has a `device` field:
+                // filled when the message's readings are of one device
+                // (the usual case), left empty when of several.
+                if let [(device, _)] = by_device.as_slice() {
+                    tracing::Span::current().record("device", device.as_str());
+                }
+                for (device, batch) in by_device {
                     if let Some(own) = topic_device
                         && device != own
                     {
@@ -243,13 +251,13 @@ impl RulePipeline {
         }
         let mut outcome = Outcome::default();
         if prompt.is_some() {
-            outcome.stage_ms.push(("prompt", d.timings.prompt_ms));
+            outcome.stage_ms.push(("template", d.timings.prompt_ms));
         }
         if d.completion.is_some() {
             outcome.stage_ms.push(("llm", d.timings.llm_ms));
         }
-        // Postprocess ran unless the prompt failed or the model did.
-        let ran_postprocess = d.failure.as_ref().is_none_or(|(s, _)| *s != "prompt")
+        // Postprocess ran unless the template failed or the model did.
+        let ran_postprocess = d.failure.as_ref().is_none_or(|(s, _)| *s != "template")
             && d.completion.as_ref().is_none_or(Result::is_ok);
         if ran_postprocess {
             outcome

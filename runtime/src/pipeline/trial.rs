@@ -251,7 +251,7 @@ impl RulePipeline {
             let dev = Some(device.as_str());
             if let Some(p) = &d.prompt {
                 t.stage(
-                    "prompt",
+                    "template",
                     prompt.as_ref(),
                     dev,
                     record_prompt(p),
@@ -277,7 +277,7 @@ impl RulePipeline {
             match d.failure {
                 Some((stage, e)) => {
                     let bound = match stage {
-                        "prompt" => prompt.as_ref().unwrap_or(postprocess),
+                        "template" => prompt.as_ref().unwrap_or(postprocess),
                         _ => postprocess,
                     };
                     t.take(self.call_failed(message.into(), stage, bound, e));

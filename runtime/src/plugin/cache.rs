@@ -9,9 +9,17 @@
 //! and its folder belong to the user the runtime runs as and neither is
 //! writable by group or others; any other is compiled again (with a warning)
 //! and replaced.
+//!
+//! The folder is bounded (`[plugins] cache_max_bytes`, `cache_max_age_days`):
+//! at start and after each new artefact, artefacts unused for too long go,
+//! then the least recently used until the rest fit. "Used" is the file's
+//! modification time, set when an artefact is stored and again each time it
+//! is loaded. Only `*.cwasm` files are counted and removed; artefacts of
+//! other engines (an older wasmtime) count too, which is how they go.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -23,6 +31,19 @@ pub struct ArtifactCache {
     /// found out, and then no artefact is trusted.
     #[cfg(unix)]
     uid: Option<u32>,
+    /// Total bytes of artefacts kept; 0: no bound.
+    max_bytes: u64,
+    /// Artefacts unused longer than this are removed; none: no bound.
+    max_age: Option<Duration>,
+}
+
+/// What an eviction pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// Artefacts removed.
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// How the component was obtained, for logs and benchmarks.
@@ -50,7 +71,51 @@ impl ArtifactCache {
             engine_key: format!("{:016x}", h.finish()),
             #[cfg(unix)]
             uid,
+            max_bytes: 0,
+            max_age: None,
         })
+    }
+
+    /// Bounds the folder to `max_bytes` of artefacts (0: no bound) and to
+    /// artefacts used within `max_age_days` (0: no bound), and evicts now.
+    pub fn bounded(mut self, max_bytes: u64, max_age_days: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self.max_age =
+            (max_age_days > 0).then(|| Duration::from_secs(max_age_days.saturating_mul(86_400)));
+        self.evict(None);
+        self
+    }
+
+    /// One eviction pass over the folder, keeping `keep` (the artefact just
+    /// stored) whatever its size; errors are logged, not returned, since a
+    /// cache that cannot shrink still works.
+    pub fn evict(&self, keep: Option<&Path>) -> Evicted {
+        if self.max_bytes == 0 && self.max_age.is_none() {
+            return Evicted::default();
+        }
+        match evict_dir(
+            &self.dir,
+            self.max_bytes,
+            self.max_age,
+            SystemTime::now(),
+            keep,
+        ) {
+            Ok(evicted) => {
+                if evicted.files > 0 {
+                    tracing::info!(
+                        dir = %self.dir.display(),
+                        files = evicted.files,
+                        bytes = evicted.bytes,
+                        "evicted compiled artefacts"
+                    );
+                }
+                evicted
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot evict compiled artefacts");
+                Evicted::default()
+            }
+        }
     }
 
     fn path(&self, content_hash: &str) -> PathBuf {
@@ -75,7 +140,16 @@ impl ArtifactCache {
             // that it and its folder belong to this user and that no one else
             // may write them; wasmtime checks the header and version again.
             match unsafe { Component::deserialize(engine, &artefact) } {
-                Ok(c) => return Ok((c, CompileSource::Cached)),
+                Ok(c) => {
+                    // Used now: the eviction's "least recently used" is by
+                    // modification time. Failing to mark it only makes it
+                    // go sooner.
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(SystemTime::now()));
+                    return Ok((c, CompileSource::Cached));
+                }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "compiled artefact unusable, compiling again")
                 }
@@ -84,6 +158,8 @@ impl ArtifactCache {
         let component = Component::new(engine, bytes)?;
         if let Err(e) = self.store(&path, &component) {
             tracing::warn!(path = %path.display(), error = %e, "cannot store compiled artefact");
+        } else {
+            self.evict(Some(&path));
         }
         Ok((component, CompileSource::Compiled))
     }
@@ -157,6 +233,58 @@ impl ArtifactCache {
     }
 }
 
+/// Removes from `dir` the `*.cwasm` files last modified more than
+/// `max_age` before `now`, then the least recently modified until the rest
+/// total at most `max_bytes` (0: no bound); `keep` is never removed.
+fn evict_dir(
+    dir: &Path,
+    max_bytes: u64,
+    max_age: Option<Duration>,
+    now: SystemTime,
+    keep: Option<&Path>,
+) -> std::io::Result<Evicted> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "cwasm") {
+            continue;
+        }
+        // A file gone meanwhile (another process evicting) is skipped.
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        files.push((used, meta.len(), path));
+    }
+    files.sort();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    let mut evicted = Evicted::default();
+    for (used, len, path) in files {
+        if keep == Some(path.as_path()) {
+            continue;
+        }
+        let too_old = max_age.is_some_and(|age| now.duration_since(used).unwrap_or_default() > age);
+        let too_big = max_bytes > 0 && total > max_bytes;
+        if !too_old && !too_big {
+            // Sorted oldest first: if this one may stay, so may the rest
+            // (for age); for size, what is left already fits.
+            break;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                total -= len;
+                evicted.files += 1;
+                evicted.bytes += len;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= len,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(evicted)
+}
+
 #[cfg(unix)]
 mod unix {
     use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
@@ -197,5 +325,60 @@ mod unix {
             Ok(meta) => Some(meta.uid()),
             Err(_) => std::fs::metadata("/proc/self").ok().map(|m| m.uid()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_removes_the_too_old_then_the_least_recently_used_past_the_size() {
+        let dir = std::env::temp_dir().join(format!("ganglion-evict-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let file = |name: &str, days_ago: u32| {
+            let path = dir.join(name);
+            std::fs::write(&path, [0u8; 100]).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(now - day * days_ago)
+                .unwrap();
+            path
+        };
+        file("ancient.cwasm", 40);
+        file("old.cwasm", 3);
+        file("recent.cwasm", 2);
+        let newest = file("newest.cwasm", 1);
+        file("notes.txt", 90);
+        // 400 bytes of artefacts, at most 250 kept, none older than 30 days.
+        let evicted = evict_dir(&dir, 250, Some(day * 30), now, None).unwrap();
+        assert_eq!(
+            evicted,
+            Evicted {
+                files: 2,
+                bytes: 200
+            }
+        );
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["newest.cwasm", "notes.txt", "recent.cwasm"]);
+        // The artefact just stored stays, even alone over the bound.
+        let evicted = evict_dir(&dir, 50, None, now, Some(&newest)).unwrap();
+        assert_eq!(evicted.files, 1);
+        assert!(newest.exists() && !dir.join("recent.cwasm").exists());
+        // No bound: nothing goes.
+        assert_eq!(
+            evict_dir(&dir, 0, None, now, None).unwrap(),
+            Evicted::default()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -11,7 +11,7 @@
 
 mod cache;
 
-pub use cache::{ArtifactCache, CompileSource};
+pub use cache::{ArtifactCache, CompileSource, Evicted};
 
 use crate::config::{Limits, PluginConfig};
 pub use crate::host::CallError;
@@ -240,14 +240,14 @@ impl PluginHost {
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker).map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let cache = match &config.cache_dir {
-            Some(dir) => {
-                Some(
-                    ArtifactCache::new(dir, &engine).map_err(|source| HostError::Cache {
+            Some(dir) => Some(
+                ArtifactCache::new(dir, &engine)
+                    .map_err(|source| HostError::Cache {
                         path: dir.clone(),
                         source,
-                    })?,
-                )
-            }
+                    })?
+                    .bounded(config.cache_max_bytes, config.cache_max_age_days),
+            ),
             None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
