@@ -8,7 +8,7 @@
 //! path and names below; a test checks each against [`crate::WIT_VERSION`].
 
 wit_bindgen::generate!({
-    path: "../wit/ganglion-plugin@0.1.0",
+    path: "wit/ganglion-plugin@0.1.0",
     world: "ganglion:plugin/host@0.1.0",
     generate_all,
     additional_derives: [PartialEq],
@@ -18,7 +18,7 @@ macro_rules! stage_bindings {
     ($module:ident, $world:literal, $macro_name:literal, $bindings_path:literal) => {
         pub mod $module {
             wit_bindgen::generate!({
-                path: "../wit/ganglion-plugin@0.1.0",
+                path: "wit/ganglion-plugin@0.1.0",
                 world: $world,
                 with: {
                     "ganglion:plugin/types@0.1.0": crate::bindings::ganglion::plugin::types,

@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(versions.len(), 12, "{versions:?}");
         assert!(versions.iter().all(|v| *v == WIT_VERSION), "{versions:?}");
         let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("../wit/ganglion-plugin@{WIT_VERSION}/ganglion.wit"));
+            .join(format!("wit/ganglion-plugin@{WIT_VERSION}/ganglion.wit"));
         let text = std::fs::read_to_string(&wit).unwrap();
         let package = format!("package ganglion:plugin@{WIT_VERSION};");
         assert!(text.lines().any(|l| l == package), "{}", wit.display());
