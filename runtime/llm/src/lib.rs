@@ -27,8 +27,9 @@
 //! - [`testing`]: tiny random-weight GGUF models for tests.
 //! - [`types`]: requests and results.
 //! - [`config`]: [`EngineConfig`], the `[model]` settings.
+//! - [`stats`]: [`EngineStats`], what the engine reports about its batch.
 //!
-//! Everything but `types` and `config` needs the `engine` feature (on by
+//! Everything but `types`, `config` and `stats` needs the `engine` feature (on by
 //! default): it brings candle, the tokenizer and the constraint engine. An
 //! embedder whose runtime has no model builds without it.
 
@@ -57,6 +58,7 @@ pub mod prefix;
 pub mod sampling;
 #[cfg(feature = "engine")]
 pub mod scheduler;
+pub mod stats;
 #[cfg(feature = "engine")]
 pub mod testing;
 #[cfg(feature = "engine")]
@@ -68,8 +70,7 @@ pub use config::EngineConfig;
 pub use engine::{Engine, ModelSummary};
 #[cfg(feature = "engine")]
 pub use gguf::LoadError;
-#[cfg(feature = "engine")]
-pub use scheduler::EngineStats;
+pub use stats::EngineStats;
 pub use types::*;
 #[cfg(all(test, feature = "engine"))]
 mod proptests;

@@ -27,6 +27,8 @@ use crate::constraint::Constraints;
 use crate::model::{KvCache, Model, Step};
 use crate::prefix::PrefixCache;
 use crate::sampling::Sampler;
+pub use crate::stats::EngineStats;
+use crate::stats::TTFT_BUCKETS;
 use crate::tokenizer::Tokenizer;
 use crate::types::{Completion, FinishReason, GenerateRequest, LlmError, LlmInput, Usage};
 use llguidance::Matcher;
@@ -59,29 +61,14 @@ pub(crate) struct SharedStats {
     pub steps: AtomicU64,
     pub step_sequences: AtomicU64,
     pub largest_batch: AtomicUsize,
-}
-
-/// A snapshot of the engine's batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EngineStats {
-    /// Requests accepted and waiting for the model.
-    pub waiting: usize,
-    /// Sequences in the running batch.
-    pub running: usize,
-    /// Bytes of KV state the running sequences hold now.
-    pub kv_bytes: usize,
-    /// The most KV state running sequences have held at once.
-    pub kv_peak_bytes: usize,
-    /// Bytes the running sequences have reserved.
-    pub kv_reserved_bytes: usize,
-    /// The bound on KV state of running sequences (`kv_cache_mib`).
-    pub kv_bound_bytes: usize,
-    /// Forward passes of the generation batch.
-    pub steps: u64,
-    /// Sequences summed over those passes (÷ `steps` = mean batch).
-    pub step_sequences: u64,
-    /// The most sequences one pass has carried.
-    pub largest_batch: usize,
+    pub prefill_tokens: AtomicU64,
+    pub decode_tokens: AtomicU64,
+    pub prefix_hits: AtomicU64,
+    pub prefix_misses: AtomicU64,
+    /// Time to first token: requests per bucket of [`TTFT_BUCKETS`] (not
+    /// cumulative; the last is beyond them), the sum in microseconds.
+    pub ttft: [AtomicU64; TTFT_BUCKETS.len() + 1],
+    pub ttft_sum_us: AtomicU64,
 }
 
 impl SharedStats {
@@ -96,7 +83,27 @@ impl SharedStats {
             steps: self.steps.load(Ordering::Relaxed),
             step_sequences: self.step_sequences.load(Ordering::Relaxed),
             largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            prefill_tokens: self.prefill_tokens.load(Ordering::Relaxed),
+            decode_tokens: self.decode_tokens.load(Ordering::Relaxed),
+            prefix_hits: self.prefix_hits.load(Ordering::Relaxed),
+            prefix_misses: self.prefix_misses.load(Ordering::Relaxed),
+            ttft: std::array::from_fn(|i| self.ttft[i].load(Ordering::Relaxed)),
+            ttft_sum_us: self.ttft_sum_us.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a request's time from acceptance to its first token.
+    fn first_token(&self, after: std::time::Duration) {
+        let seconds = after.as_secs_f64();
+        let i = TTFT_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(TTFT_BUCKETS.len());
+        self.ttft[i].fetch_add(1, Ordering::Relaxed);
+        self.ttft_sum_us.fetch_add(
+            after.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -108,6 +115,8 @@ struct Waiting {
     sampler: Sampler,
     stops: Vec<String>,
     deadline: Instant,
+    /// When the engine's worker took it, for the time to first token.
+    accepted: Instant,
     reserve: usize,
     reply: Reply,
 }
@@ -253,6 +262,7 @@ impl Scheduler {
             sampler: Sampler::new(p.temperature, p.top_k, p.top_p, p.repeat_penalty, p.seed),
             stops: p.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
             deadline,
+            accepted: Instant::now(),
             reserve,
             reply,
         })
@@ -351,7 +361,15 @@ impl Scheduler {
             self.admitted.insert(rule.clone(), self.tick);
             self.reserved += w.reserve;
             let (cached, mut cache) = match prefixes.lookup(&w.ids) {
-                Ok(hit) => hit,
+                Ok(hit) => {
+                    let counter = if hit.0 > 0 {
+                        &self.stats.prefix_hits
+                    } else {
+                        &self.stats.prefix_misses
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    hit
+                }
                 Err(e) => {
                     self.reserved -= w.reserve;
                     self.answers.push((w.reply, Err(internal(e))));
@@ -457,11 +475,17 @@ impl Scheduler {
         for (&(i, _, len), mut row) in plan.iter().zip(logits) {
             let s = &mut self.running[i];
             if s.next.take().is_none() {
+                self.stats
+                    .prefill_tokens
+                    .fetch_add(len as u64, Ordering::Relaxed);
                 s.fed += len;
                 if s.fed < s.w.ids.len() {
                     continue;
                 }
                 prefixes.insert(&s.w.ids, &s.cache);
+                self.stats.first_token(s.w.accepted.elapsed());
+            } else {
+                self.stats.decode_tokens.fetch_add(1, Ordering::Relaxed);
             }
             match advance(s, tokenizer, &mut row, &self.model_id) {
                 Outcome::Continue(t) => s.next = Some(t),

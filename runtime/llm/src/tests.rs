@@ -560,6 +560,9 @@ async fn a_prefix_cache_hit_gives_the_same_tokens_as_a_miss() {
         .await
         .unwrap();
     assert_eq!(first.usage.cached_tokens, 0);
+    // Prompt tokens the model had to read, over every request of `cached`.
+    let mut fed = u64::from(first.usage.prompt_tokens);
+    let mut generated = u64::from(first.usage.completion_tokens);
     for user in [
         "lathe-2 is at 40 C",
         "oven-3 door open",
@@ -580,6 +583,8 @@ async fn a_prefix_cache_hit_gives_the_same_tokens_as_a_miss() {
             hit.usage.cached_tokens
         );
         assert!(hit.usage.cached_tokens < hit.usage.prompt_tokens);
+        fed += u64::from(hit.usage.prompt_tokens - hit.usage.cached_tokens);
+        generated += u64::from(hit.usage.completion_tokens);
         assert_eq!(hit.text, miss.text, "{user}");
         assert_eq!(hit.usage.completion_tokens, miss.usage.completion_tokens);
     }
@@ -590,6 +595,22 @@ async fn a_prefix_cache_hit_gives_the_same_tokens_as_a_miss() {
         .unwrap();
     assert_eq!(again.usage.cached_tokens + 1, again.usage.prompt_tokens);
     assert_eq!(again.text, first.text);
+    fed += 1;
+    generated += u64::from(again.usage.completion_tokens);
+    // What `/metrics` reports: hits and misses, prefill and decode tokens,
+    // one time to first token per request.
+    let stats = cached.stats();
+    assert_eq!((stats.prefix_hits, stats.prefix_misses), (4, 1));
+    assert_eq!(stats.prefill_tokens, fed);
+    assert!(
+        stats.decode_tokens > 0 && stats.decode_tokens <= generated,
+        "{} decode tokens for {generated} generated",
+        stats.decode_tokens
+    );
+    assert_eq!(stats.ttft.iter().sum::<u64>(), 5);
+    assert!(stats.ttft_sum_us > 0);
+    let plain = plain.stats();
+    assert_eq!((plain.prefix_hits, plain.prefix_misses), (0, 3));
 }
 
 #[test]

@@ -319,10 +319,59 @@ fn engine(e: &mut Exposition, sources: &Sources) {
             "Sequences summed over forward passes (divided by steps: the mean batch).",
             s.step_sequences as f64,
         ),
+        (
+            "ganglion_engine_prefill_tokens_total",
+            "Prompt tokens the model read (cached prefixes not counted); rate() is the prefill speed.",
+            s.prefill_tokens as f64,
+        ),
+        (
+            "ganglion_engine_decode_tokens_total",
+            "Generated tokens fed back to the model; rate() is the decode speed.",
+            s.decode_tokens as f64,
+        ),
+        (
+            "ganglion_engine_prefix_cache_hits_total",
+            "Requests that started from a cached prompt prefix.",
+            s.prefix_hits as f64,
+        ),
+        (
+            "ganglion_engine_prefix_cache_misses_total",
+            "Requests that found no cached prompt prefix.",
+            s.prefix_misses as f64,
+        ),
     ];
     for (name, help, v) in counters {
         e.family(name, "counter", help);
         e.sample(name, &[], v);
+    }
+    e.family(
+        "ganglion_engine_time_to_first_token_seconds",
+        "histogram",
+        "From the engine taking a generation request to the end of its prompt.",
+    );
+    e.histogram(
+        "ganglion_engine_time_to_first_token_seconds",
+        &[],
+        &ttft(&s),
+    );
+}
+
+/// The engine's time-to-first-token counts as a histogram snapshot: its
+/// buckets are the stage latency buckets (a test holds them equal).
+fn ttft(s: &ganglion_llm::EngineStats) -> HistogramSnapshot {
+    let mut total = 0;
+    let cumulative = s
+        .ttft
+        .iter()
+        .map(|n| {
+            total += n;
+            total
+        })
+        .collect();
+    HistogramSnapshot {
+        cumulative,
+        sum_seconds: s.ttft_sum_us as f64 / 1e6,
+        count: total,
     }
 }
 
@@ -368,6 +417,22 @@ fn mqtt(e: &mut Exposition, g: &LinkGauges) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's histogram is rendered with the stage buckets' bounds.
+    #[test]
+    fn time_to_first_token_buckets_are_the_latency_buckets() {
+        assert_eq!(ganglion_llm::stats::TTFT_BUCKETS, LATENCY_BUCKETS);
+        let mut s = ganglion_llm::EngineStats::default();
+        s.ttft[0] = 2;
+        s.ttft[LATENCY_BUCKETS.len()] = 1;
+        s.ttft_sum_us = 31_000_000;
+        let h = ttft(&s);
+        assert_eq!(h.count, 3);
+        assert_eq!(h.cumulative.len(), LATENCY_BUCKETS.len() + 1);
+        assert_eq!(h.cumulative[0], 2);
+        assert_eq!(*h.cumulative.last().unwrap(), 3);
+        assert_eq!(h.sum_seconds, 31.0);
+    }
 
     #[test]
     fn label_values_are_escaped() {
