@@ -122,6 +122,25 @@ pub(super) fn render(sources: &Sources, reloads: (u64, u64)) -> String {
             e.sample(name, &[("rule", rule)], get(s) as f64);
         }
     }
+    type Gauge = fn(&crate::gateway::RuleStats) -> usize;
+    let gauges: [(&str, &str, Gauge); 2] = [
+        (
+            "ganglion_rule_queued",
+            "Messages waiting in the rule's lane queues.",
+            |s| s.queued.load(Ordering::Relaxed),
+        ),
+        (
+            "ganglion_rule_lanes_busy",
+            "The rule's lanes processing or delivering a message.",
+            |s| s.busy.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, get) in gauges {
+        e.family(name, "gauge", help);
+        for (rule, s) in &stats {
+            e.sample(name, &[("rule", rule)], get(s) as f64);
+        }
+    }
     e.family(
         "ganglion_rule_dead_letters_by_kind_total",
         "counter",

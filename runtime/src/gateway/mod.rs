@@ -250,6 +250,8 @@ impl Gateway {
                     })
                 };
                 while let Some(job) = rx.recv().await {
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    stats.busy.fetch_add(1, Ordering::Relaxed);
                     stats.messages.fetch_add(1, Ordering::Relaxed);
                     let pipeline = current.load_full();
                     if events.receiver_count() > 0 {
@@ -302,6 +304,7 @@ impl Gateway {
                             tracing::error!(rule = %pipeline.rule.name, topic = %job.message.topic, "delivering the outputs panicked: {what}; the message is released for the broker to deliver again");
                             Delivered::lost()
                         });
+                    stats.busy.fetch_sub(1, Ordering::Relaxed);
                     if to_confirm.send((delivered, pipeline, job)).await.is_err() {
                         break;
                     }
@@ -542,7 +545,9 @@ impl Gateway {
                 message: message.clone(),
                 pending: pending.clone(),
             };
+            r.stats.queued.fetch_add(1, Ordering::Relaxed);
             if r.lanes[lane % r.lanes.len()].send(job).await.is_err() {
+                r.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 tracing::error!(rule = %r.name, "rule lane closed; message left unacknowledged for redelivery");
             }
         }

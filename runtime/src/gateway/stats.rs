@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// Upper bounds of the latency buckets, in seconds (Prometheus `le`); a
 /// last bucket, `+Inf`, takes the rest. Fixed so that a histogram is a few
@@ -92,6 +92,11 @@ pub struct RuleStats {
     pub skipped: AtomicU64,
     /// Set while the rule is disabled ([`super::Gateway::set_enabled`]).
     pub disabled: AtomicBool,
+    /// Messages waiting in the rule's lane queues now (at most `lanes` ×
+    /// `[rules] lane_capacity`).
+    pub queued: AtomicUsize,
+    /// Lanes processing or delivering a message now.
+    pub busy: AtomicUsize,
     /// Confirmed dead letters by kind. The kinds are the fixed names the
     /// pipeline and the gateway use (`bad-payload`, `trap`...), so the map
     /// stays small.
