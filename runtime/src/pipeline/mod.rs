@@ -211,7 +211,7 @@ struct Decision {
 
 impl Decision {
     fn replayed(&self) -> Replayed {
-        use crate::audit::{RecordedAction, record_completion, record_prompt};
+        use crate::audit::{record_completion, record_prompt};
         Replayed {
             prompt: match (&self.prompt, &self.failure) {
                 (Some(p), _) => Ok(record_prompt(p)),
@@ -219,24 +219,7 @@ impl Decision {
                 (None, _) => Err("no prompt".into()),
             },
             completion: self.completion.as_ref().map(record_completion),
-            actions: self
-                .actions
-                .iter()
-                .map(|a| match a {
-                    Ok(out) => RecordedAction {
-                        allowed: true,
-                        topic: Some(out.topic.clone()),
-                        payload: Some(String::from_utf8_lossy(&out.payload).into_owned()),
-                        reason: None,
-                    },
-                    Err(reason) => RecordedAction {
-                        allowed: false,
-                        topic: None,
-                        payload: None,
-                        reason: Some(reason.clone()),
-                    },
-                })
-                .collect(),
+            actions: recorded(&self.actions),
             error: match &self.failure {
                 Some(("postprocess", e)) => Some(e.to_string()),
                 _ => None,
@@ -441,4 +424,26 @@ impl RulePipeline {
         self.audit = audit;
         self
     }
+}
+
+/// Actions as the audit log and the rule test record them: allowed ones
+/// with their topic and payload, refused ones with the reason.
+fn recorded(checked: &[Result<Outgoing, String>]) -> Vec<crate::audit::RecordedAction> {
+    checked
+        .iter()
+        .map(|c| match c {
+            Ok(out) => crate::audit::RecordedAction {
+                allowed: true,
+                topic: Some(out.topic.clone()),
+                payload: Some(String::from_utf8_lossy(&out.payload).into_owned()),
+                reason: None,
+            },
+            Err(reason) => crate::audit::RecordedAction {
+                allowed: false,
+                topic: None,
+                payload: None,
+                reason: Some(reason.clone()),
+            },
+        })
+        .collect()
 }

@@ -11,7 +11,7 @@
 //! queues with the live ones.
 
 use super::*;
-use crate::audit::{RecordedAction, record_completion, record_prompt, record_window};
+use crate::audit::{record_completion, record_prompt, record_window};
 use serde::Serialize;
 
 /// What a trial of one message produced.
@@ -129,26 +129,6 @@ impl Trial {
             ms,
         });
     }
-}
-
-fn recorded(checked: &[Result<Outgoing, String>]) -> Vec<RecordedAction> {
-    checked
-        .iter()
-        .map(|c| match c {
-            Ok(out) => RecordedAction {
-                allowed: true,
-                topic: Some(out.topic.clone()),
-                payload: Some(String::from_utf8_lossy(&out.payload).into_owned()),
-                reason: None,
-            },
-            Err(reason) => RecordedAction {
-                allowed: false,
-                topic: None,
-                payload: None,
-                reason: Some(reason.clone()),
-            },
-        })
-        .collect()
 }
 
 fn ms_since(t: Instant) -> f64 {
