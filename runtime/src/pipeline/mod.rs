@@ -344,21 +344,9 @@ impl RulePipeline {
         let llm_timeout = host.limits().llm_timeout();
         let store = host.state().clone();
         let windows = restore_windows(&store, &rule.name);
-        let bound: Vec<&Bound> = match &bindings {
-            Bindings::Handler(h) => vec![h],
-            Bindings::Chain {
-                preprocess,
-                prompt,
-                postprocess,
-            } => preprocess
-                .iter()
-                .chain(prompt)
-                .chain(std::iter::once(postprocess))
-                .collect(),
-        };
-        let versions = bound
+        let versions = staged(&bindings)
             .iter()
-            .map(|b| format!("{}@{}", b.plugin().name, b.plugin().version))
+            .map(|(_, b)| format!("{}@{}", b.plugin().name, b.plugin().version))
             .collect::<Vec<_>>()
             .join(",");
         Ok(RulePipeline {
@@ -378,20 +366,10 @@ impl RulePipeline {
     /// (`preprocess`, `template`, `postprocess` or `handler`) and its
     /// instance pool's counters, in pipeline order.
     pub fn plugins(&self) -> Vec<(&'static str, Arc<Plugin>, crate::plugin::PoolStats)> {
-        let one = |stage, b: &Bound| (stage, b.plugin().clone(), b.pool.stats());
-        match &self.bindings {
-            Bindings::Handler(h) => vec![one("handler", h)],
-            Bindings::Chain {
-                preprocess,
-                prompt,
-                postprocess,
-            } => preprocess
-                .iter()
-                .map(|b| one("preprocess", b))
-                .chain(prompt.iter().map(|b| one("template", b)))
-                .chain(std::iter::once(one("postprocess", postprocess)))
-                .collect(),
-        }
+        staged(&self.bindings)
+            .into_iter()
+            .map(|(stage, b)| (stage, b.plugin().clone(), b.pool.stats()))
+            .collect()
     }
 
     /// `name@version` of the rule's plugins in pipeline order, comma
@@ -446,4 +424,21 @@ fn recorded(checked: &[Result<Outgoing, String>]) -> Vec<crate::audit::RecordedA
             },
         })
         .collect()
+}
+
+/// The bound plugins in pipeline order, each with the stage it serves.
+fn staged(bindings: &Bindings) -> Vec<(&'static str, &Bound)> {
+    match bindings {
+        Bindings::Handler(h) => vec![("handler", h)],
+        Bindings::Chain {
+            preprocess,
+            prompt,
+            postprocess,
+        } => preprocess
+            .iter()
+            .map(|b| ("preprocess", b))
+            .chain(prompt.iter().map(|b| ("template", b)))
+            .chain(std::iter::once(("postprocess", postprocess)))
+            .collect(),
+    }
 }
