@@ -233,6 +233,20 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         Some(1.0),
         "{scrape}"
     );
+    // Every alert was acknowledged before its message: nothing waits.
+    assert_eq!(sample(&scrape, "ganglion_mqtt_outbox"), Some(0.0), "{scrape}");
+    assert_eq!(
+        sample(&scrape, "ganglion_mqtt_in_flight"),
+        Some(0.0),
+        "{scrape}"
+    );
+    let memory = scrape
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"ganglion_plugin_memory_bytes{rule="hot",plugin="clean-readings",stage="preprocess""#)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(memory > Some(0.0), "an idle instance holds its memory: {scrape}");
     assert_eq!(
         sample(&scrape, r#"ganglion_rule_enabled{rule="hot"}"#),
         Some(1.0)

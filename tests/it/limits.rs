@@ -237,6 +237,16 @@ async fn fuel_limit_stops_long_computations() {
     )
     .await;
     assert_eq!(r, Err(CallError::FuelExhausted { fuel: 5_000_000 }));
+    // The metrics count what each pool burnt: the loop all of its fuel, the
+    // healthy plugin a little per call.
+    assert!(bad.stats().fuel >= 5_000_000, "{:?}", bad.stats());
+    let healthy = healthy.stats();
+    assert!(
+        healthy.fuel > 0 && healthy.fuel < 21 * 5_000_000,
+        "{healthy:?}"
+    );
+    assert!(healthy.memory_bytes > 0, "{healthy:?}");
+    assert!(healthy.peak_memory_bytes >= 64 * 1024, "{healthy:?}");
 }
 
 #[tokio::test]

@@ -218,6 +218,7 @@ async fn start_admin(
             connected: link.intake.is_connected() && link.output.is_connected(),
             connections: link.intake.connections() + link.output.connections(),
             in_flight: link.output.in_flight() + link.intake.in_flight(),
+            outbox: link.output.outbox() + link.intake.outbox(),
             intake_backlog: link.intake.intake_backlog(),
             dropped_qos0: link.intake.dropped_qos0(),
         })),

@@ -208,7 +208,7 @@ pub(super) fn render(sources: &Sources, reloads: (u64, u64)) -> String {
 fn plugins(e: &mut Exposition, sources: &Sources) {
     let pipelines = sources.gateway.pipelines();
     type Pool = fn(&crate::plugin::PoolStats) -> f64;
-    let pools: [(&str, &str, &str, Pool); 8] = [
+    let pools: [(&str, &str, &str, Pool); 11] = [
         (
             "ganglion_plugin_calls_total",
             "counter",
@@ -256,6 +256,24 @@ fn plugins(e: &mut Exposition, sources: &Sources) {
             "gauge",
             "Instances waiting for a call.",
             |p| p.idle as f64,
+        ),
+        (
+            "ganglion_plugin_fuel_total",
+            "counter",
+            "Fuel the calls used (about one unit per instruction); 0 while calls are unmetered (fuel = 0).",
+            |p| p.fuel as f64,
+        ),
+        (
+            "ganglion_plugin_memory_bytes",
+            "gauge",
+            "Bytes of linear memories and tables the idle instances hold.",
+            |p| p.memory_bytes as f64,
+        ),
+        (
+            "ganglion_plugin_instance_memory_peak_bytes",
+            "gauge",
+            "The most bytes one instance held after a call (the cap is max_memory_mib).",
+            |p| p.peak_memory_bytes as f64,
         ),
     ];
     for (name, kind, help, get) in pools {
@@ -411,8 +429,14 @@ fn mqtt(e: &mut Exposition, g: &LinkGauges) {
         (
             "ganglion_mqtt_in_flight",
             "gauge",
-            "Publishes sent and not yet acknowledged by the broker.",
+            "Publishes written and not yet acknowledged by the broker.",
             g.in_flight as f64,
+        ),
+        (
+            "ganglion_mqtt_outbox",
+            "gauge",
+            "Publishes asked for and not yet written: they wait for the connection or a free in-flight slot.",
+            g.outbox as f64,
         ),
         (
             "ganglion_mqtt_intake_backlog",

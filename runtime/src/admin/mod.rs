@@ -48,8 +48,11 @@ pub struct LinkGauges {
     pub connected: bool,
     /// Connections the broker accepted since the start, both together.
     pub connections: u64,
-    /// Publishes sent and not yet acknowledged.
+    /// Publishes written and not yet acknowledged.
     pub in_flight: usize,
+    /// Publishes asked for and not yet written (waiting for the connection
+    /// or a free in-flight slot).
+    pub outbox: usize,
     /// Deliveries received and not yet taken by the gateway.
     pub intake_backlog: usize,
     /// QoS 0 deliveries dropped because the intake buffer was full.

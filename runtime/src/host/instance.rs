@@ -173,6 +173,22 @@ impl Instance {
         limiter.total > limiter.max_bytes / 4 * 3
     }
 
+    /// Fuel the last call (or the instantiation) used; 0 when calls are
+    /// unmetered (`fuel = 0`).
+    pub fn fuel_used(&self) -> u64 {
+        if self.fuel == 0 {
+            return 0;
+        }
+        self.fuel
+            .saturating_sub(self.store.get_fuel().unwrap_or(0))
+    }
+
+    /// Bytes of the instance's memories and tables now, as the memory cap
+    /// counts them.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limiter.total
+    }
+
     /// True once the instance trapped or was stopped: it must not be reused.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned

@@ -52,6 +52,7 @@ macro_rules! event_loop {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             backoff = Duration::from_millis(100);
                             handle
+                                .gauges
                                 .connection
                                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                             seq = 0;
@@ -109,7 +110,7 @@ macro_rules! event_loop {
                                 }
                                 continue;
                             }
-                            let connection = handle.connection.load(std::sync::atomic::Ordering::Acquire);
+                            let connection = handle.gauges.connection.load(std::sync::atomic::Ordering::Acquire);
                             let d = Delivery {
                                 message,
                                 token: AckToken::Transport(Arc::new(MqttAck {

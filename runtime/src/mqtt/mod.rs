@@ -162,11 +162,8 @@ pub struct MqttHandle {
     /// What the event loop reports to the state task.
     loop_events: mpsc::UnboundedSender<state::LoopEvent>,
     connected: watch::Receiver<bool>,
-    /// Counts connections (ConnAcks).
-    connection: Arc<std::sync::atomic::AtomicU64>,
-    /// Publishes queued and not yet acknowledged, as the state task last
-    /// counted them.
-    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The state task's gauges: connections, publishes in flight, unsent.
+    gauges: state::Gauges,
     /// Filters subscribed after every connection; changed at run time when
     /// rules come and go.
     filters: Arc<Mutex<Vec<String>>>,
@@ -220,12 +217,29 @@ impl MqttHandle {
     /// Connections the broker accepted since the start (CONNACKs); one
     /// more than the reconnections.
     pub fn connections(&self) -> u64 {
-        self.connection.load(std::sync::atomic::Ordering::Relaxed)
+        self.gauges
+            .connection
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Publishes sent and not yet acknowledged by the broker, now.
+    /// Publishes written and not yet acknowledged by the broker, now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+        self.gauges
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Publishes asked for and not yet written, now: those waiting for the
+    /// state task (at most its command channel, 1024) and those it handed
+    /// to rumqttc that wait for a packet id, a free in-flight slot or the
+    /// connection. Grows while the broker is away; bounded by the lanes.
+    pub fn outbox(&self) -> usize {
+        let waiting = self.commands.max_capacity() - self.commands.capacity();
+        waiting
+            + self
+                .gauges
+                .unsent
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Subscriptions the broker refused since the start.
@@ -350,11 +364,10 @@ pub fn connect(
     let handle = |client: Client| {
         let (commands, commands_rx) = mpsc::channel(state::COMMANDS);
         let (loop_events, events_rx) = mpsc::unbounded_channel();
-        let connection = Arc::<std::sync::atomic::AtomicU64>::default();
-        let in_flight = Arc::<std::sync::atomic::AtomicUsize>::default();
+        let gauges = state::Gauges::default();
         tokio::spawn(state::run(
             client.clone(),
-            (connection.clone(), in_flight.clone()),
+            gauges.clone(),
             commands_rx,
             events_rx,
         ));
@@ -363,8 +376,7 @@ pub fn connect(
             commands,
             loop_events,
             connected,
-            connection,
-            in_flight,
+            gauges,
             filters: Arc::new(Mutex::new(filters)),
             max_packet_bytes: settings.max_packet_bytes,
             dropped_qos0: Arc::default(),
@@ -496,6 +508,42 @@ mod filter_check;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While the broker is away, publishes wait in the outbox, written
+    /// nowhere and in flight nowhere; the gauge counts them.
+    #[tokio::test]
+    async fn publishes_wait_in_the_outbox_while_the_broker_is_away() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let (deliveries, _rx) = mpsc::channel(4);
+        let (handle, task) = connect(
+            &MqttSettings::default(),
+            &format!("mqtt://127.0.0.1:{port}"),
+            Vec::new(),
+            deliveries,
+        )
+        .unwrap();
+        let mut confirms = Vec::new();
+        for i in 0..3 {
+            let out = Outgoing {
+                topic: format!("out/{i}"),
+                payload: b"{}".to_vec(),
+                qos: Qos::AtLeastOnce,
+                retain: false,
+            };
+            confirms.push(handle.publish(out).await.unwrap());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while handle.outbox() != 3 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(handle.outbox(), 3);
+        assert_eq!(handle.in_flight(), 0);
+        assert!(!handle.is_connected());
+        task.abort();
+    }
 
     #[test]
     fn broker_addresses_and_default_ports() {

@@ -58,12 +58,22 @@ struct AckOrder {
     done: BTreeMap<u64, Option<Arc<dyn TransportAck>>>,
 }
 
-/// Runs until every handle is gone. `connection` counts the connections
-/// (the event loop's ConnAcks); `in_flight` is kept at the number of
-/// publishes queued and not yet acknowledged, for the metrics.
+/// The state task's gauges, for the metrics.
+#[derive(Clone, Default)]
+pub(super) struct Gauges {
+    /// Counts the connections (the event loop's ConnAcks).
+    pub connection: Arc<AtomicU64>,
+    /// Publishes written and waiting for their PUBACK.
+    pub in_flight: Arc<AtomicUsize>,
+    /// Publishes handed to rumqttc and not yet written (waiting for a
+    /// packet id, a free in-flight slot or the connection).
+    pub unsent: Arc<AtomicUsize>,
+}
+
+/// Runs until every handle is gone, keeping `gauges` current.
 pub(super) async fn run(
     client: Client,
-    (connection, in_flight): (Arc<AtomicU64>, Arc<AtomicUsize>),
+    gauges: Gauges,
     mut commands: mpsc::Receiver<Command>,
     mut events: mpsc::UnboundedReceiver<LoopEvent>,
 ) {
@@ -87,16 +97,18 @@ pub(super) async fn run(
                     }
                 }
                 Command::Settle(token, ack, reply) => {
-                    let current = connection.load(Ordering::Acquire);
+                    let current = gauges.connection.load(Ordering::Acquire);
                     let _ = reply.send(order.settle(&client, current, token, ack).await);
                 }
             },
             else => return,
         }
-        in_flight.store(
-            pending.unnumbered.len() + pending.by_pkid.len(),
-            Ordering::Relaxed,
-        );
+        gauges
+            .in_flight
+            .store(pending.by_pkid.len(), Ordering::Relaxed);
+        gauges
+            .unsent
+            .store(pending.unnumbered.len(), Ordering::Relaxed);
     }
 }
 

@@ -505,6 +505,8 @@ impl PluginHost {
             failed: AtomicU64::new(0),
             traps: AtomicU64::new(0),
             deadlines: AtomicU64::new(0),
+            fuel: AtomicU64::new(0),
+            peak_memory: AtomicU64::new(0),
         }
     }
 }
@@ -556,6 +558,8 @@ pub struct InstancePool {
     failed: AtomicU64,
     traps: AtomicU64,
     deadlines: AtomicU64,
+    fuel: AtomicU64,
+    peak_memory: AtomicU64,
 }
 
 /// Counters of a pool, for tests and metrics.
@@ -580,6 +584,13 @@ pub struct PoolStats {
     pub deadlines: u64,
     /// Log lines dropped by the per-call cap.
     pub suppressed_logs: u64,
+    /// Fuel (instructions, roughly) the calls used; stays 0 while calls are
+    /// unmetered (`[plugins.limits] fuel = 0`).
+    pub fuel: u64,
+    /// Bytes of memories and tables the idle instances hold now.
+    pub memory_bytes: u64,
+    /// The most bytes one instance held after a call.
+    pub peak_memory_bytes: u64,
 }
 
 impl InstancePool {
@@ -590,16 +601,20 @@ impl InstancePool {
 
     /// A snapshot of the pool's counters.
     pub fn stats(&self) -> PoolStats {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         PoolStats {
             created: self.created.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),
             retired: self.retired.load(Ordering::Relaxed),
-            idle: self.idle.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            idle: idle.len(),
             calls: self.calls.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             traps: self.traps.load(Ordering::Relaxed),
             deadlines: self.deadlines.load(Ordering::Relaxed),
             suppressed_logs: self.binding.suppressed_logs(),
+            fuel: self.fuel.load(Ordering::Relaxed),
+            memory_bytes: idle.iter().map(|i| i.memory_bytes() as u64).sum(),
+            peak_memory_bytes: self.peak_memory.load(Ordering::Relaxed),
         }
     }
 
@@ -627,6 +642,10 @@ impl InstancePool {
         };
         let result = call(&mut instance).await;
         self.calls.fetch_add(1, Ordering::Relaxed);
+        self.fuel
+            .fetch_add(instance.fuel_used(), Ordering::Relaxed);
+        self.peak_memory
+            .fetch_max(instance.memory_bytes() as u64, Ordering::Relaxed);
         if let Err(e) = &result {
             self.failed.fetch_add(1, Ordering::Relaxed);
             match e {
