@@ -22,6 +22,9 @@ const ENTRIES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new
 const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
 /// Open windows: (rule, device) → the window as the pipeline encodes it.
 const WINDOWS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("windows");
+/// Rules an operator switched off (the admin endpoint): rule → 1. At most
+/// one entry per rule name the gateway ever ran.
+const DISABLED: TableDefinition<&str, u8> = TableDefinition::new("disabled_rules");
 
 /// Size limits and durability of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +128,7 @@ impl StateStore {
         txn.open_table(ENTRIES).map_err(io)?;
         txn.open_table(COUNTS).map_err(io)?;
         txn.open_table(WINDOWS).map_err(io)?;
+        txn.open_table(DISABLED).map_err(io)?;
         txn.commit().map_err(io)?;
         let inner = Arc::new(Inner {
             db,
@@ -218,6 +222,30 @@ impl StateStore {
             .remove((rule, device))
             .map_err(io)?;
         self.commit(txn)
+    }
+
+    /// Records whether `rule` is switched off, durable when this returns
+    /// (an fsync: call it off the executor), so that a rule an operator
+    /// disabled stays disabled across restarts and reloads.
+    pub fn set_rule_disabled(&self, rule: &str, disabled: bool) -> Result<(), StateError> {
+        let txn = self.write_txn()?;
+        {
+            let mut table = txn.open_table(DISABLED).map_err(io)?;
+            if disabled {
+                table.insert(rule, 1).map_err(io)?;
+            } else {
+                table.remove(rule).map_err(io)?;
+            }
+        }
+        self.commit(txn)?;
+        self.flush()
+    }
+
+    /// Whether `rule` was switched off and not on again.
+    pub fn rule_disabled(&self, rule: &str) -> Result<bool, StateError> {
+        let txn = self.inner.db.begin_read().map_err(io)?;
+        let table = txn.open_table(DISABLED).map_err(io)?;
+        Ok(table.get(rule).map_err(io)?.is_some())
     }
 
     /// The windows `rule` left open, by device.

@@ -398,6 +398,18 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         (sample(&s, r#"ganglion_rule_messages_total{rule="hot"}"#) != Some(5.0)).then_some(s)
     });
 
+    // The switch outlives the process: disabled, killed, started again over
+    // the same state file, the rule is still off.
+    assert_eq!(http(port, "POST", "/rules/hot/disable", None).0, 200);
+    drop(gw);
+    let gw = start(&dir, &broker.url(), "");
+    let port = gw.port;
+    let rules: Json = serde_json::from_str(&http(port, "GET", "/rules", None).1).unwrap();
+    assert_eq!(rules["rules"][0]["enabled"], false, "{rules}");
+    assert_eq!(http(port, "POST", "/rules/hot/enable", None).0, 200);
+    let rules: Json = serde_json::from_str(&http(port, "GET", "/rules", None).1).unwrap();
+    assert_eq!(rules["rules"][0]["enabled"], true, "{rules}");
+
     drop(sensor);
     drop(watcher);
     broker.stop();

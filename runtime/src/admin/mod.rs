@@ -351,8 +351,14 @@ async fn rules(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(json!({ "rules": rules_json(&shared.sources.gateway) })).into_response()
 }
 
-fn set_enabled(shared: &Shared, name: &str, enabled: bool) -> Response {
-    match shared.sources.gateway.set_enabled(name, enabled) {
+async fn set_enabled(shared: Arc<Shared>, name: String, enabled: bool) -> Response {
+    let (gateway, rule) = (shared.sources.gateway.clone(), name.clone());
+    // The switch is written durably (an fsync): off the executor.
+    let switched = tokio::task::spawn_blocking(move || gateway.set_enabled(&rule, enabled))
+        .await
+        .unwrap_or_else(|_| Err(GatewayError::Closed));
+    let name = name.as_str();
+    match switched {
         Ok(()) => {
             tracing::info!(rule = %name.escape_debug(), enabled, "rule switched through the admin endpoint");
             axum::Json(json!({"rule": name, "enabled": enabled})).into_response()
@@ -371,11 +377,11 @@ fn set_enabled(shared: &Shared, name: &str, enabled: bool) -> Response {
 }
 
 async fn enable(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
-    set_enabled(&shared, &name, true)
+    set_enabled(shared, name, true).await
 }
 
 async fn disable(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
-    set_enabled(&shared, &name, false)
+    set_enabled(shared, name, false).await
 }
 
 /// The body of `POST /rules/{name}/test`.

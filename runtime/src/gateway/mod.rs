@@ -153,6 +153,15 @@ pub enum GatewayError {
     /// [`Gateway::remove`] named no running rule.
     #[error("no rule named `{0}`")]
     NoSuchRule(String),
+    /// The state store could not record a rule's switch; the rule is as
+    /// it was.
+    #[error("cannot record the switch of rule `{rule}`: {error}")]
+    State {
+        /// The rule.
+        rule: String,
+        /// Why.
+        error: crate::state::StateError,
+    },
 }
 
 /// Routes deliveries to rules and runs them. Rules can be added, replaced
@@ -198,6 +207,12 @@ impl Gateway {
         let name = pipeline.rule.name.clone();
         let current = Arc::new(ArcSwap::new(pipeline));
         let stats = Arc::new(RuleStats::default());
+        match current.load().state().rule_disabled(&name) {
+            Ok(disabled) => stats.disabled.store(disabled, Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(rule = %name, error = %e, "cannot read whether the rule was switched off; it starts enabled")
+            }
+        }
         self.stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -377,12 +392,25 @@ impl Gateway {
     /// it by (counted in [`RuleStats::skipped`]), and a message no enabled
     /// rule matches is acknowledged as handled, so the broker does not keep
     /// it for later. Messages already queued for the rule finish.
+    ///
+    /// The switch is kept in the state store, durable before this returns
+    /// (an fsync: call it off the executor), and a rule of that name starts
+    /// as it was left after a restart; with an in-memory store it lasts
+    /// until the process ends.
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), GatewayError> {
         let rules = self.rules.load();
         let rule = rules
             .iter()
             .find(|r| r.name == name)
             .ok_or_else(|| GatewayError::NoSuchRule(name.to_owned()))?;
+        rule.pipeline
+            .load()
+            .state()
+            .set_rule_disabled(name, !enabled)
+            .map_err(|error| GatewayError::State {
+                rule: name.to_owned(),
+                error,
+            })?;
         rule.stats.disabled.store(!enabled, Ordering::Relaxed);
         Ok(())
     }

@@ -247,6 +247,13 @@ pub struct RulePipeline {
     versions: String,
 }
 
+impl RulePipeline {
+    /// The store the rule keeps its windows and its on/off switch in.
+    pub(crate) fn state(&self) -> &crate::state::StateStore {
+        &self.store
+    }
+}
+
 /// Why a rule could not be bound to its plugins.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
