@@ -490,3 +490,65 @@ fn listening_off_loopback_needs_a_token() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("set [admin] token"), "{stderr}");
 }
+
+/// Attack: a client opens connections and trickles bytes (slowloris) to
+/// hold every slot of the endpoint. Past `max_connections` a connection is
+/// closed at once; a trickling one is closed after `connection_secs`; the
+/// endpoint answers again once the slots are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_capped_and_closed_in_time() {
+    built();
+    let broker = Mosquitto::start("admin-slowloris-broker");
+    let dir = scratch("admin-slowloris");
+    let gw = start(
+        &dir,
+        &broker.url(),
+        "max_connections = 2\nconnection_secs = 3\n",
+    );
+    let port = gw.port;
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    };
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = connect();
+            s.write_all(b"GET /health HTTP/1.1\r\nHo").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut third = connect();
+    let _ = third.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = third.read_to_end(&mut answer);
+    assert!(
+        answer.is_empty(),
+        "a connection past the cap was served: {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let started = Instant::now();
+    for mut s in held {
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "the trickling connection was kept open: {e}"
+            ),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http(port, "GET", "/health", None).0, 200);
+}

@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::broadcast;
 
 /// The MQTT link's state at one moment, as the admin endpoint shows it; the
@@ -137,12 +138,48 @@ pub async fn start(config: &AdminConfig, mut sources: Sources) -> Result<Admin, 
         tasks.push(tokio::spawn(count_reloads(shared.clone(), rx)));
     }
     let app = router(shared);
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin endpoint stopped");
-        }
-    }));
+    let limits = (
+        config.max_connections.max(1),
+        Duration::from_secs(config.connection_secs.max(1)),
+    );
+    tasks.push(tokio::spawn(serve(listener, app, limits)));
     Ok(Admin { addr, tasks })
+}
+
+/// Accepts connections, at most `max` open at once (one more is closed at
+/// once), each closed after `life` whatever it is doing. The connections'
+/// tasks end with this one (the `Admin` is dropped).
+async fn serve(listener: tokio::net::TcpListener, app: Router, (max, life): (usize, Duration)) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                tracing::warn!(error = %e, "admin endpoint cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(max, "admin connection refused: the endpoint has its most open");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        connections.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(life)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(life, connection).await;
+            drop(slot);
+        });
+    }
 }
 
 fn router(shared: Arc<Shared>) -> Router {

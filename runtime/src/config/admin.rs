@@ -10,6 +10,8 @@
 //! sparkline_samples = 60         # rate samples kept per rule for the page
 //! sample_ms = 5000               # one sample every this many ms
 //! audit_tail_bytes = 65536       # how much of the audit log's end the page reads
+//! max_connections = 16           # open connections at once; more are closed at once
+//! connection_secs = 30           # the longest one connection is kept open
 //! ```
 //!
 //! The endpoint can enable and disable rules, so it is kept to the machine
@@ -42,6 +44,13 @@ pub struct AdminConfig {
     /// Bytes of the audit log's end read for the page's recent decisions;
     /// only whole lines within them are shown. Default 65 536.
     pub audit_tail_bytes: usize,
+    /// Connections open at once; one more is closed as soon as it is
+    /// accepted. Default 16 (a scraper, a browser, a few `curl`s).
+    pub max_connections: usize,
+    /// Seconds one connection may stay open, requests and keep-alive
+    /// together, and the limit on sending a request's headers: a client
+    /// that trickles bytes cannot hold a connection slot. Default 30.
+    pub connection_secs: u64,
 }
 
 impl Default for AdminConfig {
@@ -54,6 +63,8 @@ impl Default for AdminConfig {
             sparkline_samples: 60,
             sample_ms: 5_000,
             audit_tail_bytes: 64 * 1024,
+            max_connections: 16,
+            connection_secs: 30,
         }
     }
 }
