@@ -234,7 +234,11 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         "{scrape}"
     );
     // Every alert was acknowledged before its message: nothing waits.
-    assert_eq!(sample(&scrape, "ganglion_mqtt_outbox"), Some(0.0), "{scrape}");
+    assert_eq!(
+        sample(&scrape, "ganglion_mqtt_outbox"),
+        Some(0.0),
+        "{scrape}"
+    );
     assert_eq!(
         sample(&scrape, "ganglion_mqtt_in_flight"),
         Some(0.0),
@@ -246,7 +250,10 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
             l.starts_with(r#"ganglion_plugin_memory_bytes{rule="hot",plugin="clean-readings",stage="preprocess""#)
         })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-    assert!(memory > Some(0.0), "an idle instance holds its memory: {scrape}");
+    assert!(
+        memory > Some(0.0),
+        "an idle instance holds its memory: {scrape}"
+    );
     assert_eq!(
         sample(&scrape, r#"ganglion_rule_enabled{rule="hot"}"#),
         Some(1.0)
@@ -551,4 +558,52 @@ async fn slowloris_connections_are_capped_and_closed_in_time() {
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(http(port, "GET", "/health", None).0, 200);
+}
+
+/// The page in a real browser (Debian's `chromium`, headless; `.ci/run`
+/// installs it): the DOM the browser builds has the rule's sparkline, and
+/// the markup a rule's topic carries stays text, no element.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_renders_in_a_headless_browser_and_topics_stay_text() {
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("a headless browser: `apt-get install chromium` (.ci/run does)");
+    built();
+    let broker = Mosquitto::start("admin-browser-broker");
+    let dir = scratch("admin-browser");
+    let gw = start(&dir, &broker.url(), "");
+    let profile = dir.join("browser-profile");
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--timeout=20000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(format!("http://127.0.0.1:{}/", gw.port))
+        .output()
+        .expect("the browser runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("<h1>Ganglion</h1>"),
+        "no page in the browser ({}): {dom}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dom.contains("<svg"), "a sparkline per rule: {dom}");
+    assert!(
+        dom.contains("t/&lt;script&gt;alert(1)&lt;/script&gt;/x"),
+        "the topic is text: {dom}"
+    );
+    assert!(!dom.contains("<script"), "no script element: {dom}");
 }

@@ -81,6 +81,27 @@ pub fn ensure_mosquitto() -> Result<()> {
     apt_install("the MQTT tests need mosquitto", &["mosquitto"])
 }
 
+/// The admin page's test opens it in a real headless browser: install
+/// Debian's `chromium` (no recommends, about 350 MB) when it is missing and
+/// this runs as root with apt-get; otherwise say what to install.
+pub fn ensure_browser() -> Result<()> {
+    let found = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .any(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    if found {
+        return Ok(());
+    }
+    apt_install(
+        "the admin page's test needs a headless browser",
+        &["--no-install-recommends", "chromium"],
+    )
+}
+
 /// Installs Debian packages when this runs as root with apt-get; otherwise
 /// fails saying what `why` needs installed.
 fn apt_install(why: &str, packages: &[&str]) -> Result<()> {

@@ -666,6 +666,7 @@ fn main() -> Result<()> {
             xtask::build_python_fixture()?;
             xtask::build_polyglot()?;
             xtask::ensure_mosquitto()?;
+            xtask::ensure_browser()?;
             xtask::fetch_model()?;
             xtask::fetch_embedding_model()?;
             // The demo test runs the binary.

@@ -167,7 +167,10 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, (max, life): (usi
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(max, "admin connection refused: the endpoint has its most open");
+            tracing::debug!(
+                max,
+                "admin connection refused: the endpoint has its most open"
+            );
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());

@@ -179,8 +179,7 @@ impl Instance {
         if self.fuel == 0 {
             return 0;
         }
-        self.fuel
-            .saturating_sub(self.store.get_fuel().unwrap_or(0))
+        self.fuel.saturating_sub(self.store.get_fuel().unwrap_or(0))
     }
 
     /// Bytes of the instance's memories and tables now, as the memory cap

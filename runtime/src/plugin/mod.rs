@@ -642,8 +642,7 @@ impl InstancePool {
         };
         let result = call(&mut instance).await;
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.fuel
-            .fetch_add(instance.fuel_used(), Ordering::Relaxed);
+        self.fuel.fetch_add(instance.fuel_used(), Ordering::Relaxed);
         self.peak_memory
             .fetch_max(instance.memory_bytes() as u64, Ordering::Relaxed);
         if let Err(e) = &result {
