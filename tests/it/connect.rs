@@ -2,7 +2,8 @@
 //! against a mosquitto that requires client certificates (made here with
 //! rcgen), the password read from a file, and MQTT over WebSockets (to
 //! rumqttd: the installed mosquitto 2.0.11 cannot open a websockets
-//! listener). Also the command line's configuration file rules.
+//! listener; wss:// through a TLS terminator in front of it). Also the
+//! command line's configuration file rules.
 
 use ganglion::mqtt::MqttSettings;
 use ganglion_tests::*;
@@ -234,6 +235,90 @@ async fn mqtt_over_websockets_receives_what_a_tcp_client_publishes() {
     let delivery = got.expect("nothing arrived over the websocket");
     assert_eq!(delivery.message.topic, "t/ws/telemetry");
     assert_eq!(delivery.message.payload, b"over websockets");
+    task.abort();
+}
+
+/// Terminates TLS with `dir`'s server certificate on a free port and
+/// forwards each connection to `to`: wss:// in front of rumqttd's ws://.
+async fn tls_terminator(dir: &Path, to: u16) -> u16 {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+/// wss://: MQTT over WebSockets over TLS, the server checked against
+/// `ca_file`; a client that trusts another CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_secure_websockets_checks_the_server_and_receives() {
+    let dir = scratch("wss");
+    certificates(&dir);
+    let (ws_port, tcp_port) = websocket_broker();
+    let wss_port = tls_terminator(&dir, ws_port).await;
+    let url = format!("wss://localhost:{wss_port}/mqtt");
+    let settings = MqttSettings {
+        client_id: "gw-wss".into(),
+        ca_file: Some(dir.join("ca.pem").display().to_string()),
+        ..Default::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let (handle, task) = ganglion::mqtt::connect(&settings, &url, vec!["t/#".into()], tx).unwrap();
+    assert!(handle.wait_connected(Duration::from_secs(20)).await);
+    let sensor =
+        TestClient::connect(&format!("mqtt://127.0.0.1:{tcp_port}"), "wss-sensor", &[]).await;
+    let mut got = None;
+    for _ in 0..50 {
+        sensor.publish("t/wss/telemetry", "over tls").await;
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            got = Some(d);
+            break;
+        }
+    }
+    let delivery = got.expect("nothing arrived over wss");
+    assert_eq!(delivery.message.payload, b"over tls");
+    task.abort();
+
+    // Another CA: the server's certificate is not trusted, no connection.
+    let other = scratch("wss-other-ca");
+    certificates(&other);
+    let distrust = MqttSettings {
+        client_id: "gw-wss-distrust".into(),
+        ca_file: Some(other.join("ca.pem").display().to_string()),
+        ..Default::default()
+    };
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let (handle, task) = ganglion::mqtt::connect(&distrust, &url, vec![], tx).unwrap();
+    assert!(!handle.wait_connected(Duration::from_secs(3)).await);
     task.abort();
 }
 
