@@ -396,7 +396,7 @@ async fn set_enabled(shared: Arc<Shared>, name: String, enabled: bool) -> Respon
     // The switch is written durably (an fsync): off the executor.
     let switched = tokio::task::spawn_blocking(move || gateway.set_enabled(&rule, enabled))
         .await
-        .unwrap_or_else(|_| Err(GatewayError::Closed));
+        .unwrap_or(Err(GatewayError::Closed));
     let name = name.as_str();
     match switched {
         Ok(()) => {
