@@ -78,6 +78,14 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// The value of `family` for the hot rule's preprocessor (any version).
+fn preprocessor_sample(text: &str, family: &str) -> Option<f64> {
+    let series = format!(r#"{family}{{rule="hot",plugin="clean-readings",stage="preprocess""#);
+    text.lines()
+        .find(|l| l.starts_with(&series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> Option<String>) {
     let until = Instant::now() + Duration::from_secs(secs);
     let mut last = None;
@@ -244,14 +252,8 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         Some(0.0),
         "{scrape}"
     );
-    let memory = scrape
-        .lines()
-        .find(|l| {
-            l.starts_with(r#"ganglion_plugin_memory_bytes{rule="hot",plugin="clean-readings",stage="preprocess""#)
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
     assert!(
-        memory > Some(0.0),
+        preprocessor_sample(&scrape, "ganglion_plugin_memory_bytes") > Some(0.0),
         "an idle instance holds its memory: {scrape}"
     );
     assert_eq!(
@@ -263,14 +265,8 @@ async fn metrics_rules_disable_and_readiness_over_a_real_broker() {
         "{scrape}"
     );
 
-    let calls = scrape
-        .lines()
-        .find(|l| {
-            l.starts_with(r#"ganglion_plugin_calls_total{rule="hot",plugin="clean-readings",stage="preprocess""#)
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
     assert_eq!(
-        calls,
+        preprocessor_sample(&scrape, "ganglion_plugin_calls_total"),
         Some(2.0),
         "one preprocess call per good message: {scrape}"
     );

@@ -204,6 +204,30 @@ fn websocket_broker() -> (u16, u16) {
     (ws_port, tcp_port)
 }
 
+/// Publishes `payload` to `topic` from a TCP client of the broker on
+/// `tcp_port` until a delivery arrives on `rx`: the gateway's subscription
+/// may land just after its connection.
+async fn relayed(
+    tcp_port: u16,
+    topic: &str,
+    payload: &str,
+    rx: &mut tokio::sync::mpsc::Receiver<ganglion::transport::Delivery>,
+) -> ganglion::transport::Delivery {
+    let sensor = TestClient::connect(
+        &format!("mqtt://127.0.0.1:{tcp_port}"),
+        &format!("sensor-{}", free_port()),
+        &[],
+    )
+    .await;
+    for _ in 0..50 {
+        sensor.publish(topic, payload).await;
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            return d;
+        }
+    }
+    panic!("nothing arrived on {topic}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_over_websockets_receives_what_a_tcp_client_publishes() {
     let (ws_port, tcp_port) = websocket_broker();
@@ -220,19 +244,7 @@ async fn mqtt_over_websockets_receives_what_a_tcp_client_publishes() {
     )
     .unwrap();
     assert!(handle.wait_connected(Duration::from_secs(20)).await);
-    let sensor =
-        TestClient::connect(&format!("mqtt://127.0.0.1:{tcp_port}"), "ws-sensor", &[]).await;
-    // The subscription may land just after the connection: publish until
-    // one arrives.
-    let mut got = None;
-    for _ in 0..50 {
-        sensor.publish("t/ws/telemetry", "over websockets").await;
-        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            got = Some(d);
-            break;
-        }
-    }
-    let delivery = got.expect("nothing arrived over the websocket");
+    let delivery = relayed(tcp_port, "t/ws/telemetry", "over websockets", &mut rx).await;
     assert_eq!(delivery.message.topic, "t/ws/telemetry");
     assert_eq!(delivery.message.payload, b"over websockets");
     task.abort();
@@ -294,17 +306,7 @@ async fn mqtt_over_secure_websockets_checks_the_server_and_receives() {
     let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     let (handle, task) = ganglion::mqtt::connect(&settings, &url, vec!["t/#".into()], tx).unwrap();
     assert!(handle.wait_connected(Duration::from_secs(20)).await);
-    let sensor =
-        TestClient::connect(&format!("mqtt://127.0.0.1:{tcp_port}"), "wss-sensor", &[]).await;
-    let mut got = None;
-    for _ in 0..50 {
-        sensor.publish("t/wss/telemetry", "over tls").await;
-        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            got = Some(d);
-            break;
-        }
-    }
-    let delivery = got.expect("nothing arrived over wss");
+    let delivery = relayed(tcp_port, "t/wss/telemetry", "over tls", &mut rx).await;
     assert_eq!(delivery.message.payload, b"over tls");
     task.abort();
 
