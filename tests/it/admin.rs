@@ -506,7 +506,7 @@ async fn slowloris_connections_are_capped_and_closed_in_time() {
     let gw = start(
         &dir,
         &broker.url(),
-        "max_connections = 2\nconnection_secs = 3\n",
+        "max_connections = 2\nconnection_secs = 5\n",
     );
     let port = gw.port;
     let connect = || {
