@@ -561,15 +561,8 @@ async fn slowloris_connections_are_capped_and_closed_in_time() {
 /// the markup a rule's topic carries stays text, no element.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_renders_in_a_headless_browser_and_topics_stay_text() {
-    let browser = ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|b| {
-            Command::new(b)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("a headless browser: `apt-get install chromium` (.ci/run does)");
+    let browser =
+        xtask::browser().expect("a headless browser: `apt-get install chromium` (.ci/run does)");
     built();
     let broker = Mosquitto::start("admin-browser-broker");
     let dir = scratch("admin-browser");

@@ -85,21 +85,26 @@ pub fn ensure_mosquitto() -> Result<()> {
 /// Debian's `chromium` (no recommends, about 350 MB) when it is missing and
 /// this runs as root with apt-get; otherwise say what to install.
 pub fn ensure_browser() -> Result<()> {
-    let found = ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .any(|b| {
-            Command::new(b)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-    if found {
+    if browser().is_some() {
         return Ok(());
     }
     apt_install(
         "the admin page's test needs a headless browser",
         &["--no-install-recommends", "chromium"],
     )
+}
+
+/// The first Chromium-like browser on PATH that runs, for the admin page's
+/// headless test.
+pub fn browser() -> Option<&'static str> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
 }
 
 /// Installs Debian packages when this runs as root with apt-get; otherwise
