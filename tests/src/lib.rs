@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: built plugins, hosts with test limits.
 //! `wire` is a minimal MQTT client for the benchmarks' load generation.
 
+pub mod gateways;
 pub mod wire;
 
 use ganglion::config::{Limits, PluginConfig};
@@ -470,7 +471,7 @@ impl RunningGateway {
             llm,
         ));
         let (pipelines, problems) = reloader.load_all().await;
-        let filters = ganglion::gateway::topic_filters(&pipelines);
+        let filters = ganglion::gateway::topic_filters(&pipelines, None);
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let mqtt = Arc::new(
             ganglion::mqtt::GatewayLink::connect(&settings, url, filters, tx)
@@ -760,9 +761,12 @@ pub mod packs {
 }
 
 /// The `ganglion` binary of this workspace (target/debug/ganglion), which
-/// `cargo run -p xtask -- test` builds before the tests.
+/// `cargo run -p xtask -- test` builds before the tests; `GANGLION_BIN`
+/// names another (a release build, for benchmarks).
 pub fn ganglion_binary() -> PathBuf {
-    let bin = xtask::root().join("target/debug/ganglion");
+    let bin = std::env::var_os("GANGLION_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| xtask::root().join("target/debug/ganglion"));
     assert!(
         bin.exists(),
         "{} is missing: `cargo build -p ganglion-cli` (or `cargo run -p xtask -- test`) builds it",

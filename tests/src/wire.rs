@@ -3,10 +3,14 @@
 //! measures and so must cost little: QoS 1 publishes are written many to a
 //! write, and a subscriber acknowledges all the messages of one read with one
 //! write. Not a general client: no reconnect, no keep-alive (it is 0), no
-//! QoS 2, loopback only.
+//! QoS 2, loopback only. [`drive`] runs a load through a flow with them;
+//! [`cpu_ns`] reads what a process's threads spent.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One control packet: its type (the high nibble of the first byte), its
 /// flags (the low nibble) and what follows the length.
@@ -170,4 +174,173 @@ mod tests {
         assert_eq!((ps.len(), used), (3, buf.len()));
         assert_eq!(ps[2].publish(), Some((8, &b"cut"[..])));
     }
+}
+
+/// Nanoseconds on CPU of the threads of `pid` that `pick` (given the thread
+/// id and name) selects, from the first field of each thread's schedstat.
+pub fn cpu_ns(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            pick(&tid, comm.trim()).then_some(())?;
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Publishes `n` messages (ids 1..=n) on `<prefix>/d<id % 16>/telemetry` at
+/// `rate` per second (0: as fast as the broker takes them, 100 in flight) and
+/// times the outputs on `out_filter`, with these clients on threads of
+/// their own (named `load…`): the publisher writes every message that is due
+/// and fits the window in one write, the receiver acknowledges each read's
+/// messages in one write.
+pub fn drive(
+    port: u16,
+    prefix: &str,
+    out_filter: &str,
+    n: usize,
+    rate: u64,
+) -> (Vec<Option<Instant>>, Vec<Option<Instant>>) {
+    const WINDOW: usize = 100;
+    let got: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n + 1]));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let mut rx = connect(port, &format!("bench-rx-{}", crate::free_port())).unwrap();
+    subscribe(&mut rx, out_filter).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let receiver = {
+        let (got, stop) = (got.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("load-rx".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut filled = 0;
+                let mut acks = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if filled == buf.len() {
+                        buf.resize(buf.len() * 2, 0);
+                    }
+                    match rx.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(k) => filled += k,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            continue;
+                        }
+                        Err(_) => break,
+                    }
+                    let now = Instant::now();
+                    let (packets, used) = packets(&buf[..filled]);
+                    {
+                        let mut g = got.lock().unwrap();
+                        for (pkid, payload) in packets.iter().filter_map(Packet::publish) {
+                            encode_puback(&mut acks, pkid);
+                            let text = String::from_utf8_lossy(payload);
+                            if let Some(id) = text
+                                .split("temperature ")
+                                .nth(1)
+                                .and_then(|t| t.split(' ').next())
+                                .and_then(|v| v.parse::<usize>().ok())
+                                && id < g.len()
+                                && g[id].is_none()
+                            {
+                                g[id] = Some(now);
+                            }
+                        }
+                    }
+                    buf.copy_within(used..filled, 0);
+                    filled -= used;
+                    if !acks.is_empty() {
+                        if rx.write_all(&acks).is_err() {
+                            break;
+                        }
+                        acks.clear();
+                    }
+                }
+                disconnect(&mut rx);
+            })
+            .unwrap()
+    };
+
+    let mut tx = connect(port, &format!("bench-tx-{}", crate::free_port())).unwrap();
+    let in_flight = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+    let acker = {
+        let (mut acks, in_flight) = (tx.try_clone().unwrap(), in_flight.clone());
+        std::thread::Builder::new()
+            .name("load-ack".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 1 << 14];
+                let mut filled = 0;
+                while let Ok(k) = acks.read(&mut buf[filled..]) {
+                    if k == 0 {
+                        break;
+                    }
+                    filled += k;
+                    let (packets, used) = packets(&buf[..filled]);
+                    let acked = packets.iter().filter(|p| p.kind == PUBACK).count();
+                    buf.copy_within(used..filled, 0);
+                    filled -= used;
+                    let (count, freed) = &*in_flight;
+                    *count.lock().unwrap() -= acked;
+                    freed.notify_one();
+                }
+            })
+            .unwrap()
+    };
+    let mut sent = vec![None; n + 1];
+    let mut batch = Vec::new();
+    let start = Instant::now();
+    let due = |id: usize| start + Duration::from_secs_f64((id - 1) as f64 / rate as f64);
+    let mut id = 1;
+    while id <= n {
+        let room = {
+            let (count, freed) = &*in_flight;
+            let mut c = count.lock().unwrap();
+            while *c >= WINDOW {
+                c = freed.wait(c).unwrap();
+            }
+            WINDOW - *c
+        };
+        if rate > 0 {
+            std::thread::sleep(due(id).saturating_duration_since(Instant::now()));
+        }
+        let now = Instant::now();
+        batch.clear();
+        let first = id;
+        while id <= n && id - first < room && (rate == 0 || due(id) <= now) {
+            let payload = format!(r#"{{"metric":"temperature","value":{id},"unit":"C"}}"#);
+            let pkid = ((id - 1) % usize::from(u16::MAX) + 1) as u16;
+            encode_publish(
+                &mut batch,
+                &format!("{prefix}/d{}/telemetry", id % 16),
+                pkid,
+                payload.as_bytes(),
+            );
+            sent[id] = Some(now);
+            id += 1;
+        }
+        *in_flight.0.lock().unwrap() += id - first;
+        tx.write_all(&batch).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while got.lock().unwrap().iter().skip(1).any(Option::is_none) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    disconnect(&mut tx);
+    let _ = acker.join();
+    let _ = receiver.join();
+    let g = got.lock().unwrap().clone();
+    (sent, g)
 }
