@@ -151,10 +151,8 @@ pub fn start(config: &BrokerConfig, gateway: &MqttSettings) -> Result<Embedded, 
             login
         }
     };
-    let reserved = [
-        gateway.client_id.clone(),
-        format!("{}-out", gateway.client_id),
-    ];
+    let id = gateway.effective_client_id();
+    let reserved = [format!("{id}-out"), id];
     let auth = Auth {
         accounts: accounts
             .into_iter()

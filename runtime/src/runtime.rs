@@ -127,7 +127,8 @@ impl RuntimeBuilder {
             Reloader::new(host, &config.plugins.dir, &config.rules.dir, llm.clone())
                 .with_extra_rule_dirs(&config.rules.extra_dirs)
                 .with_audit(audit)
-                .with_limits(config.rules.limits),
+                .with_limits(config.rules.limits)
+                .with_share_group(config.mqtt.share_group.clone()),
         );
         let (pipelines, problems) = reloader.load_all().await;
         Ok(Loaded {
@@ -163,7 +164,7 @@ impl Loaded {
     /// The topic filters of the loaded rules, each once: what an MQTT intake
     /// subscribes to before [`Loaded::serve`].
     pub fn topic_filters(&self) -> Vec<String> {
-        crate::gateway::topic_filters(&self.pipelines)
+        crate::gateway::topic_filters(&self.pipelines, self.config.mqtt.share_group.as_deref())
     }
 
     /// Starts the rules, publishing their outputs and dead letters through
@@ -176,6 +177,7 @@ impl Loaded {
             GatewayConfig {
                 lanes: self.config.rules.lanes,
                 lane_capacity: self.config.rules.lane_capacity,
+                share_group: self.config.mqtt.share_group.clone(),
             },
         ));
         let watch = self

@@ -49,6 +49,10 @@ pub enum TransportError {
         /// The cap.
         max: usize,
     },
+    /// `[mqtt]` asks for something the connection cannot do (a share group
+    /// over MQTT 3.1.1, a share group name that is not one topic level).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl TransportError {

@@ -224,6 +224,7 @@ async fn gateway_acks_each_message_once_after_all_its_rules() {
         GatewayConfig {
             lanes: 2,
             lane_capacity: 1,
+            ..GatewayConfig::default()
         },
     );
     for i in 0..20 {

@@ -74,6 +74,14 @@ enum Command {
         /// MQTT version to speak to the broker: 3.1.1 or 5.
         #[arg(long, value_parser = ["3.1.1", "5"])]
         mqtt_version: Option<String>,
+        /// Share the rules' messages with the other gateways of this group
+        /// (`[mqtt] share_group`; MQTT 5 shared subscriptions).
+        #[arg(long, env = "GANGLION_SHARE_GROUP")]
+        share_group: Option<String>,
+        /// This gateway's number on its host (`[mqtt] instance`), part of its
+        /// client id under a share group; keep it across restarts.
+        #[arg(long, env = "GANGLION_INSTANCE")]
+        instance: Option<u32>,
         /// Also run simulated sensors against the broker.
         #[arg(long)]
         simulate: bool,
@@ -355,12 +363,20 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
             password,
             ca_file,
             mqtt_version,
+            share_group,
+            instance,
             simulate,
             rate,
             duration,
             quiet,
         } => {
             let mut config = config;
+            if share_group.is_some() {
+                config.mqtt.share_group = share_group;
+            }
+            if let Some(n) = instance {
+                config.mqtt.instance = n;
+            }
             match mqtt_version.as_deref() {
                 Some("5") => config.mqtt.protocol = mqtt::Protocol::V5,
                 Some(_) => config.mqtt.protocol = mqtt::Protocol::V311,

@@ -71,6 +71,12 @@ pub(crate) async fn run(
     if config.admin.enabled {
         config.admin.check().map_err(anyhow::Error::msg)?;
     }
+    config.mqtt.check().map_err(anyhow::Error::msg)?;
+    if config.mqtt.share_group.is_some() && config.mqtt.broker.is_none() {
+        bail!(
+            "[mqtt] share_group shares messages among gateways on one broker: set [mqtt] broker (or --broker); each gateway's embedded broker is its own"
+        );
+    }
     let loaded = Runtime::builder(config.clone()).load().await?;
     for p in &loaded.problems {
         tracing::error!("{p}");

@@ -27,7 +27,7 @@ mod mqtt;
 mod paths;
 
 pub use admin::AdminConfig;
-pub use mqtt::{Login, MqttSettings, PasswordError, Protocol};
+pub use mqtt::{Login, MqttSettings, PasswordError, Protocol, host_name};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;

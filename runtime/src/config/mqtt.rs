@@ -34,6 +34,8 @@ pub enum Protocol {
 /// protocol = "3.1.1"                 # or "5"
 /// max_packet_bytes = 16777216        # larger outputs are dead-lettered, never queued
 /// intake_buffer = 10000              # deliveries waiting for the rules; QoS 0 beyond it is dropped and counted
+/// share_group = "ganglion"           # optional, MQTT 5: N gateways share the rules' messages (docs/scale-out.md)
+/// instance = 1                       # with share_group: this gateway's number on its host (GANGLION_INSTANCE)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -91,6 +93,17 @@ pub struct MqttSettings {
     /// bounds them. QoS 0 ones past this many are dropped and counted
     /// (`MqttHandle::dropped_qos0`), as QoS 0 allows. Default 10 000.
     pub intake_buffer: usize,
+    /// With a group name, every rule's filters (but those of rules with
+    /// `shared = false`) are subscribed as `$share/<group>/<filter>`: the
+    /// broker hands each message to one of the gateways of the group, so
+    /// that N gateways share the load. MQTT 5 only (refused with 3.1.1);
+    /// letters, digits, `-` and `_`, at most 64 bytes. Default none.
+    pub share_group: Option<String>,
+    /// This gateway's number among those on one host, for its client id
+    /// (see [`MqttSettings::effective_client_id`]); it must stay the same
+    /// across restarts, so that a restarted gateway takes its session (and
+    /// the messages the broker kept for it) back. Default 1.
+    pub instance: u32,
 }
 
 impl Default for MqttSettings {
@@ -111,14 +124,61 @@ impl Default for MqttSettings {
             protocol: Protocol::V311,
             max_packet_bytes: 16 << 20,
             intake_buffer: 10_000,
+            share_group: None,
+            instance: 1,
         }
     }
 }
 
 impl MqttSettings {
-    /// The status topic with `{client_id}` filled in.
+    /// The status topic with `{client_id}` filled in (the effective one).
     pub fn status_topic(&self) -> String {
-        self.status_topic.replace("{client_id}", &self.client_id)
+        self.status_topic
+            .replace("{client_id}", &self.effective_client_id())
+    }
+
+    /// The client id the broker sees. `{host}` and `{instance}` in
+    /// `client_id` are replaced by the host's name and `instance`; with a
+    /// `share_group` and neither placeholder, `-<host>-<instance>` is
+    /// appended, so that gateways sharing one configuration file never take
+    /// each other's session, while a restarted one takes its own back.
+    pub fn effective_client_id(&self) -> String {
+        let templated = self.client_id.contains("{host}") || self.client_id.contains("{instance}");
+        let id = if self.share_group.is_some() && !templated {
+            format!("{}-{{host}}-{{instance}}", self.client_id)
+        } else {
+            self.client_id.clone()
+        };
+        if !id.contains('{') {
+            return id;
+        }
+        id.replace("{host}", &host_name())
+            .replace("{instance}", &self.instance.to_string())
+    }
+
+    /// Checks what a connection cannot check for itself: the share group's
+    /// name, and that shared subscriptions are asked for over MQTT 5.
+    pub fn check(&self) -> Result<(), String> {
+        let Some(group) = &self.share_group else {
+            return Ok(());
+        };
+        if group.is_empty()
+            || group.len() > 64
+            || !group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "[mqtt] share_group `{}`: use 1 to 64 letters, digits, `-` and `_`",
+                group.escape_debug()
+            ));
+        }
+        if self.protocol != Protocol::V5 {
+            return Err(format!(
+                "[mqtt] share_group `{group}` needs protocol = \"5\": shared subscriptions are MQTT 5 (`--mqtt-version 5`)"
+            ));
+        }
+        Ok(())
     }
 
     /// The password from whichever of `password`, `password_file` and
@@ -162,6 +222,29 @@ impl MqttSettings {
     }
 }
 
+/// The host's name as a client id may carry it: letters, digits, `-`, `_`
+/// and `.`, others replaced by `-`, at most 64 bytes; `host` when unknown.
+pub fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if name.is_empty() { "host".into() } else { name }
+}
+
 /// Why [`MqttSettings::password`] found no password. The messages name
 /// where the password was to come from, never the password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -202,5 +285,56 @@ impl std::fmt::Debug for Login {
             .field("username", &self.username)
             .field("password", &"…")
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> MqttSettings {
+        toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn gateways_sharing_a_file_get_distinct_client_ids_that_survive_a_restart() {
+        let plain = settings("client_id = \"gw\"");
+        assert_eq!(plain.effective_client_id(), "gw");
+        let one =
+            settings("client_id = \"gw\"\nshare_group = \"g\"\nprotocol = \"5\"\ninstance = 1");
+        let two = MqttSettings {
+            instance: 2,
+            ..one.clone()
+        };
+        let host = host_name();
+        assert_eq!(one.effective_client_id(), format!("gw-{host}-1"));
+        assert_eq!(two.effective_client_id(), format!("gw-{host}-2"));
+        assert_eq!(one.effective_client_id(), one.clone().effective_client_id());
+        assert_eq!(one.status_topic(), format!("ganglion/status/gw-{host}-1"));
+        let templated =
+            settings("client_id = \"edge-{instance}\"\nshare_group = \"g\"\ninstance = 7");
+        assert_eq!(templated.effective_client_id(), "edge-7");
+        assert!(!host.is_empty() && !host.contains(['/', '+', '#', '$', ' ']));
+    }
+
+    #[test]
+    fn shared_subscriptions_need_mqtt_5_and_a_plain_group_name() {
+        let v311 = settings("share_group = \"g\"");
+        let err = v311.check().unwrap_err();
+        assert!(err.contains("protocol = \"5\""), "{err}");
+        assert!(
+            settings("share_group = \"g\"\nprotocol = \"5\"")
+                .check()
+                .is_ok()
+        );
+        for bad in ["", "a/b", "#", "+", "g\u{0}", "$share"] {
+            let s = MqttSettings {
+                share_group: Some(bad.into()),
+                protocol: Protocol::V5,
+                ..MqttSettings::default()
+            };
+            assert!(s.check().is_err(), "{bad:?} accepted");
+        }
+        assert!(settings("").check().is_ok());
     }
 }

@@ -127,12 +127,15 @@ struct RuleRuntime {
 
 /// How many lanes each rule gets and how much each queues; `ganglion.toml`
 /// sets them in `[rules]`. A value of 0 counts as 1.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// Workers per rule. Default 4.
     pub lanes: usize,
     /// Messages queued per lane before dispatch waits. Default 64.
     pub lane_capacity: usize,
+    /// `[mqtt] share_group`: the rules' filters are subscribed as
+    /// `$share/<group>/<filter>` (see [`crate::rules::Rule::subscriptions`]).
+    pub share_group: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -140,6 +143,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             lanes: 4,
             lane_capacity: 64,
+            share_group: None,
         }
     }
 }
@@ -488,14 +492,10 @@ impl Gateway {
     }
 
     fn filters(&self) -> Vec<String> {
-        let pipelines = self.pipelines();
-        let mut f: Vec<String> = pipelines
-            .iter()
-            .flat_map(|p| p.rule.topics.clone())
-            .collect();
-        f.sort();
-        f.dedup();
-        f
+        subscriptions(
+            self.pipelines().iter().map(|p| p.rule.as_ref()),
+            self.config.share_group.as_deref(),
+        )
     }
 
     async fn update_subscriptions(&self, before: &[String]) {
@@ -620,14 +620,20 @@ pub async fn serve(
     drop(deliveries);
 }
 
-/// The topic filters of every rule, each once, for subscribing (the MQTT
+/// The filters to subscribe to for every rule, each once (the MQTT
 /// connection is made before the gateway starts, since the gateway
-/// publishes through it).
-pub fn topic_filters(pipelines: &[RulePipeline]) -> Vec<String> {
-    let mut f: Vec<String> = pipelines
-        .iter()
-        .flat_map(|p| p.rule.topics.clone())
-        .collect();
+/// publishes through it). Under a share group, `$share/<group>/...`
+/// ([`crate::rules::Rule::subscriptions`]); routing still matches the topics messages
+/// arrive on against the rules' own filters.
+pub fn topic_filters(pipelines: &[RulePipeline], share_group: Option<&str>) -> Vec<String> {
+    subscriptions(pipelines.iter().map(|p| p.rule.as_ref()), share_group)
+}
+
+fn subscriptions<'a>(
+    rules: impl Iterator<Item = &'a crate::rules::Rule>,
+    share_group: Option<&str>,
+) -> Vec<String> {
+    let mut f: Vec<String> = rules.flat_map(|r| r.subscriptions(share_group)).collect();
     f.sort();
     f.dedup();
     f

@@ -447,8 +447,12 @@ impl GatewayLink {
         deliveries: mpsc::Sender<Delivery>,
     ) -> Result<GatewayLink, TransportError> {
         let (intake, intake_task) = connect(settings, broker, filters, deliveries)?;
+        settings.check().map_err(TransportError::Config)?;
+        // The output connection subscribes to nothing: no share group, and
+        // the intake's effective id with `-out`.
         let out_settings = MqttSettings {
-            client_id: format!("{}-out", settings.client_id),
+            client_id: format!("{}-out", settings.effective_client_id()),
+            share_group: None,
             ..settings.clone()
         };
         let (tx, rx) = mpsc::channel(1);

@@ -200,7 +200,7 @@ const REQUEST_BATCH: usize = 64;
 /// The gateway's own 3.1.1 connection: a persistent session, manual
 /// acknowledgements and the status topic's last will.
 pub(super) fn options_v4(s: &MqttSettings, e: Endpoint) -> rumqttc::MqttOptions {
-    let mut o = plain_v4(s, &s.client_id, e);
+    let mut o = plain_v4(s, &s.effective_client_id(), e);
     o.set_max_request_batch(REQUEST_BATCH)
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -215,7 +215,7 @@ pub(super) fn options_v4(s: &MqttSettings, e: Endpoint) -> rumqttc::MqttOptions 
 
 pub(super) fn options_v5(s: &MqttSettings, e: Endpoint) -> rumqttc::v5::MqttOptions {
     use rumqttc::v5::mqttbytes::{QoS as Q5, v5::LastWill};
-    let mut o = rumqttc::v5::MqttOptions::new(s.client_id.clone(), e.host, e.port);
+    let mut o = rumqttc::v5::MqttOptions::new(s.effective_client_id(), e.host, e.port);
     o.set_max_request_batch(REQUEST_BATCH)
         .set_clean_start(false)
         // MQTT 5 ends a session when the connection closes unless it has an expiry.

@@ -257,6 +257,10 @@ impl RulePipeline {
 /// Why a rule could not be bound to its plugins.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
+    /// The rule has a window and shared filters under `[mqtt] share_group`
+    /// ([`crate::rules::Rule::check_sharing`]).
+    #[error("{0}")]
+    Sharing(String),
     /// The rule's grants for a plugin are invalid: a granted host directory
     /// is not a directory, or a guest path is not absolute.
     #[error("rule `{rule}`: plugin `{plugin}`: {reason}")]

@@ -148,6 +148,8 @@ pub struct Reloader {
     events: broadcast::Sender<ReloadEvent>,
     audit: Option<crate::audit::AuditLog>,
     limits: crate::config::PipelineLimits,
+    /// `[mqtt] share_group`: windowed rules must then opt out of sharing.
+    share_group: Option<String>,
 }
 
 impl Reloader {
@@ -169,6 +171,7 @@ impl Reloader {
             events,
             audit: None,
             limits: crate::config::PipelineLimits::default(),
+            share_group: None,
         }
     }
 
@@ -188,6 +191,13 @@ impl Reloader {
     /// Binds every rule under `limits` (`[rules.limits]`).
     pub fn with_limits(mut self, limits: crate::config::PipelineLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Refuses rules that a share group would split
+    /// ([`Rule::check_sharing`]).
+    pub fn with_share_group(mut self, group: Option<String>) -> Self {
+        self.share_group = group;
         self
     }
 
@@ -213,6 +223,8 @@ impl Reloader {
     /// Binds a rule to the plugins registered now (for rules installed
     /// programmatically rather than from the rules folder).
     pub async fn bind(&self, rule: Rule) -> Result<RulePipeline, crate::pipeline::BindError> {
+        rule.check_sharing(self.share_group.as_deref())
+            .map_err(crate::pipeline::BindError::Sharing)?;
         let t = self.tracked.lock().await;
         RulePipeline::new(&self.host, rule, &t.plugins, self.llm.clone())
             .map(|p| p.with_audit(self.audit.clone()).with_limits(self.limits))
@@ -281,6 +293,8 @@ impl Reloader {
         let rule =
             Rule::parse(text, &stem(path), Some(path)).map_err(|e| (e.to_string(), Vec::new()))?;
         let plugins: Vec<String> = rule.plugins().into_iter().map(str::to_owned).collect();
+        rule.check_sharing(self.share_group.as_deref())
+            .map_err(|e| (format!("{}: {e}", path.display()), plugins.clone()))?;
         if let Some((other, _)) = t
             .rules
             .iter()

@@ -184,6 +184,12 @@ struct RuleFile {
     handler: Option<PluginRef>,
     #[serde(default)]
     allow: AllowList,
+    #[serde(default = "default_shared")]
+    shared: bool,
+}
+
+fn default_shared() -> bool {
+    true
 }
 
 fn default_max_payload() -> usize {
@@ -243,6 +249,13 @@ pub struct Rule {
     pub stages: Stages,
     /// What the rule may emit.
     pub allow: AllowList,
+    /// Whether, under `[mqtt] share_group`, the rule's filters are shared
+    /// with the other gateways of the group (each message reaches one of
+    /// them). `shared = false` subscribes them plainly: every gateway that
+    /// runs the rule gets every message, so such a rule belongs to one
+    /// gateway of the group (or to device-disjoint filters per gateway).
+    /// Default true.
+    pub shared: bool,
 }
 
 impl Rule {
@@ -287,6 +300,11 @@ impl Rule {
         }
         for t in &file.topics {
             validate_filter(t).map_err(|m| invalid(format!("topic filter `{t}`: {m}")))?;
+            if t.starts_with("$share/") {
+                return Err(invalid(format!(
+                    "topic filter `{t}`: write the filter without `$share/<group>/` and set `[mqtt] share_group` in ganglion.toml (rules match the topics messages arrive on)"
+                )));
+            }
         }
         let qos = match file.qos {
             0 => Qos::AtMostOnce,
@@ -386,7 +404,42 @@ impl Rule {
             dead_letter_topic,
             stages,
             allow: file.allow,
+            shared: file.shared,
         })
+    }
+
+    /// The rule's per-device window, if it has one.
+    pub fn window(&self) -> Option<&WindowSpec> {
+        match &self.stages {
+            Stages::Chain { window, .. } => window.as_ref(),
+            Stages::Handler(_) => None,
+        }
+    }
+
+    /// The filters to subscribe to: under a share group (and unless the
+    /// rule says `shared = false`), `$share/<group>/<filter>`.
+    pub fn subscriptions(&self, share_group: Option<&str>) -> Vec<String> {
+        match share_group {
+            Some(g) if self.shared => self
+                .topics
+                .iter()
+                .map(|t| format!("$share/{g}/{t}"))
+                .collect(),
+            _ => self.topics.clone(),
+        }
+    }
+
+    /// Refuses a windowed rule whose filters a share group spreads over
+    /// several gateways: each would see some of a device's readings, and its
+    /// windows (and what the model says about them) would be silently wrong.
+    pub fn check_sharing(&self, share_group: Option<&str>) -> Result<(), String> {
+        match (share_group, self.window()) {
+            (Some(g), Some(_)) if self.shared => Err(format!(
+                "rule `{}` has a [window], and `[mqtt] share_group = \"{g}\"` would spread each device's messages over the gateways of the group, splitting its windows: set `shared = false` in the rule and run it on one gateway of the group (or give each gateway filters for its own devices)",
+                self.name
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Plugin names the rule uses, in pipeline order.
