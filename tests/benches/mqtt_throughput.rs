@@ -34,9 +34,7 @@
 use ganglion::llm::NoModel;
 use ganglion_tests::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const RULE: &str = r#"

@@ -154,28 +154,6 @@ pub fn disconnect(s: &mut TcpStream) {
     let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packets_split_at_whole_packets_and_publishes_decode() {
-        let mut buf = Vec::new();
-        encode_publish(&mut buf, "a/b", 7, &[b'x'; 200]);
-        encode_puback(&mut buf, 9);
-        let whole = buf.len();
-        encode_publish(&mut buf, "c", 8, b"cut");
-        let (ps, used) = packets(&buf[..buf.len() - 1]);
-        assert_eq!(used, whole);
-        assert_eq!(ps.len(), 2);
-        assert_eq!(ps[0].publish(), Some((7, &[b'x'; 200][..])));
-        assert_eq!((ps[1].kind, ps[1].body), (PUBACK, &[0, 9][..]));
-        let (ps, used) = packets(&buf);
-        assert_eq!((ps.len(), used), (3, buf.len()));
-        assert_eq!(ps[2].publish(), Some((8, &b"cut"[..])));
-    }
-}
-
 /// Nanoseconds on CPU of the threads of `pid` that `pick` (given the thread
 /// id and name) selects, from the first field of each thread's schedstat.
 pub fn cpu_ns(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {
@@ -343,4 +321,26 @@ pub fn drive(
     let _ = receiver.join();
     let g = got.lock().unwrap().clone();
     (sent, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_split_at_whole_packets_and_publishes_decode() {
+        let mut buf = Vec::new();
+        encode_publish(&mut buf, "a/b", 7, &[b'x'; 200]);
+        encode_puback(&mut buf, 9);
+        let whole = buf.len();
+        encode_publish(&mut buf, "c", 8, b"cut");
+        let (ps, used) = packets(&buf[..buf.len() - 1]);
+        assert_eq!(used, whole);
+        assert_eq!(ps.len(), 2);
+        assert_eq!(ps[0].publish(), Some((7, &[b'x'; 200][..])));
+        assert_eq!((ps[1].kind, ps[1].body), (PUBACK, &[0, 9][..]));
+        let (ps, used) = packets(&buf);
+        assert_eq!((ps.len(), used), (3, buf.len()));
+        assert_eq!(ps[2].publish(), Some((8, &b"cut"[..])));
+    }
 }
