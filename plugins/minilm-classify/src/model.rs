@@ -138,16 +138,26 @@ pub fn read_safetensors(mut file: impl Read, size: u64) -> Result<HashMap<String
     for (name, e) in entries {
         let [start, end] = e.data_offsets;
         let count: usize = e.shape.iter().product();
-        if e.dtype != "F32" {
-            return Err(format!("{name} is {}, only F32 is read", e.dtype));
-        }
-        if start < at || end > data_len || end - start != count as u64 * 4 {
+        let f32_size = if e.dtype == "F32" {
+            count as u64 * 4
+        } else {
+            end.wrapping_sub(start)
+        };
+        if start < at || end < start || end > data_len || end - start != f32_size {
             return Err(format!("{name}: data offsets {start}..{end} do not fit"));
         }
         // Gaps between tensors (none in files the safetensors library
         // writes) are skipped.
-        std::io::copy(&mut (&mut file).take(start - at), &mut std::io::sink())
-            .map_err(|e| e.to_string())?;
+        skip(&mut file, start - at)?;
+        if e.dtype != "F32" {
+            // Buffers, not weights: all-MiniLM-L6-v2's one is
+            // `embeddings.position_ids` (I64), which candle's BERT
+            // computes itself. A weight left out here is reported by
+            // `BertModel::load` by name.
+            skip(&mut file, end - start)?;
+            at = end;
+            continue;
+        }
         let mut values = Vec::with_capacity(count);
         let mut left = (end - start) as usize;
         while left > 0 {
@@ -166,6 +176,16 @@ pub fn read_safetensors(mut file: impl Read, size: u64) -> Result<HashMap<String
         at = end;
     }
     Ok(tensors)
+}
+
+/// Reads and drops `n` bytes.
+fn skip(file: &mut impl Read, n: u64) -> Result<(), String> {
+    let skipped =
+        std::io::copy(&mut file.take(n), &mut std::io::sink()).map_err(|e| e.to_string())?;
+    if skipped != n {
+        return Err("the file ends inside the data".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -203,6 +223,19 @@ mod tests {
             vec![vec![1.0, 2.0], vec![3.0, 4.0]]
         );
         assert_eq!(t["b"].to_vec1::<f32>().unwrap(), vec![-1.5, 0.0, 9.0]);
+    }
+
+    #[test]
+    fn skips_buffers_that_are_not_f32() {
+        // `position_ids` (I64, 2 values) before a weight, as in the model.
+        let header = r#"{"position_ids":{"dtype":"I64","shape":[1,2],"data_offsets":[0,16]},"w":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend([0u8; 16]);
+        bytes.extend([1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()));
+        let t = read_safetensors(&bytes[..], bytes.len() as u64).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t["w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
     }
 
     #[test]
