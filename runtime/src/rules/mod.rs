@@ -112,9 +112,10 @@ pub struct PluginRef {
     pub grants: crate::config::Grants,
     /// Limits for this plugin in this rule, over `[plugins.limits]` and
     /// within its bounds (a model-carrying plugin needs more memory and a
-    /// longer first call). Default none.
+    /// longer first call). Default none. Boxed: most rules set none, and
+    /// every rule holds several references.
     #[serde(default)]
-    pub limits: crate::config::PluginLimits,
+    pub limits: Box<crate::config::PluginLimits>,
     /// Clear the plugin's `state` in this rule when a new version of the
     /// plugin is loaded. By default state survives reloads: it is keyed by
     /// plugin name and rule, not by version.
