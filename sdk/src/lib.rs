@@ -20,6 +20,7 @@
 //! - [`telemetry`]: JSON telemetry payloads to readings.
 //! - [`units`]: unit names and conversions.
 //! - [`config`], [`log`], [`state`], [`llm`]: the host interfaces, wrapped.
+//! - [`weights`]: model weights from a directory the rule grants.
 
 #![warn(missing_docs)]
 
@@ -35,6 +36,7 @@ pub mod state;
 pub mod telemetry;
 pub mod threshold;
 pub mod units;
+pub mod weights;
 
 /// The version of the `ganglion:plugin` package the bindings are generated
 /// from, `wit/ganglion-plugin@<version>/`.

@@ -3,6 +3,7 @@
 
 mod admin;
 mod audit;
+mod byo_model;
 mod connect;
 mod demo;
 mod embedding;

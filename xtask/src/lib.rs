@@ -25,6 +25,24 @@ pub fn fixtures_dir() -> PathBuf {
     root().join("target/fixtures")
 }
 
+/// Where built example plugins that carry a model are placed: apart from
+/// [`plugins_dir`], because Cranelift takes seconds to compile one (candle
+/// and a tokenizer inside) and every test that loads the plugins folder
+/// would pay that.
+pub fn model_plugins_dir() -> PathBuf {
+    root().join("target/model-plugins")
+}
+
+/// Example plugins that carry their own model (docs/plugins.md, "Bring
+/// your own model"), by crate directory under `plugins/`.
+pub const MODEL_EXAMPLES: [&str; 1] = ["minilm-classify"];
+
+/// Flags every plugin is compiled with: SIMD128 (wasmtime supports it by
+/// default) for candle's and gemm's vector kernels in the model plugins;
+/// the others gain from auto-vectorisation at no cost. Passed through
+/// `CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS`, so host builds are untouched.
+pub const WASM_RUSTFLAGS: &str = "-C target-feature=+simd128";
+
 /// Example plugins, by crate directory under `plugins/`.
 pub const EXAMPLES: [&str; 6] = [
     "clean-readings",
@@ -156,6 +174,7 @@ pub fn build_plugins() -> Result<()> {
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS", WASM_RUSTFLAGS)
         .status()
         .context("running cargo for the plugins")?;
     if !status.success() {
@@ -165,6 +184,7 @@ pub fn build_plugins() -> Result<()> {
     for (names, dest) in [
         (&EXAMPLES[..], plugins_dir()),
         (&FIXTURES[..], fixtures_dir()),
+        (&MODEL_EXAMPLES[..], model_plugins_dir()),
     ] {
         std::fs::create_dir_all(&dest)?;
         for name in names {

@@ -15,6 +15,8 @@
 //!   with the decode bound; prefix-reuse time to first token; batched decode.
 //! - `bench-mqtt`: plugins, mosquitto and Node-RED, then the end-to-end MQTT benchmark.
 //! - `bench-reload`: plugins and the Python fixture, then the hot-reload latency benchmark.
+//! - `bench-byo-model`: plugins and the embedding model, then the model-carrying plugin
+//!   (`minilm-classify`) against the host's `embed`.
 //! - `fuzz [seconds-per-target] [target...]`: each cargo-fuzz target in tests/fuzz for the
 //!   given time (default 60 s), then per target the runs executed and crashes found. Needs
 //!   the nightly toolchain and cargo-fuzz; not part of CI.
@@ -790,6 +792,14 @@ fn main() -> Result<()> {
                 rest,
             )
         }
+        "bench-byo-model" => {
+            xtask::build_plugins()?;
+            xtask::fetch_embedding_model()?;
+            cargo(
+                &["bench", "-p", "ganglion-tests", "--bench", "byo_model"],
+                rest,
+            )
+        }
         "bench-reload" => {
             xtask::build_plugins()?;
             xtask::build_python_fixture()?;
@@ -817,7 +827,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo run -p xtask -- plugins | model | test | lint | layers | demo | bench-mqtt | bench-llm | bench-reload | bench-polyglot | fuzz [seconds-per-target] [target...]"
+                "usage: cargo run -p xtask -- plugins | model | test | lint | layers | demo | bench-mqtt | bench-llm | bench-reload | bench-polyglot | bench-byo-model | fuzz [seconds-per-target] [target...]"
             );
             if task == "help" {
                 Ok(())

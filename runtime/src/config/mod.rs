@@ -20,100 +20,25 @@
 //! max_llm_time_per_call_ms = 60000 # wall time in llm calls per stage call
 //! max_texts_per_request = 64   # texts (embed) or labels (classify) per request
 //! max_text_bytes_per_request = 65536 # bytes of all texts and labels of one request
+//! load_timeout_ms = 0          # instantiation and an instance's first call; 0 = call_timeout_ms
+//! max_plugin_memory_mib = 64   # the most a rule's `limits.max_memory_mib` may ask for
+//! max_plugin_timeout_ms = 60000 # the most a rule's call or load timeout may ask for
 //! ```
+//!
+//! A rule may set its own limits for one plugin, within those bounds
+//! ([`PluginLimits`]): `limits = { max_memory_mib = 160, load_timeout_ms = 20000 }`.
 
 mod admin;
+mod limits;
 mod mqtt;
 mod paths;
 
 pub use admin::AdminConfig;
+pub use limits::{Limits, PluginLimits};
 pub use mqtt::{Login, MqttSettings, PasswordError, Protocol, host_name};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Resource limits applied to every plugin instance (`[plugins.limits]`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Guest time per stage call, in milliseconds; time spent waiting on the
-    /// host (e.g. `llm` calls) is not counted. Default 100.
-    pub call_timeout_ms: u64,
-    /// Cap on an instance's linear memories and tables together, in MiB
-    /// (a component may define up to 16 memories; each counts against the
-    /// same cap). Default 64.
-    pub max_memory_mib: u64,
-    /// Size of the data one call may return, in bytes. Default 1 MiB.
-    pub max_output_bytes: usize,
-    /// Fuel (roughly, Wasm instructions) per call; 0 disables metering. Default 0.
-    pub fuel: u64,
-    /// Concurrent instances per plugin and rule; further calls wait. Default 8.
-    pub max_instances: u32,
-    /// Log lines a call may emit; later lines are dropped and counted. Default 100.
-    pub max_log_lines_per_call: u32,
-    /// Bytes of one log line after control characters are escaped; the rest
-    /// is cut and replaced by a marker giving its length. Default 4096.
-    pub max_log_line_bytes: usize,
-    /// How long a plugin may wait on one `llm` call, in milliseconds; a
-    /// shorter `deadline-ms` in the request wins. Default 30 000.
-    pub llm_timeout_ms: u64,
-    /// `generate`, `classify` and `embed` calls one stage call may make;
-    /// further ones get `invalid-input` without reaching the model, so a
-    /// plugin looping on the model cannot hold its lane and the engine.
-    /// Default 16.
-    pub max_llm_calls_per_call: u32,
-    /// Wall time one stage call may spend waiting on `llm` calls (all four,
-    /// `count-tokens` included), in milliseconds; a call that would run past
-    /// it gets `deadline-exceeded`. Default 60 000.
-    pub max_llm_time_per_call_ms: u64,
-    /// Texts (`embed`) or labels (`classify`) one request may carry; more
-    /// are refused with `invalid-input`. Default 64.
-    pub max_texts_per_request: usize,
-    /// Bytes of all texts and labels of one `classify` or `embed` request
-    /// together; more are refused with `invalid-input`. Default 65 536.
-    pub max_text_bytes_per_request: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            call_timeout_ms: 100,
-            max_memory_mib: 64,
-            max_output_bytes: 1 << 20,
-            fuel: 0,
-            max_instances: 8,
-            max_log_lines_per_call: 100,
-            max_log_line_bytes: 4096,
-            llm_timeout_ms: 30_000,
-            max_llm_calls_per_call: 16,
-            max_llm_time_per_call_ms: 60_000,
-            max_texts_per_request: 64,
-            max_text_bytes_per_request: 65_536,
-        }
-    }
-}
-
-impl Limits {
-    /// [`Self::call_timeout_ms`] as a [`Duration`].
-    pub fn call_timeout(&self) -> Duration {
-        Duration::from_millis(self.call_timeout_ms)
-    }
-
-    /// [`Self::max_memory_mib`] in bytes (saturating).
-    pub fn max_memory_bytes(&self) -> usize {
-        (self.max_memory_mib as usize).saturating_mul(1 << 20)
-    }
-
-    /// [`Self::llm_timeout_ms`] as a [`Duration`].
-    pub fn llm_timeout(&self) -> Duration {
-        Duration::from_millis(self.llm_timeout_ms)
-    }
-
-    /// [`Self::max_llm_time_per_call_ms`] as a [`Duration`].
-    pub fn max_llm_time_per_call(&self) -> Duration {
-        Duration::from_millis(self.max_llm_time_per_call_ms)
-    }
-}
 
 /// The plugin host (`[plugins]`): where components are, the compile cache, limits.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

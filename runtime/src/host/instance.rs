@@ -82,6 +82,10 @@ pub struct Instance {
     handler: Option<handler::Guest>,
     fuel: u64,
     poisoned: bool,
+    /// Instantiation and calls begun so far: the first two (instantiation
+    /// and the first call, where a plugin loads what it keeps) run under
+    /// `load_timeout_ms`, later ones under `call_timeout_ms`.
+    begun: u32,
 }
 
 impl Instance {
@@ -124,6 +128,7 @@ impl Instance {
             handler: None,
             fuel,
             poisoned: false,
+            begun: 0,
         };
         instance.begin();
         let inst = match exports.pre.instantiate_async(&mut instance.store).await {
@@ -202,7 +207,14 @@ impl Instance {
         data.clock.llm_calls = 0;
         data.clock.llm_time = Duration::ZERO;
         data.limiter.denied = None;
-        let budget = data.clock.budget;
+        let limits = &data.binding.limits;
+        let budget = if self.begun < 2 {
+            limits.load_timeout()
+        } else {
+            limits.call_timeout()
+        };
+        self.begun = self.begun.saturating_add(1);
+        data.clock.budget = budget;
         self.store
             .set_epoch_deadline(ticks(budget).min(YIELD_TICKS));
         if self.fuel > 0 {

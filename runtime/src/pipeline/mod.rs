@@ -272,6 +272,17 @@ pub enum BindError {
         /// What is wrong with them.
         reason: String,
     },
+    /// The rule's limits for a plugin are over their bounds in
+    /// `[plugins.limits]` (or 0).
+    #[error("rule `{rule}`: plugin `{plugin}`: {reason}")]
+    Limits {
+        /// The rule's name.
+        rule: String,
+        /// The plugin the limits are for.
+        plugin: String,
+        /// Which limit, its value and its bound.
+        reason: String,
+    },
     /// The rule names a plugin that is not loaded.
     #[error("rule `{rule}`: plugin `{plugin}` is not loaded")]
     Missing {
@@ -324,8 +335,21 @@ impl RulePipeline {
                     has,
                 });
             }
+            host.limits()
+                .with(&r.limits)
+                .map_err(|reason| BindError::Limits {
+                    rule: rule.name.clone(),
+                    plugin: r.plugin.clone(),
+                    reason,
+                })?;
             let pool = host
-                .pool_with_grants(plugin, &rule.name, r.config_json(), r.grants.clone())
+                .pool_for_rule(
+                    plugin,
+                    &rule.name,
+                    r.config_json(),
+                    r.grants.clone(),
+                    &r.limits,
+                )
                 .map_err(|reason| BindError::Grant {
                     rule: rule.name.clone(),
                     plugin: r.plugin.clone(),

@@ -10,15 +10,17 @@
 //!   across calls, discards any that trapped, and bounds concurrency.
 
 mod cache;
+mod pool;
 
 pub use cache::{ArtifactCache, CompileSource, Evicted};
+pub use pool::{InstancePool, PoolStats};
 
-use crate::config::{Limits, PluginConfig};
+use crate::config::{Limits, PluginConfig, PluginLimits};
 pub use crate::host::CallError;
 use crate::host::{self, BindingCtx, Exports, HostState, Instance, TICK};
 use crate::llm::LlmEngine;
 use crate::state::StateStore;
-use crate::types::{Action, Completion, Context, Message, Prompt, ReadingBatch, Stage};
+use crate::types::Stage;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -219,7 +221,12 @@ fn engine_config(config: &PluginConfig) -> Config {
         .total_memories(total * 2)
         .total_tables(total * 8)
         .total_stacks(total)
-        .max_memory_size(limits.max_memory_bytes());
+        // Every memory may grow to the largest cap a rule may set; each
+        // instance's own cap (`MemoryLimiter`) stops it earlier. Address
+        // space per slot is reserved whatever this is, and pages are
+        // committed only as a guest grows, so a larger bound costs nothing
+        // until a plugin uses it.
+        .max_memory_size(limits.pool_memory_bytes());
     let mut cfg = Config::new();
     cfg.epoch_interruption(true)
         .consume_fuel(limits.fuel > 0)
@@ -430,6 +437,7 @@ impl PluginHost {
             "(load check)",
             serde_json::Map::new(),
             Default::default(),
+            self.inner.config.limits.clone(),
         );
         Instance::new(engine, &plugin.exports, probe)
             .await
@@ -444,6 +452,7 @@ impl PluginHost {
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
+        limits: Limits,
     ) -> Arc<BindingCtx> {
         Arc::new(BindingCtx {
             plugin: plugin.name.clone(),
@@ -452,7 +461,7 @@ impl PluginHost {
             config_json: serde_json::Value::Object(config.clone()).to_string(),
             config,
             state: self.inner.state.scope(&plugin.name, rule),
-            limits: self.inner.config.limits.clone(),
+            limits,
             grants,
             llm: self.inner.llm.clone(),
             suppressed_logs: AtomicU64::new(0),
@@ -467,7 +476,8 @@ impl PluginHost {
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
     ) -> InstancePool {
-        self.make_pool(plugin, rule, config, Default::default())
+        let limits = self.inner.config.limits.clone();
+        self.make_pool(plugin, rule, config, Default::default(), limits)
     }
 
     /// Like [`PluginHost::pool`], with the capabilities the rule grants the plugin.
@@ -478,9 +488,28 @@ impl PluginHost {
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
     ) -> Result<InstancePool, String> {
+        self.pool_for_rule(plugin, rule, config, grants, &PluginLimits::default())
+    }
+
+    /// Like [`PluginHost::pool_with_grants`], with the rule's limits for the
+    /// plugin applied over `[plugins.limits]`.
+    ///
+    /// # Errors
+    ///
+    /// A grant that is not a directory or not absolute, or a limit over its
+    /// bound in `[plugins.limits]`; the message names it.
+    pub fn pool_for_rule(
+        &self,
+        plugin: &Arc<Plugin>,
+        rule: &str,
+        config: serde_json::Map<String, serde_json::Value>,
+        grants: crate::config::Grants,
+        limits: &PluginLimits,
+    ) -> Result<InstancePool, String> {
+        let limits = self.inner.config.limits.with(limits)?;
         grants.validate()?;
         let grants = bind_grants(grants)?;
-        Ok(self.make_pool(plugin, rule, config, grants))
+        Ok(self.make_pool(plugin, rule, config, grants, limits))
     }
 
     fn make_pool(
@@ -489,8 +518,9 @@ impl PluginHost {
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
+        limits: Limits,
     ) -> InstancePool {
-        let binding = self.binding(plugin, rule, config, grants);
+        let binding = self.binding(plugin, rule, config, grants, limits);
         let max = binding.limits.max_instances.max(1) as usize;
         InstancePool {
             plugin: plugin.clone(),
@@ -538,174 +568,5 @@ fn invalid_reason(e: &wasmtime::Error) -> String {
         "it is a core WebAssembly module, not a component (build for wasm32-wasip2, or wrap it with `wasm-tools component new`)".into()
     } else {
         text
-    }
-}
-
-/// Serves one plugin in one rule. Calls run on pooled instances: at most
-/// `max_instances` at once (later calls wait), an instance that faulted is
-/// dropped and replaced by a fresh one on the next call.
-pub struct InstancePool {
-    plugin: Arc<Plugin>,
-    binding: Arc<BindingCtx>,
-    /// Keeps the engine and its epoch ticker alive while the pool is.
-    host: Arc<HostInner>,
-    idle: Mutex<Vec<Instance>>,
-    permits: Semaphore,
-    created: AtomicU64,
-    discarded: AtomicU64,
-    retired: AtomicU64,
-    calls: AtomicU64,
-    failed: AtomicU64,
-    traps: AtomicU64,
-    deadlines: AtomicU64,
-    fuel: AtomicU64,
-    peak_memory: AtomicU64,
-}
-
-/// Counters of a pool, for tests and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStats {
-    /// Instances made since the pool was created.
-    pub created: u64,
-    /// Instances dropped after a fault.
-    pub discarded: u64,
-    /// Instances dropped after a successful call because their memory grew
-    /// past three quarters of `max_memory_mib`.
-    pub retired: u64,
-    /// Instances waiting for a call now.
-    pub idle: usize,
-    /// Stage calls made (each ran on an instance).
-    pub calls: u64,
-    /// Calls that failed, for any reason (the plugin's own errors too).
-    pub failed: u64,
-    /// Calls that ended in a trap.
-    pub traps: u64,
-    /// Calls stopped at the guest-time deadline (`call_timeout_ms`).
-    pub deadlines: u64,
-    /// Log lines dropped by the per-call cap.
-    pub suppressed_logs: u64,
-    /// Fuel (instructions, roughly) the calls used; stays 0 while calls are
-    /// unmetered (`[plugins.limits] fuel = 0`).
-    pub fuel: u64,
-    /// Bytes of memories and tables the idle instances hold now.
-    pub memory_bytes: u64,
-    /// The most bytes one instance held after a call.
-    pub peak_memory_bytes: u64,
-}
-
-impl InstancePool {
-    /// The plugin version this pool serves.
-    pub fn plugin(&self) -> &Arc<Plugin> {
-        &self.plugin
-    }
-
-    /// A snapshot of the pool's counters.
-    pub fn stats(&self) -> PoolStats {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        PoolStats {
-            created: self.created.load(Ordering::Relaxed),
-            discarded: self.discarded.load(Ordering::Relaxed),
-            retired: self.retired.load(Ordering::Relaxed),
-            idle: idle.len(),
-            calls: self.calls.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            traps: self.traps.load(Ordering::Relaxed),
-            deadlines: self.deadlines.load(Ordering::Relaxed),
-            suppressed_logs: self.binding.suppressed_logs(),
-            fuel: self.fuel.load(Ordering::Relaxed),
-            memory_bytes: idle.iter().map(|i| i.memory_bytes() as u64).sum(),
-            peak_memory_bytes: self.peak_memory.load(Ordering::Relaxed),
-        }
-    }
-
-    async fn run<R>(
-        &self,
-        call: impl AsyncFnOnce(&mut Instance) -> Result<R, CallError>,
-    ) -> Result<R, CallError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("pool semaphore is never closed");
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut instance = match idle {
-            Some(i) => i,
-            None => {
-                self.created.fetch_add(1, Ordering::Relaxed);
-                Instance::new(
-                    &self.host.engine,
-                    &self.plugin.exports,
-                    self.binding.clone(),
-                )
-                .await?
-            }
-        };
-        let result = call(&mut instance).await;
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.fuel.fetch_add(instance.fuel_used(), Ordering::Relaxed);
-        self.peak_memory
-            .fetch_max(instance.memory_bytes() as u64, Ordering::Relaxed);
-        if let Err(e) = &result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            match e {
-                CallError::Trap(_) => self.traps.fetch_add(1, Ordering::Relaxed),
-                CallError::Deadline { .. } => self.deadlines.fetch_add(1, Ordering::Relaxed),
-                _ => 0,
-            };
-        }
-        if instance.is_poisoned() {
-            self.discarded.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(plugin = %self.plugin.name, version = %self.plugin.version, rule = %self.binding.rule,
-                error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "instance discarded after a fault");
-        } else if instance.is_worn() {
-            self.retired.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(plugin = %self.plugin.name, version = %self.plugin.version, rule = %self.binding.rule,
-                "instance retired: its memory grew past 3/4 of the cap");
-        } else {
-            self.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(instance);
-        }
-        result
-    }
-
-    /// Calls the `preprocess` stage: `readings` are the previous
-    /// preprocessor's output (empty for the first).
-    pub async fn preprocess(
-        &self,
-        message: &Message,
-        readings: ReadingBatch,
-    ) -> Result<ReadingBatch, CallError> {
-        self.run(async |i: &mut Instance| i.preprocess(message, readings).await)
-            .await
-    }
-
-    /// Calls the `template` stage: a window of readings to a prompt.
-    pub async fn render(
-        &self,
-        context: &Context,
-        window: ReadingBatch,
-    ) -> Result<Prompt, CallError> {
-        self.run(async |i: &mut Instance| i.render(context, window).await)
-            .await
-    }
-
-    /// Calls the `postprocess` stage: a window, and the completion when the
-    /// rule used the model, to actions.
-    pub async fn postprocess(
-        &self,
-        context: &Context,
-        window: ReadingBatch,
-        completion: Option<&Completion>,
-    ) -> Result<Vec<Action>, CallError> {
-        self.run(async |i: &mut Instance| i.postprocess(context, window, completion).await)
-            .await
-    }
-
-    /// Calls the `handler` stage: a message to actions.
-    pub async fn handle(&self, rule: &str, message: &Message) -> Result<Vec<Action>, CallError> {
-        self.run(async |i: &mut Instance| i.handle(rule, message).await)
-            .await
     }
 }

@@ -12,6 +12,7 @@
 //! [[preprocess]]                     # a chain, run in order
 //! plugin = "clean-readings"
 //! config = { units = { temperature = "C" } }
+//! limits = { max_memory_mib = 96 }   # optional, within [plugins.limits]' bounds
 //!
 //! [window]                           # per device; count, seconds, or both (whichever first)
 //! count = 12
@@ -109,6 +110,12 @@ pub struct PluginRef {
     /// WASI capabilities for this plugin in this rule (none by default).
     #[serde(default)]
     pub grants: crate::config::Grants,
+    /// Limits for this plugin in this rule, over `[plugins.limits]` and
+    /// within its bounds (a model-carrying plugin needs more memory and a
+    /// longer first call). Default none. Boxed: most rules set none, and
+    /// every rule holds several references.
+    #[serde(default)]
+    pub limits: Box<crate::config::PluginLimits>,
     /// Clear the plugin's `state` in this rule when a new version of the
     /// plugin is loaded. By default state survives reloads: it is keyed by
     /// plugin name and rule, not by version.
