@@ -268,6 +268,15 @@ pub enum BindError {
         /// What is wrong with them.
         reason: String,
     },
+    /// The rule names an engine that is not configured (`engine =
+    /// "remote:<name>"` without `[remote.<name>]`).
+    #[error("rule `{rule}`: {reason}")]
+    Engine {
+        /// The rule's name.
+        rule: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The rule names a plugin that is not loaded.
     #[error("rule `{rule}`: plugin `{plugin}` is not loaded")]
     Missing {
@@ -321,7 +330,13 @@ impl RulePipeline {
                 });
             }
             let pool = host
-                .pool_with_grants(plugin, &rule.name, r.config_json(), r.grants.clone())
+                .pool_with_engine(
+                    plugin,
+                    &rule.name,
+                    r.config_json(),
+                    r.grants.clone(),
+                    llm.clone(),
+                )
                 .map_err(|reason| BindError::Grant {
                     rule: rule.name.clone(),
                     plugin: r.plugin.clone(),

@@ -430,6 +430,7 @@ impl PluginHost {
             "(load check)",
             serde_json::Map::new(),
             Default::default(),
+            self.inner.llm.clone(),
         );
         Instance::new(engine, &plugin.exports, probe)
             .await
@@ -444,6 +445,7 @@ impl PluginHost {
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
+        llm: Arc<dyn LlmEngine>,
     ) -> Arc<BindingCtx> {
         Arc::new(BindingCtx {
             plugin: plugin.name.clone(),
@@ -454,7 +456,7 @@ impl PluginHost {
             state: self.inner.state.scope(&plugin.name, rule),
             limits: self.inner.config.limits.clone(),
             grants,
-            llm: self.inner.llm.clone(),
+            llm,
             suppressed_logs: AtomicU64::new(0),
         })
     }
@@ -467,7 +469,13 @@ impl PluginHost {
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
     ) -> InstancePool {
-        self.make_pool(plugin, rule, config, Default::default())
+        self.make_pool(
+            plugin,
+            rule,
+            config,
+            Default::default(),
+            self.inner.llm.clone(),
+        )
     }
 
     /// Like [`PluginHost::pool`], with the capabilities the rule grants the plugin.
@@ -478,9 +486,22 @@ impl PluginHost {
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
     ) -> Result<InstancePool, String> {
+        self.pool_with_engine(plugin, rule, config, grants, self.inner.llm.clone())
+    }
+
+    /// Like [`PluginHost::pool_with_grants`], with the plugin's `llm` calls
+    /// going to `llm` (the rule's engine) rather than the host's.
+    pub fn pool_with_engine(
+        &self,
+        plugin: &Arc<Plugin>,
+        rule: &str,
+        config: serde_json::Map<String, serde_json::Value>,
+        grants: crate::config::Grants,
+        llm: Arc<dyn LlmEngine>,
+    ) -> Result<InstancePool, String> {
         grants.validate()?;
         let grants = bind_grants(grants)?;
-        Ok(self.make_pool(plugin, rule, config, grants))
+        Ok(self.make_pool(plugin, rule, config, grants, llm))
     }
 
     fn make_pool(
@@ -489,8 +510,9 @@ impl PluginHost {
         rule: &str,
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
+        llm: Arc<dyn LlmEngine>,
     ) -> InstancePool {
-        let binding = self.binding(plugin, rule, config, grants);
+        let binding = self.binding(plugin, rule, config, grants, llm);
         let max = binding.limits.max_instances.max(1) as usize;
         InstancePool {
             plugin: plugin.clone(),

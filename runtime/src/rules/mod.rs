@@ -8,6 +8,7 @@
 //! device_level = 1                   # the topic level naming the device; readings of another device are refused
 //! qos = 1                            # of everything the rule publishes
 //! dead_letter_topic = "ganglion/dead-letter/{rule}"
+//! engine = "remote:big"              # the rule's model calls: "local" or a [remote.<name>] of ganglion.toml; default [model] engine
 //!
 //! [[preprocess]]                     # a chain, run in order
 //! plugin = "clean-readings"
@@ -184,6 +185,7 @@ struct RuleFile {
     handler: Option<PluginRef>,
     #[serde(default)]
     allow: AllowList,
+    engine: Option<crate::config::EngineChoice>,
 }
 
 fn default_max_payload() -> usize {
@@ -243,6 +245,9 @@ pub struct Rule {
     pub stages: Stages,
     /// What the rule may emit.
     pub allow: AllowList,
+    /// Where the rule's model calls go, its template's and its plugins'
+    /// alike: the local engine or a named remote. None: `[model] engine`.
+    pub engine: Option<crate::config::EngineChoice>,
 }
 
 impl Rule {
@@ -386,6 +391,7 @@ impl Rule {
             dead_letter_topic,
             stages,
             allow: file.allow,
+            engine: file.engine,
         })
     }
 
@@ -562,5 +568,26 @@ mod tests {
         );
         assert!(rule.authorize(&publish("tagged/hall"), "kitchen").is_err());
         assert!(rule.authorize(&publish("tagged/hall"), "").is_err());
+    }
+
+    #[test]
+    fn a_rule_names_its_engine_and_a_bad_name_is_refused_with_its_line() {
+        let text = |engine: &str| {
+            format!("topics = [\"a/b\"]\nengine = \"{engine}\"\n[handler]\nplugin = \"h\"\n")
+        };
+        let rule = Rule::parse(&text("remote:big"), "r", None).unwrap();
+        assert_eq!(
+            rule.engine,
+            Some(crate::config::EngineChoice::Remote("big".into()))
+        );
+        let rule = Rule::parse(&text("local"), "r", None).unwrap();
+        assert_eq!(rule.engine, Some(crate::config::EngineChoice::Local));
+        let err = Rule::parse(&text("remote:"), "r", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("remote:<name>") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }
