@@ -18,4 +18,5 @@ mod packs;
 mod pipeline;
 mod polyglot;
 mod reload;
+mod remote;
 mod security;
