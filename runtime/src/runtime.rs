@@ -66,6 +66,10 @@ pub enum RuntimeError {
     /// [`Runtime::remove_rule`] named no running rule.
     #[error("{0}")]
     Bind(String),
+    /// `[remote.<name>]` or `[model] engine` is refused (a bad URL, an API
+    /// key that cannot be read, an engine that is not configured).
+    #[error("{0}")]
+    Engine(String),
     /// The runtime is shutting down and takes no rule change, or a pushed
     /// message was dropped before it was handled.
     #[error("the runtime is shutting down")]
@@ -81,7 +85,8 @@ pub struct RuntimeBuilder {
 
 impl RuntimeBuilder {
     /// Uses this engine instead of loading `[model]` (a fake in tests, or an
-    /// engine the program shares with other work).
+    /// engine the program shares with other work); it is the local engine
+    /// the `[remote.<name>]` engines fall back on.
     pub fn llm(mut self, llm: Arc<dyn LlmEngine>) -> Self {
         self.llm = Some(llm);
         self
@@ -95,7 +100,7 @@ impl RuntimeBuilder {
 
     /// Opens the state store, loads the model (on a blocking thread; a model
     /// that does not load is logged and replaced by [`crate::llm::NoModel`]),
-    /// then the plugins and rules. A bad plugin or rule file does not stop
+    /// sets up the `[remote.<name>]` engines, then the plugins and rules. A bad plugin or rule file does not stop
     /// the others: it is listed in [`Loaded::problems`].
     ///
     /// The model's compute pool is process-wide, sized by the first engine
@@ -108,10 +113,14 @@ impl RuntimeBuilder {
             Some(s) => s,
             None => StateStore::open(&config.state.path, (&config.state).into())?,
         };
-        let llm = match self.llm {
+        let local = match self.llm {
             Some(l) => l,
             None => crate::llm::load_configured(&config.model).await,
         };
+        let engines =
+            crate::llm::Engines::build(local, &config.remote, config.model.engine.as_deref())
+                .map_err(RuntimeError::Engine)?;
+        let llm = engines.default_engine().clone();
         let audit = if config.audit.enabled {
             let model_hash = match &config.model.path {
                 Some(p) => crate::audit::file_hash(p).await,
@@ -126,6 +135,7 @@ impl RuntimeBuilder {
         let reloader = Arc::new(
             Reloader::new(host, &config.plugins.dir, &config.rules.dir, llm.clone())
                 .with_extra_rule_dirs(&config.rules.extra_dirs)
+                .with_engines(engines.clone())
                 .with_audit(audit)
                 .with_limits(config.rules.limits)
                 .with_share_group(config.mqtt.share_group.clone()),
@@ -136,6 +146,7 @@ impl RuntimeBuilder {
             audit: audit_handle,
             state,
             llm,
+            engines,
             reloader,
             pipelines,
             problems,
@@ -149,6 +160,7 @@ pub struct Loaded {
     audit: Option<AuditLog>,
     state: StateStore,
     llm: Arc<dyn LlmEngine>,
+    engines: crate::llm::Engines,
     reloader: Arc<Reloader>,
     pipelines: Vec<RulePipeline>,
     /// Files that did not load, each naming the file and the cause.
@@ -191,6 +203,7 @@ impl Loaded {
             watch: tokio::sync::Mutex::new(watch),
             state: self.state,
             llm: self.llm,
+            engines: self.engines,
             audit: self.audit,
         }
     }
@@ -231,6 +244,7 @@ pub struct Runtime {
     watch: tokio::sync::Mutex<Option<ReloadHandle>>,
     state: StateStore,
     llm: Arc<dyn LlmEngine>,
+    engines: crate::llm::Engines,
     audit: Option<AuditLog>,
 }
 
@@ -398,6 +412,11 @@ impl Runtime {
     /// The model engine the plugins use.
     pub fn llm(&self) -> &Arc<dyn LlmEngine> {
         &self.llm
+    }
+
+    /// The local engine and the remotes, which rules pick from.
+    pub fn engines(&self) -> &crate::llm::Engines {
+        &self.engines
     }
 
     /// The gateway underneath, for what this type does not wrap.

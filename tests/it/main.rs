@@ -19,5 +19,6 @@ mod packs;
 mod pipeline;
 mod polyglot;
 mod reload;
+mod remote;
 mod scale;
 mod security;

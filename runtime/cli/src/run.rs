@@ -220,6 +220,7 @@ async fn start_admin(
     let sources = ganglion::admin::Sources {
         gateway: runtime.gateway().clone(),
         llm: runtime.llm().clone(),
+        engines: runtime.engines().clone(),
         link: Some(Arc::new(move || ganglion::admin::LinkGauges {
             connected: link.intake.is_connected() && link.output.is_connected(),
             connections: link.intake.connections() + link.output.connections(),

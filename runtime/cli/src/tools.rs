@@ -16,7 +16,11 @@ pub(crate) async fn replay(
         println!("{n} prompt/completion pairs written to {}", out.display());
         return Ok(());
     }
-    let llm = ganglion::llm::load_configured(&config.model).await;
+    let local = ganglion::llm::load_configured(&config.model).await;
+    let engines =
+        ganglion::llm::Engines::build(local, &config.remote, config.model.engine.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    let llm = engines.default_engine().clone();
     let now = match &config.model.path {
         Some(p) => ganglion::audit::file_hash(p).await,
         None => None,
@@ -38,6 +42,7 @@ pub(crate) async fn replay(
     let (pipelines, problems) =
         ganglion::reload::Reloader::new(host, &config.plugins.dir, &config.rules.dir, llm)
             .with_extra_rule_dirs(&config.rules.extra_dirs)
+            .with_engines(engines)
             .load_all()
             .await;
     for p in &problems {

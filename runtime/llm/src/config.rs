@@ -17,6 +17,7 @@ use std::path::PathBuf;
 /// max_batch = 8           # generation requests decoded together
 /// kv_cache_mib = 256      # KV state of the running requests, reserved at admission
 /// prefill_chunk = 64      # prompt tokens per step: a new prompt delays the others by this much
+/// engine = "local"        # or "remote:<name>": where rules' model calls go by default
 /// ```
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -48,6 +49,11 @@ pub struct EngineConfig {
     pub prefix_cache_mib: usize,
     /// `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
     pub device: String,
+    /// Where the rules' and plugins' model calls go unless a rule says
+    /// otherwise: `local` (this engine) or `remote:<name>` (the runtime's
+    /// `[remote.<name>]` server). Read by the runtime, not by this crate.
+    /// Default `local`.
+    pub engine: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +70,7 @@ impl Default for EngineConfig {
             default_deadline_ms: 60_000,
             prefix_cache_mib: 64,
             device: "cpu".into(),
+            engine: None,
         }
     }
 }

@@ -184,6 +184,8 @@ pub(super) fn render(sources: &Sources, reloads: (u64, u64)) -> String {
     }
     plugins(&mut e, sources);
     engine(&mut e, sources);
+    #[cfg(feature = "remote")]
+    remotes(&mut e, sources);
     if let Some(link) = &sources.link {
         mqtt(&mut e, &link());
     }
@@ -290,6 +292,69 @@ fn plugins(e: &mut Exposition, sources: &Sources) {
                 e.sample(name, &labels, get(&stats));
             }
         }
+    }
+}
+
+#[cfg(feature = "remote")]
+fn remotes(e: &mut Exposition, sources: &Sources) {
+    let stats: Vec<(String, crate::llm::RemoteStats)> = sources
+        .engines
+        .remotes()
+        .map(|r| (r.name().to_owned(), r.remote_stats()))
+        .collect();
+    if stats.is_empty() {
+        return;
+    }
+    type Counter = fn(&crate::llm::RemoteStats) -> u64;
+    let counters: [(&str, &str, Counter); 6] = [
+        (
+            "ganglion_remote_requests_total",
+            "Generate and embed calls made to a remote engine.",
+            |s| s.requests,
+        ),
+        (
+            "ganglion_remote_retries_total",
+            "HTTP attempts after the first of a call.",
+            |s| s.retries,
+        ),
+        (
+            "ganglion_remote_failures_total",
+            "Calls the remote server failed, after their retries.",
+            |s| s.failures,
+        ),
+        (
+            "ganglion_remote_refused_total",
+            "Calls the open circuit kept from the server.",
+            |s| s.refused,
+        ),
+        (
+            "ganglion_remote_fallbacks_total",
+            "Calls the local engine answered instead of the server.",
+            |s| s.fallbacks,
+        ),
+        (
+            "ganglion_remote_breaker_opened_total",
+            "Times the circuit breaker opened.",
+            |s| s.breaker_opened,
+        ),
+    ];
+    for (name, help, get) in counters {
+        e.family(name, "counter", help);
+        for (remote, s) in &stats {
+            e.sample(name, &[("remote", remote.as_str())], get(s) as f64);
+        }
+    }
+    e.family(
+        "ganglion_remote_breaker_state",
+        "gauge",
+        "The circuit breaker: 0 closed, 1 open, 2 half-open.",
+    );
+    for (remote, s) in &stats {
+        e.sample(
+            "ganglion_remote_breaker_state",
+            &[("remote", remote.as_str())],
+            f64::from(s.breaker.as_number()),
+        );
     }
 }
 

@@ -66,6 +66,8 @@ pub struct Sources {
     pub gateway: Arc<Gateway>,
     /// The model; its id is empty when none is loaded.
     pub llm: Arc<dyn LlmEngine>,
+    /// The local engine and the remotes, whose counters `/metrics` shows.
+    pub engines: crate::llm::Engines,
     /// Reads the broker link; none when there is no broker (embedding).
     pub link: Option<Arc<dyn Fn() -> LinkGauges + Send + Sync>>,
     /// Reload outcomes, counted for `/metrics`; none without hot reload.

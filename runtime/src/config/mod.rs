@@ -32,10 +32,12 @@ mod admin;
 mod limits;
 mod mqtt;
 mod paths;
+mod remote;
 
 pub use admin::AdminConfig;
 pub use limits::{Limits, PluginLimits};
 pub use mqtt::{Login, MqttSettings, PasswordError, Protocol, host_name};
+pub use remote::{EngineChoice, Fallback, RemoteConfig, SchemaFormat};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -433,6 +435,9 @@ pub struct GanglionConfig {
     pub runtime: RuntimeConfig,
     /// `[admin]`: the HTTP admin endpoint of `ganglion run`.
     pub admin: AdminConfig,
+    /// `[remote.<name>]`: OpenAI-compatible servers rules can send their
+    /// model calls to (see [`RemoteConfig`]).
+    pub remote: std::collections::BTreeMap<String, RemoteConfig>,
 }
 
 /// Why [`GanglionConfig::load`] failed.

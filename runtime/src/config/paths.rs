@@ -59,6 +59,9 @@ impl GanglionConfig {
         rebase_str(base, &mut self.mqtt.cert_file);
         rebase_str(base, &mut self.mqtt.key_file);
         rebase_opt(base, &mut self.mqtt.password_file);
+        for remote in self.remote.values_mut() {
+            rebase_opt(base, &mut remote.api_key_file);
+        }
     }
 }
 

@@ -283,6 +283,15 @@ pub enum BindError {
         /// Which limit, its value and its bound.
         reason: String,
     },
+    /// The rule names an engine that is not configured (`engine =
+    /// "remote:<name>"` without `[remote.<name>]`).
+    #[error("rule `{rule}`: {reason}")]
+    Engine {
+        /// The rule's name.
+        rule: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The rule names a plugin that is not loaded.
     #[error("rule `{rule}`: plugin `{plugin}` is not loaded")]
     Missing {
@@ -343,12 +352,13 @@ impl RulePipeline {
                     reason,
                 })?;
             let pool = host
-                .pool_for_rule(
+                .pool_with_engine(
                     plugin,
                     &rule.name,
                     r.config_json(),
                     r.grants.clone(),
                     &r.limits,
+                    llm.clone(),
                 )
                 .map_err(|reason| BindError::Grant {
                     rule: rule.name.clone(),

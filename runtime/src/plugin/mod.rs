@@ -438,6 +438,7 @@ impl PluginHost {
             serde_json::Map::new(),
             Default::default(),
             self.inner.config.limits.clone(),
+            self.inner.llm.clone(),
         );
         Instance::new(engine, &plugin.exports, probe)
             .await
@@ -453,6 +454,7 @@ impl PluginHost {
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
         limits: Limits,
+        llm: Arc<dyn LlmEngine>,
     ) -> Arc<BindingCtx> {
         Arc::new(BindingCtx {
             plugin: plugin.name.clone(),
@@ -463,7 +465,7 @@ impl PluginHost {
             state: self.inner.state.scope(&plugin.name, rule),
             limits,
             grants,
-            llm: self.inner.llm.clone(),
+            llm,
             suppressed_logs: AtomicU64::new(0),
         })
     }
@@ -477,7 +479,8 @@ impl PluginHost {
         config: serde_json::Map<String, serde_json::Value>,
     ) -> InstancePool {
         let limits = self.inner.config.limits.clone();
-        self.make_pool(plugin, rule, config, Default::default(), limits)
+        let llm = self.inner.llm.clone();
+        self.make_pool(plugin, rule, config, Default::default(), limits, llm)
     }
 
     /// Like [`PluginHost::pool`], with the capabilities the rule grants the plugin.
@@ -506,10 +509,29 @@ impl PluginHost {
         grants: crate::config::Grants,
         limits: &PluginLimits,
     ) -> Result<InstancePool, String> {
+        let llm = self.inner.llm.clone();
+        self.pool_with_engine(plugin, rule, config, grants, limits, llm)
+    }
+
+    /// Like [`PluginHost::pool_for_rule`], with the plugin's `llm` calls
+    /// going to `llm` (the rule's engine) rather than the host's.
+    ///
+    /// # Errors
+    ///
+    /// As [`PluginHost::pool_for_rule`].
+    pub fn pool_with_engine(
+        &self,
+        plugin: &Arc<Plugin>,
+        rule: &str,
+        config: serde_json::Map<String, serde_json::Value>,
+        grants: crate::config::Grants,
+        limits: &PluginLimits,
+        llm: Arc<dyn LlmEngine>,
+    ) -> Result<InstancePool, String> {
         let limits = self.inner.config.limits.with(limits)?;
         grants.validate()?;
         let grants = bind_grants(grants)?;
-        Ok(self.make_pool(plugin, rule, config, grants, limits))
+        Ok(self.make_pool(plugin, rule, config, grants, limits, llm))
     }
 
     fn make_pool(
@@ -519,8 +541,9 @@ impl PluginHost {
         config: serde_json::Map<String, serde_json::Value>,
         grants: crate::config::Grants,
         limits: Limits,
+        llm: Arc<dyn LlmEngine>,
     ) -> InstancePool {
-        let binding = self.binding(plugin, rule, config, grants, limits);
+        let binding = self.binding(plugin, rule, config, grants, limits, llm);
         let max = binding.limits.max_instances.max(1) as usize;
         InstancePool {
             plugin: plugin.clone(),

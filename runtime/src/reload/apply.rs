@@ -142,7 +142,7 @@ impl Reloader {
         users.sort_by(|a, b| a.name.cmp(&b.name));
         let mut pipelines = Vec::new();
         for rule in &users {
-            match RulePipeline::new(&self.host, rule.clone(), &registry, self.llm.clone()) {
+            match self.pipeline(rule.clone(), &registry) {
                 Ok(p) => pipelines.push(p.with_audit(self.audit.clone()).with_limits(self.limits)),
                 Err(e) => {
                     let reason = format!(

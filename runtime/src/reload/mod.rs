@@ -140,7 +140,7 @@ struct Tracked {
 /// them.
 pub struct Reloader {
     host: PluginHost,
-    llm: Arc<dyn LlmEngine>,
+    engines: crate::llm::Engines,
     plugins_dir: PathBuf,
     /// The rules folder and any more (`[rules] extra_dirs`).
     rules_dirs: Vec<PathBuf>,
@@ -164,7 +164,7 @@ impl Reloader {
         let (events, _) = broadcast::channel(256);
         Reloader {
             host,
-            llm,
+            engines: crate::llm::Engines::local(llm),
             plugins_dir: plugins_dir.to_owned(),
             rules_dirs: vec![rules_dir.to_owned()],
             tracked: tokio::sync::Mutex::new(Tracked::default()),
@@ -179,6 +179,14 @@ impl Reloader {
     /// unique across all of them).
     pub fn with_extra_rule_dirs(mut self, dirs: &[PathBuf]) -> Self {
         self.rules_dirs.extend(dirs.iter().cloned());
+        self
+    }
+
+    /// Binds each rule to the engine its `engine` key names among
+    /// `engines` (the default one when it names none), instead of the one
+    /// given to [`Reloader::new`].
+    pub fn with_engines(mut self, engines: crate::llm::Engines) -> Self {
+        self.engines = engines;
         self
     }
 
@@ -226,7 +234,7 @@ impl Reloader {
         rule.check_sharing(self.share_group.as_deref())
             .map_err(crate::pipeline::BindError::Sharing)?;
         let t = self.tracked.lock().await;
-        RulePipeline::new(&self.host, rule, &t.plugins, self.llm.clone())
+        self.pipeline(rule, &t.plugins)
             .map(|p| p.with_audit(self.audit.clone()).with_limits(self.limits))
     }
 
@@ -310,9 +318,25 @@ impl Reloader {
                 plugins,
             ));
         }
-        RulePipeline::new(&self.host, rule, &t.plugins, self.llm.clone())
+        self.pipeline(rule, &t.plugins)
             .map(|p| p.with_audit(self.audit.clone()).with_limits(self.limits))
             .map_err(|e| (format!("{}: {e}", path.display()), plugins))
+    }
+
+    /// `rule` bound to `plugins` and to the engine it names.
+    fn pipeline(
+        &self,
+        rule: Rule,
+        plugins: &HashMap<String, Arc<Plugin>>,
+    ) -> Result<RulePipeline, crate::pipeline::BindError> {
+        let llm = self
+            .engines
+            .select(rule.engine.as_ref())
+            .map_err(|reason| crate::pipeline::BindError::Engine {
+                rule: rule.name.clone(),
+                reason,
+            })?;
+        RulePipeline::new(&self.host, rule, plugins, llm)
     }
 
     fn emit(&self, event: ReloadEvent) {

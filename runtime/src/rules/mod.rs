@@ -8,6 +8,7 @@
 //! device_level = 1                   # the topic level naming the device; readings of another device are refused
 //! qos = 1                            # of everything the rule publishes
 //! dead_letter_topic = "ganglion/dead-letter/{rule}"
+//! engine = "remote:big"              # the rule's model calls: "local" or a [remote.<name>] of ganglion.toml; default [model] engine
 //!
 //! [[preprocess]]                     # a chain, run in order
 //! plugin = "clean-readings"
@@ -193,6 +194,7 @@ struct RuleFile {
     allow: AllowList,
     #[serde(default = "default_shared")]
     shared: bool,
+    engine: Option<crate::config::EngineChoice>,
 }
 
 fn default_shared() -> bool {
@@ -263,6 +265,9 @@ pub struct Rule {
     /// gateway of the group (or to device-disjoint filters per gateway).
     /// Default true.
     pub shared: bool,
+    /// Where the rule's model calls go, its template's and its plugins'
+    /// alike: the local engine or a named remote. None: `[model] engine`.
+    pub engine: Option<crate::config::EngineChoice>,
 }
 
 impl Rule {
@@ -412,6 +417,7 @@ impl Rule {
             stages,
             allow: file.allow,
             shared: file.shared,
+            engine: file.engine,
         })
     }
 
@@ -622,5 +628,26 @@ mod tests {
         );
         assert!(rule.authorize(&publish("tagged/hall"), "kitchen").is_err());
         assert!(rule.authorize(&publish("tagged/hall"), "").is_err());
+    }
+
+    #[test]
+    fn a_rule_names_its_engine_and_a_bad_name_is_refused_with_its_line() {
+        let text = |engine: &str| {
+            format!("topics = [\"a/b\"]\nengine = \"{engine}\"\n[handler]\nplugin = \"h\"\n")
+        };
+        let rule = Rule::parse(&text("remote:big"), "r", None).unwrap();
+        assert_eq!(
+            rule.engine,
+            Some(crate::config::EngineChoice::Remote("big".into()))
+        );
+        let rule = Rule::parse(&text("local"), "r", None).unwrap();
+        assert_eq!(rule.engine, Some(crate::config::EngineChoice::Local));
+        let err = Rule::parse(&text("remote:"), "r", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("remote:<name>") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }

@@ -1,11 +1,28 @@
 //! The language-model backend that plugins reach through the WIT `llm`
 //! interface. The host holds an `Arc<dyn LlmEngine>`; the native engine
-//! implements it, [`NoModel`] stands in when no model is configured, and
-//! [`FakeLlm`] scripts answers for tests.
+//! implements it, [`RemoteEngine`] sends the calls to an OpenAI-compatible
+//! server (`[remote.<name>]`), [`NoModel`] stands in when no model is
+//! configured, and [`FakeLlm`] scripts answers for tests. [`Engines`] holds
+//! the local engine and the remotes, and picks one per rule.
 //!
 //! Implementations must not block the caller's executor: run the model on
 //! threads of its own and return futures that wait for it.
 
+#[cfg(feature = "remote")]
+mod breaker;
+#[cfg(feature = "remote")]
+mod http;
+#[cfg(feature = "remote")]
+mod remote;
+#[cfg(all(test, feature = "remote"))]
+mod remote_tests;
+
+#[cfg(feature = "remote")]
+pub use breaker::BreakerState;
+#[cfg(feature = "remote")]
+pub use remote::{RemoteEngine, RemoteStats};
+
+use crate::config::EngineChoice;
 use crate::types::{Completion, FinishReason, LlmError, Usage};
 use std::future::Future;
 use std::pin::Pin;
@@ -81,6 +98,90 @@ async fn load_engine(config: &ganglion_llm::EngineConfig) -> Arc<dyn LlmEngine> 
         "a model is configured but this build of ganglion has no model engine (cargo feature `llm`); running without a model"
     );
     Arc::new(NoModel)
+}
+
+/// The engines a gateway's rules can use: the local one (`[model]`) and
+/// one per `[remote.<name>]`. A rule's `engine` key picks one; `[model]
+/// engine` picks the default, which plugins also reach. Cheap to clone.
+#[derive(Clone)]
+pub struct Engines {
+    local: Arc<dyn LlmEngine>,
+    default: Arc<dyn LlmEngine>,
+    #[cfg(feature = "remote")]
+    remotes: std::collections::BTreeMap<String, Arc<RemoteEngine>>,
+}
+
+impl Engines {
+    /// Only `local`, which is also the default.
+    pub fn local(local: Arc<dyn LlmEngine>) -> Engines {
+        Engines {
+            default: local.clone(),
+            local,
+            #[cfg(feature = "remote")]
+            remotes: Default::default(),
+        }
+    }
+
+    /// `local` and a [`RemoteEngine`] per `[remote.<name>]` (each falling
+    /// back on `local`), with `default` (`[model] engine`: `local` or
+    /// `remote:<name>`; none: `local`) as the default. An error names the
+    /// table or key at fault.
+    pub fn build(
+        local: Arc<dyn LlmEngine>,
+        remotes: &std::collections::BTreeMap<String, crate::config::RemoteConfig>,
+        default: Option<&str>,
+    ) -> Result<Engines, String> {
+        let mut engines = Engines::local(local);
+        #[cfg(feature = "remote")]
+        for (name, config) in remotes {
+            let remote = RemoteEngine::new(name, config.clone(), engines.local.clone())?;
+            engines.remotes.insert(name.clone(), Arc::new(remote));
+        }
+        #[cfg(not(feature = "remote"))]
+        if let Some(name) = remotes.keys().next() {
+            return Err(format!(
+                "[remote.{name}]: this build of ganglion has no remote engine (cargo feature `remote`)"
+            ));
+        }
+        if let Some(choice) = default {
+            let choice: EngineChoice = choice.parse().map_err(|e| format!("[model] {e}"))?;
+            engines.default = engines
+                .select(Some(&choice))
+                .map_err(|e| format!("[model] {e}"))?;
+        }
+        Ok(engines)
+    }
+
+    /// The engine rules and plugins use unless a rule picks another.
+    pub fn default_engine(&self) -> &Arc<dyn LlmEngine> {
+        &self.default
+    }
+
+    /// The engine `choice` names (none: the default); an error for a
+    /// remote that is not configured.
+    pub fn select(&self, choice: Option<&EngineChoice>) -> Result<Arc<dyn LlmEngine>, String> {
+        match choice {
+            None => Ok(self.default.clone()),
+            Some(EngineChoice::Local) => Ok(self.local.clone()),
+            #[cfg(feature = "remote")]
+            Some(EngineChoice::Remote(name)) => match self.remotes.get(name) {
+                Some(r) => Ok(r.clone()),
+                None => Err(format!(
+                    "engine `remote:{name}`: no [remote.{name}] in ganglion.toml"
+                )),
+            },
+            #[cfg(not(feature = "remote"))]
+            Some(EngineChoice::Remote(name)) => Err(format!(
+                "engine `remote:{name}`: this build of ganglion has no remote engine (cargo feature `remote`)"
+            )),
+        }
+    }
+
+    /// The remote engines, by name, for `/metrics`.
+    #[cfg(feature = "remote")]
+    pub fn remotes(&self) -> impl Iterator<Item = &Arc<RemoteEngine>> {
+        self.remotes.values()
+    }
 }
 
 /// The engine when no model is configured: every call is `model-not-loaded`.
