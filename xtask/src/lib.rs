@@ -662,6 +662,12 @@ fn llama_server_imports(python: &Path) -> bool {
 pub fn ensure_llama_server() -> Result<PathBuf> {
     let python = llama_python();
     let venv = root().join("target/llamacpp");
+    // One build at a time: `.ci/run` starts one in the background while
+    // the Rust builds run, and the test task then waits here for it (or,
+    // had it failed, builds again and says why).
+    std::fs::create_dir_all(root().join("target"))?;
+    let lock = std::fs::File::create(root().join("target/llamacpp.lock"))?;
+    lock.lock().context("locking target/llamacpp.lock")?;
     // What the build was made with: another version or other CPU flags
     // (a target folder copied from another machine) build again.
     let stamp = venv.join("ganglion-build");
