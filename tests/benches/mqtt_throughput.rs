@@ -37,16 +37,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const RULE: &str = r#"
-topics = ["bench/+/telemetry"]
-[[preprocess]]
-plugin = "clean-readings"
-config = { device_from_topic = 1 }
-[postprocess]
-plugin = "threshold-alert"
-config = { thresholds = [{ metric = "temperature", above = 0.0, level = "critical" }] }
-"#;
-
 const NODE_RED_FUNCTION: &str = r#"
 const d = JSON.parse(msg.payload);
 const dev = msg.topic.split('/')[1];
@@ -327,7 +317,7 @@ fn main() {
     let broker = Mosquitto::start("bench-mosquitto");
     let broker_pid = broker.pid().unwrap();
     let dir = scratch("bench-rules");
-    std::fs::write(dir.join("bench.toml"), RULE).unwrap();
+    std::fs::write(dir.join("bench.toml"), wire::BENCH_RULE).unwrap();
     let gw = flow_rt.block_on(RunningGateway::start(
         &broker.url(),
         "bench-gw",

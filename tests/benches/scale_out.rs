@@ -20,16 +20,6 @@ use ganglion_tests::gateways::*;
 use ganglion_tests::*;
 use std::time::Duration;
 
-const RULE: &str = r#"
-topics = ["bench/+/telemetry"]
-[[preprocess]]
-plugin = "clean-readings"
-config = { device_from_topic = 1 }
-[postprocess]
-plugin = "threshold-alert"
-config = { thresholds = [{ metric = "temperature", above = 0.0, level = "critical" }] }
-"#;
-
 struct Row {
     instances: usize,
     throughput: f64,
@@ -52,7 +42,7 @@ fn row(instances: usize, n: usize) -> Row {
                     ("clean-readings", example("clean-readings")),
                     ("threshold-alert", example("threshold-alert")),
                 ],
-                &[("bench", RULE)],
+                &[("bench", wire::BENCH_RULE)],
                 &format!("protocol = \"5\"\nshare_group = \"bench\"\ninstance = {i}"),
                 "",
             )

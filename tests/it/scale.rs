@@ -155,6 +155,19 @@ async fn three_gateways_share_the_stream_and_a_killed_one_loses_nothing() {
     }
 }
 
+/// Runs `ganglion run` in `dir`, which must exit with an error; its stderr.
+fn refused_run(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(ganglion_binary())
+        .arg("--config")
+        .arg(dir.join("ganglion.toml"))
+        .args(["run", "--quiet", "--duration", "5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    err
+}
+
 /// The configuration mistakes of a share group are refused before anything
 /// runs, each with a message that says what to change.
 #[tokio::test]
@@ -169,14 +182,7 @@ async fn a_share_group_over_mqtt_3_or_without_a_broker_is_refused_clearly() {
         "share_group = \"scale\"",
         "",
     );
-    let out = std::process::Command::new(ganglion_binary())
-        .arg("--config")
-        .arg(v3.join("ganglion.toml"))
-        .args(["run", "--quiet", "--duration", "5"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused_run(&v3);
     assert!(
         err.contains("share_group") && err.contains("protocol = \"5\""),
         "{err}"
@@ -207,14 +213,7 @@ publish = ["alerts/{device}"]
         "protocol = \"5\"\nshare_group = \"scale\"",
         "",
     );
-    let out = std::process::Command::new(ganglion_binary())
-        .arg("--config")
-        .arg(split.join("ganglion.toml"))
-        .args(["run", "--quiet", "--duration", "5"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused_run(&split);
     assert!(
         err.contains("shared = false") && err.contains("no rule is ready"),
         "{err}"

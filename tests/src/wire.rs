@@ -154,6 +154,20 @@ pub fn disconnect(s: &mut TcpStream) {
     let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
+/// The rule the MQTT benchmarks run: JSON telemetry on
+/// `bench/<device>/telemetry` → clean-readings → threshold-alert → an alert
+/// for every reading (its text names the reading's value, which [`drive`]
+/// reads back as the message id).
+pub const BENCH_RULE: &str = r#"
+topics = ["bench/+/telemetry"]
+[[preprocess]]
+plugin = "clean-readings"
+config = { device_from_topic = 1 }
+[postprocess]
+plugin = "threshold-alert"
+config = { thresholds = [{ metric = "temperature", above = 0.0, level = "critical" }] }
+"#;
+
 /// Nanoseconds on CPU of the threads of `pid` that `pick` (given the thread
 /// id and name) selects, from the first field of each thread's schedstat.
 pub fn cpu_ns(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {

@@ -319,13 +319,7 @@ impl LlmEngine for FakeLlm {
                         let h = blake3::hash(w.as_bytes());
                         v[h.as_bytes()[0] as usize % 64] += 1.0;
                     }
-                    let norm = v
-                        .iter()
-                        .map(|x| x * x)
-                        .sum::<f32>()
-                        .sqrt()
-                        .max(f32::MIN_POSITIVE);
-                    v.iter().map(|x| x / norm).collect()
+                    l2_normalised(v)
                 })
                 .collect())
         })
@@ -364,4 +358,16 @@ impl LlmEngine for ganglion_llm::Engine {
     fn stats(&self) -> Option<ganglion_llm::EngineStats> {
         Some(ganglion_llm::Engine::stats(self))
     }
+}
+
+/// `v` scaled to unit length (a zero vector stays zero): what
+/// [`LlmEngine::embed`] promises, for engines whose vectors are not.
+pub fn l2_normalised(v: Vec<f32>) -> Vec<f32> {
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
+    v.into_iter().map(|x| x / norm).collect()
 }

@@ -502,18 +502,7 @@ fn embeddings(v: Value, count: usize) -> Result<Vec<Vec<f32>>, Failure> {
         ));
     }
     // The trait promises L2-normalised vectors; not every server sends them.
-    Ok(out
-        .into_iter()
-        .map(|v| {
-            let norm = v
-                .iter()
-                .map(|x| x * x)
-                .sum::<f32>()
-                .sqrt()
-                .max(f32::MIN_POSITIVE);
-            v.into_iter().map(|x| x / norm).collect()
-        })
-        .collect())
+    Ok(out.into_iter().map(super::l2_normalised).collect())
 }
 
 impl LlmEngine for RemoteEngine {
