@@ -24,17 +24,32 @@ publish = ["tagged/{{device}}"]
 }
 
 /// One gateway folder of the group: its own state and compiled plugins,
-/// the shared client id `scale` and group `scale`, instance `n`.
+/// the shared client id `scale` and group `scale`, instance `n`. The third
+/// gets its group and number from the command line instead of the file.
 fn member(broker: &str, n: usize) -> std::path::PathBuf {
+    let sharing = if n == 3 {
+        "protocol = \"5\"".to_owned()
+    } else {
+        format!("protocol = \"5\"\nshare_group = \"scale\"\ninstance = {n}")
+    };
     gateway_dir_as(
         &format!("scale-gw-{n}"),
         "scale",
         broker,
         &[("tagger", fixture("tag-a"))],
         &[("share", &shared_rule(&format!("gw{n}")))],
-        &format!("protocol = \"5\"\nshare_group = \"scale\"\ninstance = {n}"),
+        &sharing,
         "",
     )
+}
+
+/// Starts member `n` in `dir` (see [`member`]).
+fn start_member(dir: &std::path::Path, n: usize) -> (std::process::Child, StderrLines) {
+    if n == 3 {
+        start_gateway_with(dir, &["--share-group", "scale", "--instance", "3"])
+    } else {
+        start_gateway(dir)
+    }
 }
 
 /// Per input (the payload), how often it was handled, and per gateway
@@ -62,7 +77,11 @@ async fn three_gateways_share_the_stream_and_a_killed_one_loses_nothing() {
     )
     .await;
     let dirs: Vec<_> = (1..=3).map(|n| member(&url, n)).collect();
-    let mut gateways: Vec<_> = dirs.iter().map(|d| start_gateway(d)).collect();
+    let mut gateways: Vec<_> = dirs
+        .iter()
+        .zip(1..)
+        .map(|(d, n)| start_member(d, n))
+        .collect();
     // Each publishes `online` on its own status topic after subscribing,
     // under the client id derived from the shared one.
     let host = ganglion::config::host_name();
@@ -106,7 +125,7 @@ async fn three_gateways_share_the_stream_and_a_killed_one_loses_nothing() {
     victim.kill().unwrap();
     victim.wait().unwrap();
     let (at_kill, by_gateway_at_kill) = handled(&receiver);
-    let restarted = start_gateway(&dirs[1]);
+    let restarted = start_member(&dirs[1], 2);
     gateways.insert(1, restarted);
     let complete = receiver.wait_until(240, |r| handled(r).0.len() >= N).await;
     let elapsed = started.elapsed();
