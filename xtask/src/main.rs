@@ -708,17 +708,25 @@ fn main() -> Result<()> {
             }
             let deny = ["--", "-D", "warnings"];
             cargo(&["clippy", "--workspace", "--all-targets"], &deny)?;
-            cargo(
-                &[
-                    "clippy",
-                    "--manifest-path",
-                    "plugins/Cargo.toml",
-                    "--target",
-                    "wasm32-wasip2",
-                    "--target-dir",
-                    WASM,
-                ],
-                &deny,
+            // With the flags the plugins are built with, so that the code
+            // behind `cfg(target_feature = "simd128")` is checked too.
+            run(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .current_dir(xtask::root())
+                    .env(
+                        "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS",
+                        xtask::WASM_RUSTFLAGS,
+                    )
+                    .args([
+                        "clippy",
+                        "--manifest-path",
+                        "plugins/Cargo.toml",
+                        "--target",
+                        "wasm32-wasip2",
+                        "--target-dir",
+                        WASM,
+                    ])
+                    .args(deny),
             )?;
             cargo(
                 &[
