@@ -654,8 +654,8 @@ fn llama_server_imports(python: &Path) -> bool {
 /// llama-cpp-python with its OpenAI-compatible server (`python -m
 /// llama_cpp.server`) in target/llamacpp: a virtual environment, then
 /// `pip install llama-cpp-python[server]` from PyPI, llama.cpp built from
-/// source with [`llama_cpu_flags`] (15 to 20 minutes on 2 cores; again
-/// only for another version or CPU).
+/// source with [`llama_cpu_flags`] and without the multimodal library
+/// (5 minutes on 2 idle cores; again only for another version or CPU).
 /// The server's dependencies (fastapi, uvicorn, sse-starlette,
 /// pydantic-settings, starlette-context) come as wheels. Returns the
 /// environment's Python.
@@ -671,10 +671,10 @@ pub fn ensure_llama_server() -> Result<PathBuf> {
     // What the build was made with: another version or other CPU flags
     // (a target folder copied from another machine) build again.
     let stamp = venv.join("ganglion-build");
-    let wanted = format!(
-        "llama-cpp-python[server]=={LLAMA_CPP_PYTHON} {}\n",
-        llama_cpu_flags()
-    );
+    // Without the multimodal (llava/mtmd) library, which the server does
+    // not need for text (the whole build: 5 minutes on 2 idle cores).
+    let cmake_args = format!("{} -DLLAVA_BUILD=OFF", llama_cpu_flags());
+    let wanted = format!("llama-cpp-python[server]=={LLAMA_CPP_PYTHON} {cmake_args}\n");
     let built = std::fs::read_to_string(&stamp).unwrap_or_default();
     if built == wanted && llama_server_imports(&python) {
         return Ok(python);
@@ -690,11 +690,11 @@ pub fn ensure_llama_server() -> Result<PathBuf> {
         }
     }
     eprintln!(
-        "building llama-cpp-python {LLAMA_CPP_PYTHON} from source into {} (15 to 20 minutes on 2 cores)",
+        "building llama-cpp-python {LLAMA_CPP_PYTHON} from source into {} (5 minutes on 2 idle cores, more beside other builds)",
         venv.display()
     );
     let status = Command::new(&python)
-        .env("CMAKE_ARGS", llama_cpu_flags())
+        .env("CMAKE_ARGS", &cmake_args)
         .args([
             "-m",
             "pip",
