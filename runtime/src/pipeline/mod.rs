@@ -430,10 +430,7 @@ impl RulePipeline {
     }
 
     fn window_spec(&self) -> Option<WindowSpec> {
-        match &self.rule.stages {
-            Stages::Chain { window, .. } => *window,
-            Stages::Handler(_) => None,
-        }
+        self.rule.window().copied()
     }
 
     /// This pipeline, under `limits` (`[rules.limits]`).
