@@ -22,3 +22,4 @@ mod reload;
 mod remote;
 mod scale;
 mod security;
+mod serve;

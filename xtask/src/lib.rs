@@ -716,3 +716,35 @@ pub fn ensure_llama_server() -> Result<PathBuf> {
     std::fs::write(&stamp, wanted)?;
     Ok(python)
 }
+
+/// The `openai` Python client the `serve-model` test and bench speak with.
+pub const OPENAI_PYTHON: &str = "3.63.0";
+
+/// [`ensure_llama_server`]'s environment with the `openai` client
+/// ([`OPENAI_PYTHON`], from PyPI, a few seconds) in it too. Returns the
+/// environment's Python.
+pub fn ensure_openai_client() -> Result<PathBuf> {
+    let python = ensure_llama_server()?;
+    let lock = std::fs::File::create(root().join("target/llamacpp.lock"))?;
+    lock.lock().context("locking target/llamacpp.lock")?;
+    let check = format!("import openai, sys; sys.exit(openai.__version__ != '{OPENAI_PYTHON}')");
+    let present = |python: &Path| {
+        Command::new(python)
+            .args(["-c", &check])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if present(&python) {
+        return Ok(python);
+    }
+    let status = Command::new(&python)
+        .args(["-m", "pip", "install", "--no-cache-dir", "-q"])
+        .arg(format!("openai=={OPENAI_PYTHON}"))
+        .status()
+        .context("running pip in target/llamacpp")?;
+    if !status.success() || !present(&python) {
+        bail!("openai=={OPENAI_PYTHON} did not install into target/llamacpp (needs PyPI)");
+    }
+    Ok(python)
+}

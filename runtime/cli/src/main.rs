@@ -95,6 +95,20 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Serve the configured model (`[model]`) as an OpenAI-compatible HTTP
+    /// endpoint (`[serve]`) for other tools on the gateway, until Ctrl-C or
+    /// SIGTERM: no broker, no rules. `ganglion run` serves the same beside
+    /// the rules with `[serve] enabled = true`.
+    ServeModel {
+        /// Address and port to listen on, instead of `[serve] listen`.
+        #[arg(long, env = "GANGLION_SERVE_LISTEN")]
+        listen: Option<String>,
+        /// Bearer token clients must send (their API key), instead of
+        /// `[serve] token`. Prefer GANGLION_SERVE_TOKEN: a command line is
+        /// visible to every user of the machine.
+        #[arg(long, env = "GANGLION_SERVE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Publish simulated sensor telemetry to a broker.
     Simulate {
         #[arg(long, env = "GANGLION_BROKER", default_value = "mqtt://127.0.0.1:1883")]
@@ -406,6 +420,16 @@ async fn async_main(cli: Cli, config: GanglionConfig) -> Result<()> {
                 login: None,
             });
             run(config, sim, duration.map(Duration::from_secs), quiet).await
+        }
+        Command::ServeModel { listen, token } => {
+            let mut config = config;
+            if let Some(listen) = listen {
+                config.serve.listen = listen;
+            }
+            if token.is_some() {
+                config.serve.token = token;
+            }
+            serve_model(config).await
         }
         Command::Simulate {
             broker,

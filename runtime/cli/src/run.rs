@@ -71,6 +71,9 @@ pub(crate) async fn run(
     if config.admin.enabled {
         config.admin.check().map_err(anyhow::Error::msg)?;
     }
+    if config.serve.enabled {
+        config.serve.check().map_err(anyhow::Error::msg)?;
+    }
     config.mqtt.check().map_err(anyhow::Error::msg)?;
     if config.mqtt.share_group.is_some() && config.mqtt.broker.is_none() {
         bail!(
@@ -131,6 +134,11 @@ pub(crate) async fn run(
     }
     let runtime = loaded.serve(mqtt.clone());
     let _admin = start_admin(&config, &runtime, &mqtt).await?;
+    let _served = if config.serve.enabled {
+        start_serving(&config, runtime.engines().local_engine().clone()).await?
+    } else {
+        None
+    };
     let status = tokio::spawn(ganglion::reload::publish_events(
         runtime.reload_events(),
         mqtt.clone(),
@@ -243,6 +251,44 @@ async fn start_admin(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Serves the model on `[serve] listen`. As for the admin endpoint, an
+/// address in use is logged and the gateway runs on without it.
+async fn start_serving(
+    config: &GanglionConfig,
+    llm: Arc<dyn ganglion::llm::LlmEngine>,
+) -> Result<Option<ganglion::admin::ModelServer>> {
+    match ganglion::admin::serve_model(&config.serve, llm).await {
+        Ok(server) => {
+            tracing::info!(url = %format!("http://{}/v1", server.addr), token = config.serve.token().is_some(), "model served (OpenAI-compatible)");
+            Ok(Some(server))
+        }
+        Err(e @ ganglion::admin::AdminError::Bind { .. }) => {
+            tracing::error!("{e}; running without serving the model");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `ganglion serve-model`: the model alone, on `[serve] listen`, until a
+/// stop signal; requests running then are cut off with the connections.
+pub(crate) async fn serve_model(config: GanglionConfig) -> Result<()> {
+    let (mut stop_asked, _) = watch_signals(StopSignals::new()?);
+    config.serve.check().map_err(anyhow::Error::msg)?;
+    if config.model.path.is_none() && config.model.embedding.is_none() {
+        bail!("no model to serve: set [model] path (and [model] embedding for /v1/embeddings)");
+    }
+    let llm = ganglion::llm::load_configured(&config.model).await;
+    if llm.model_id().is_empty() && config.model.path.is_some() {
+        bail!("the model did not load (the log above says why); nothing to serve");
+    }
+    let server = ganglion::admin::serve_model(&config.serve, llm).await?;
+    tracing::info!(url = %format!("http://{}/v1", server.addr), token = config.serve.token().is_some(), "model served (OpenAI-compatible)");
+    let _ = stop_asked.wait_for(Option::is_some).await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 pub(crate) async fn sleep_or_forever(d: Option<Duration>) {

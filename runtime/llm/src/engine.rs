@@ -68,6 +68,7 @@ enum Job {
         GenerateRequest,
         Instant,
         oneshot::Sender<Result<Completion, LlmError>>,
+        Option<crate::scheduler::Deltas>,
     ),
     Classify(
         String,
@@ -301,7 +302,28 @@ impl Engine {
     ) -> impl Future<Output = Result<Completion, LlmError>> + Send + 'static {
         let deadline = self.deadline(request.params.deadline_ms);
         self.submit(self.tokenizer.is_some(), move |tx| {
-            Job::Generate(request, deadline, tx)
+            Job::Generate(request, deadline, tx, None)
+        })
+    }
+
+    /// Like [`Engine::generate`], and sends the text to `deltas` as it is
+    /// generated ([`crate::scheduler::Deltas`] says how it is cut). The
+    /// completion is still the whole answer: what its text has beyond the
+    /// pieces received (the last piece, and any a full channel held back)
+    /// is the rest. Dropping the future abandons the request, as for
+    /// `generate`; dropping the receiver alone does not.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Engine::generate`].
+    pub fn generate_streaming(
+        &self,
+        request: GenerateRequest,
+        deltas: crate::scheduler::Deltas,
+    ) -> impl Future<Output = Result<Completion, LlmError>> + Send + 'static {
+        let deadline = self.deadline(request.params.deadline_ms);
+        self.submit(self.tokenizer.is_some(), move |tx| {
+            Job::Generate(request, deadline, tx, Some(deltas))
         })
     }
 
@@ -406,10 +428,10 @@ impl Worker {
     /// now, between steps.
     fn take(&mut self, job: Job) {
         match job {
-            Job::Generate(req, deadline, tx) => match &self.model {
+            Job::Generate(req, deadline, tx, deltas) => match &self.model {
                 Some((_, tokenizer, constraints)) => {
                     self.batch
-                        .enqueue(tokenizer, constraints, req, deadline, tx)
+                        .enqueue(tokenizer, constraints, req, deadline, tx, deltas)
                 }
                 None => {
                     self.stats.pending.fetch_sub(1, Ordering::Relaxed);

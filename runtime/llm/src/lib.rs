@@ -69,6 +69,8 @@ pub use config::EngineConfig;
 #[cfg(feature = "engine")]
 pub use engine::{Engine, ModelSummary};
 #[cfg(feature = "engine")]
+pub use scheduler::Deltas;
+#[cfg(feature = "engine")]
 pub use gguf::LoadError;
 pub use stats::EngineStats;
 pub use types::*;

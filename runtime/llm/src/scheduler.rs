@@ -40,6 +40,21 @@ use tokio::sync::oneshot;
 
 pub(crate) type Reply = oneshot::Sender<Result<Completion, LlmError>>;
 
+/// Where a streaming request's text goes as it is generated: pieces of
+/// the completion's text, in order, each ending at a character boundary
+/// and never inside a possible stop string. The channel is bounded; when
+/// it is full the text waits in the sequence's tokens and goes out with
+/// the next piece, so the worker never blocks on a slow reader. The
+/// [`Completion`] stays the whole answer: a reader appends what its
+/// text has beyond the pieces received.
+pub type Deltas = tokio::sync::mpsc::Sender<String>;
+
+/// A streaming request's channel and how many bytes of its text are out.
+struct Stream {
+    tx: Deltas,
+    sent: usize,
+}
+
 /// Limits of the running batch, from `EngineConfig`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -119,6 +134,7 @@ struct Waiting {
     accepted: Instant,
     reserve: usize,
     reply: Reply,
+    stream: Option<Stream>,
 }
 
 /// A running sequence.
@@ -199,9 +215,13 @@ impl Scheduler {
         req: GenerateRequest,
         deadline: Instant,
         reply: Reply,
+        deltas: Option<Deltas>,
     ) {
         match self.check(tokenizer, constraints, &req, deadline, reply) {
-            Ok(w) => self.waiting.entry(req.rule).or_default().push_back(w),
+            Ok(mut w) => {
+                w.stream = deltas.map(|tx| Stream { tx, sent: 0 });
+                self.waiting.entry(req.rule).or_default().push_back(w)
+            }
             Err((e, reply)) => {
                 self.left_waiting(1);
                 let _ = reply.send(Err(e));
@@ -265,6 +285,7 @@ impl Scheduler {
             accepted: Instant::now(),
             reserve,
             reply,
+            stream: None,
         })
     }
 
@@ -488,7 +509,10 @@ impl Scheduler {
                 self.stats.decode_tokens.fetch_add(1, Ordering::Relaxed);
             }
             match advance(s, tokenizer, &mut row, &self.model_id) {
-                Outcome::Continue(t) => s.next = Some(t),
+                Outcome::Continue(t) => {
+                    s.next = Some(t);
+                    stream_out(s, tokenizer);
+                }
                 Outcome::Done(r) => done.push((i, r)),
             }
         }
@@ -531,6 +555,42 @@ fn completion(
         },
         model: model.to_owned(),
     }
+}
+
+/// Sends the sequence's new text to its stream, if it has one: up to the
+/// end of the text decoded so far, less a trailing U+FFFD (a character
+/// whose bytes are not all generated yet) and less any tail that could be
+/// the start of a stop string. A full channel is tried again next token.
+fn stream_out(s: &mut Sequence, tokenizer: &Tokenizer) {
+    let Some(stream) = &mut s.w.stream else {
+        return;
+    };
+    let text = tokenizer.decode(&s.generated);
+    let end = safe_end(&text, &s.w.stops);
+    if end <= stream.sent || !text.is_char_boundary(stream.sent) {
+        return;
+    }
+    if stream.tx.try_send(text[stream.sent..end].to_owned()).is_ok() {
+        stream.sent = end;
+    }
+}
+
+/// Where streamed text may end: before a trailing U+FFFD and before the
+/// longest tail of `text` that is a proper prefix of a stop string.
+pub(crate) fn safe_end(text: &str, stops: &[String]) -> usize {
+    let end = text.strip_suffix('\u{FFFD}').unwrap_or(text).len();
+    let held = stops
+        .iter()
+        .flat_map(|stop| {
+            stop.char_indices()
+                .skip(1)
+                .map(|(k, _)| &stop[..k])
+                .filter(|prefix| text[..end].ends_with(prefix))
+                .map(str::len)
+        })
+        .max()
+        .unwrap_or(0);
+    end - held
 }
 
 /// Samples the sequence's next token from `logits` and decides whether the

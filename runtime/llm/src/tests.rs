@@ -1004,3 +1004,79 @@ fn q4_k_m_mix_follows_llama_cpp() {
         uniform.dtype
     );
 }
+
+/// Everything a streaming request sent, then its completion.
+async fn streamed(
+    engine: &Engine,
+    request: GenerateRequest,
+    capacity: usize,
+) -> (Vec<String>, Completion) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(capacity);
+    let completion = engine.generate_streaming(request, tx).await.unwrap();
+    let mut pieces = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        pieces.push(p);
+    }
+    (pieces, completion)
+}
+
+#[tokio::test]
+async fn streamed_pieces_are_the_completions_text_in_order() {
+    let (engine, _dir) = engine(&TinySpec::default());
+    let whole = engine.generate(raw("x", greedy(60))).await.unwrap();
+    let (pieces, completion) = streamed(&engine, raw("x", greedy(60)), 256).await;
+    assert_eq!(completion, whole);
+    assert!(pieces.len() > 10, "one piece per token or so: {pieces:?}");
+    let joined = pieces.concat();
+    assert!(
+        whole.text.starts_with(&joined),
+        "{joined:?} is not the start of {:?}",
+        whole.text
+    );
+    assert!(pieces.iter().all(|p| !p.is_empty()));
+}
+
+#[tokio::test]
+async fn a_full_stream_channel_holds_text_back_without_losing_it() {
+    let (engine, _dir) = engine(&TinySpec::default());
+    let whole = engine.generate(raw("x", greedy(60))).await.unwrap();
+    // Nobody reads while it runs: one piece gets in, the rest stays in the
+    // completion.
+    let (pieces, completion) = streamed(&engine, raw("x", greedy(60)), 1).await;
+    assert_eq!(pieces.len(), 1);
+    assert_eq!(completion.text, whole.text);
+    assert!(whole.text.starts_with(&pieces[0]));
+}
+
+#[tokio::test]
+async fn streamed_text_never_shows_part_of_a_stop_string() {
+    let (engine, _dir) = engine(&TinySpec::default());
+    let full = engine.generate(raw("x", greedy(40))).await.unwrap();
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() >= 6, "too short to cut: {:?}", full.text);
+    let stop: String = chars[3..6].iter().collect();
+    let params = GenerationParams {
+        stop: vec![stop.clone()],
+        ..greedy(40)
+    };
+    let (pieces, completion) = streamed(&engine, raw("x", params), 256).await;
+    assert_eq!(completion.finish_reason, FinishReason::Stop);
+    let joined = pieces.concat();
+    assert!(
+        completion.text.starts_with(&joined),
+        "streamed {joined:?}, completion {:?}",
+        completion.text
+    );
+    assert!(!joined.contains(&stop));
+}
+
+#[test]
+fn stream_cuts_hold_back_a_partial_character_and_stop_prefixes() {
+    use crate::scheduler::safe_end;
+    assert_eq!(safe_end("abc", &[]), 3);
+    assert_eq!(safe_end("ab\u{FFFD}", &[]), 2);
+    assert_eq!(safe_end("hello wor", &["world".into()]), 6);
+    assert_eq!(safe_end("hello w", &["world".into(), "xyz".into()]), 6);
+    assert_eq!(safe_end("hello", &["world".into()]), 5);
+    assert_eq!(safe_end("ab°", &["°C".into()]), 2);
+}

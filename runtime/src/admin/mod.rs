@@ -18,9 +18,11 @@
 //! bodies are capped at `[admin] max_body_bytes`.
 
 mod metrics;
+mod openai;
 mod page;
 
 pub use metrics::{Exposition, escape_label};
+pub use openai::{ModelServer, SCHEDULED_AS, serve_model};
 pub use page::escape_html;
 
 use crate::config::AdminConfig;
@@ -79,12 +81,15 @@ pub struct Sources {
 /// Why the endpoint did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    /// `[admin]` is refused (see [`AdminConfig::check`]).
+    /// `[admin]` or `[serve]` is refused (see [`AdminConfig::check`],
+    /// [`crate::config::ServeConfig::check`]).
     #[error("{0}")]
     Config(String),
     /// The address could not be bound.
-    #[error("[admin] listen = {listen:?}: {source}")]
+    #[error("[{table}] listen = {listen:?}: {source}")]
     Bind {
+        /// The table whose `listen` it is: `admin` or `serve`.
+        table: &'static str,
         /// The address.
         listen: String,
         /// Why.
@@ -123,6 +128,7 @@ pub async fn start(config: &AdminConfig, mut sources: Sources) -> Result<Admin, 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind {
+            table: "admin",
             listen: config.listen.clone(),
             source,
         })?;

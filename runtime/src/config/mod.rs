@@ -29,12 +29,14 @@
 //! ([`PluginLimits`]): `limits = { max_memory_mib = 160, load_timeout_ms = 20000 }`.
 
 mod admin;
+mod serve;
 mod limits;
 mod mqtt;
 mod paths;
 mod remote;
 
 pub use admin::AdminConfig;
+pub use serve::ServeConfig;
 pub use limits::{Limits, PluginLimits};
 pub use mqtt::{Login, MqttSettings, PasswordError, Protocol, host_name};
 pub use remote::{EngineChoice, Fallback, RemoteConfig, SchemaFormat};
@@ -435,6 +437,8 @@ pub struct GanglionConfig {
     pub runtime: RuntimeConfig,
     /// `[admin]`: the HTTP admin endpoint of `ganglion run`.
     pub admin: AdminConfig,
+    /// `[serve]`: the model as an OpenAI-compatible endpoint.
+    pub serve: ServeConfig,
     /// `[remote.<name>]`: OpenAI-compatible servers rules can send their
     /// model calls to (see [`RemoteConfig`]).
     pub remote: std::collections::BTreeMap<String, RemoteConfig>,

@@ -33,6 +33,13 @@ pub type LlmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LlmError>> + S
 
 pub use ganglion_llm::types::{GenerateRequest, LlmInput};
 
+/// Where [`LlmEngine::generate_streaming`] sends text as it is generated:
+/// pieces of the completion's text in order, each ending at a character
+/// boundary and never inside a possible stop string. An engine sends with
+/// `try_send` and never waits on a slow reader: text a full channel does
+/// not take stays in the completion.
+pub type Deltas = tokio::sync::mpsc::Sender<String>;
+
 /// A language model as the `llm` interface uses it; see the module docs for
 /// the threading rule.
 pub trait LlmEngine: Send + Sync + 'static {
@@ -40,6 +47,18 @@ pub trait LlmEngine: Send + Sync + 'static {
     fn model_id(&self) -> String;
     /// Generates a completion for a chat or raw-text request.
     fn generate(&self, request: GenerateRequest) -> LlmFuture<'_, Completion>;
+    /// Like [`LlmEngine::generate`], sending the text to `deltas` as it is
+    /// generated. The completion is still the whole answer: what its text
+    /// has beyond the pieces received is the rest. The default sends
+    /// nothing, so the completion carries all of it.
+    fn generate_streaming(
+        &self,
+        request: GenerateRequest,
+        deltas: Deltas,
+    ) -> LlmFuture<'_, Completion> {
+        drop(deltas);
+        self.generate(request)
+    }
     /// One probability per label.
     fn classify(&self, text: String, labels: Vec<String>) -> LlmFuture<'_, Vec<f32>>;
     /// L2-normalised vectors, one per text.
@@ -152,6 +171,11 @@ impl Engines {
         Ok(engines)
     }
 
+    /// The local engine (`[model]`), whatever the default is.
+    pub fn local_engine(&self) -> &Arc<dyn LlmEngine> {
+        &self.local
+    }
+
     /// The engine rules and plugins use unless a rule picks another.
     pub fn default_engine(&self) -> &Arc<dyn LlmEngine> {
         &self.default
@@ -256,6 +280,25 @@ impl FakeLlm {
     }
 }
 
+impl FakeLlm {
+    fn completion(&self, request: &GenerateRequest, text: String) -> Completion {
+        let prompt_tokens = match &request.input {
+            LlmInput::Chat(m) => m.iter().map(|m| words(&m.content).count()).sum(),
+            LlmInput::Raw(t) => words(t).count(),
+        } as u32;
+        Completion {
+            usage: Usage {
+                prompt_tokens,
+                completion_tokens: words(&text).count() as u32,
+                cached_tokens: 0,
+            },
+            text,
+            finish_reason: FinishReason::Stop,
+            model: self.model_id(),
+        }
+    }
+}
+
 fn words(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
@@ -277,20 +320,30 @@ impl LlmEngine for FakeLlm {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(request.clone());
             let text = (self.script)(&request)?;
-            let prompt_tokens = match &request.input {
-                LlmInput::Chat(m) => m.iter().map(|m| words(&m.content).count()).sum(),
-                LlmInput::Raw(t) => words(t).count(),
-            } as u32;
-            Ok(Completion {
-                usage: Usage {
-                    prompt_tokens,
-                    completion_tokens: words(&text).count() as u32,
-                    cached_tokens: 0,
-                },
-                text,
-                finish_reason: FinishReason::Stop,
-                model: self.model_id(),
-            })
+            Ok(self.completion(&request, text))
+        })
+    }
+
+    /// Sends the scripted text word by word (each with the spaces after
+    /// it), waiting a tenth of the delay before each word.
+    fn generate_streaming(
+        &self,
+        request: GenerateRequest,
+        deltas: Deltas,
+    ) -> LlmFuture<'_, Completion> {
+        Box::pin(async move {
+            self.requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(request.clone());
+            let text = (self.script)(&request)?;
+            for word in text.split_inclusive(' ') {
+                if !self.delay.is_zero() {
+                    tokio::time::sleep(self.delay / 10).await;
+                }
+                let _ = deltas.try_send(word.to_owned());
+            }
+            Ok(self.completion(&request, text))
         })
     }
 
@@ -340,6 +393,15 @@ impl LlmEngine for ganglion_llm::Engine {
     }
     fn generate(&self, request: GenerateRequest) -> LlmFuture<'_, Completion> {
         Box::pin(ganglion_llm::Engine::generate(self, request))
+    }
+    fn generate_streaming(
+        &self,
+        request: GenerateRequest,
+        deltas: Deltas,
+    ) -> LlmFuture<'_, Completion> {
+        Box::pin(ganglion_llm::Engine::generate_streaming(
+            self, request, deltas,
+        ))
     }
     fn classify(&self, text: String, labels: Vec<String>) -> LlmFuture<'_, Vec<f32>> {
         Box::pin(ganglion_llm::Engine::classify(self, text, labels))
