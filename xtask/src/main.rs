@@ -20,6 +20,8 @@
 //! - `bench-reload`: plugins and the Python fixture, then the hot-reload latency benchmark.
 //! - `bench-byo-model`: plugins and the embedding model, then the model-carrying plugin
 //!   (`minilm-classify`) against the host's `embed`.
+//! - `bench-serve-model`: `ganglion serve-model` against llama-cpp-python's server on the
+//!   default model, 1 and 8 concurrent streaming clients.
 //! - `fuzz [seconds-per-target] [target...]`: each cargo-fuzz target in tests/fuzz for the
 //!   given time (default 60 s), then per target the runs executed and crashes found. Needs
 //!   the nightly toolchain and cargo-fuzz; not part of CI.
@@ -448,6 +450,155 @@ fn batched(model: &std::path::Path, venv: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// A server process, killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `GET /v1/models` on `port` answers 200.
+fn wait_serving(port: u16, server: &mut Server, log: &std::path::Path) -> Result<()> {
+    use std::io::{Read, Write};
+    for _ in 0..900 {
+        if let Some(status) = server.0.try_wait()? {
+            bail!(
+                "the server exited with {status}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    bail!("the server did not answer within 180 s")
+}
+
+/// `ganglion serve-model` against llama-cpp-python's server on the same
+/// GGUF, both with 2 threads and a 2048-token context, at 1 and 8
+/// concurrent streaming clients (tests/benches/openai_load.py): aggregate
+/// completion tokens per second and time to first token, best of 3
+/// alternating rounds. llama-cpp-python's server runs with
+/// `--interrupt_requests False`: by default a new request cuts off the one
+/// running, and concurrent clients would get truncated answers.
+fn bench_serve_model() -> Result<()> {
+    let root = xtask::root();
+    let python = xtask::ensure_llama_server()?;
+    let model = xtask::fetch_model()?;
+    let bin = match std::env::var_os("GANGLION_BIN") {
+        Some(b) => std::path::PathBuf::from(b),
+        None => {
+            cargo(&["build", "--quiet", "-p", "ganglion-cli"], &[] as &[&str])?;
+            root.join("target/debug/ganglion")
+        }
+    };
+    let dir = root.join("target/bench-serve-model");
+    std::fs::create_dir_all(&dir)?;
+    let (ours, theirs) = (free_port()?, free_port()?);
+    std::fs::write(
+        dir.join("ganglion.toml"),
+        format!(
+            "[model]\npath = {:?}\nthreads = 2\n\n[serve]\nlisten = \"127.0.0.1:{ours}\"\n",
+            model.display().to_string()
+        ),
+    )?;
+    let log = |name: &str| -> Result<(std::fs::File, std::path::PathBuf)> {
+        let path = dir.join(name);
+        Ok((std::fs::File::create(&path)?, path))
+    };
+    let (ours_log, ours_log_path) = log("ganglion.log")?;
+    let mut ganglion = Server(
+        Command::new(&bin)
+            .arg("--config")
+            .arg(dir.join("ganglion.toml"))
+            .arg("serve-model")
+            .stdout(std::process::Stdio::null())
+            .stderr(ours_log)
+            .spawn()?,
+    );
+    let (theirs_log, theirs_log_path) = log("llama-cpp-python.log")?;
+    let mut llama = Server(
+        Command::new(&python)
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(&model)
+            .args(["--host", "127.0.0.1", "--port", &theirs.to_string()])
+            .args(["--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2"])
+            .args(["--interrupt_requests", "False"])
+            .stdout(theirs_log.try_clone()?)
+            .stderr(theirs_log)
+            .spawn()?,
+    );
+    wait_serving(ours, &mut ganglion, &ours_log_path)?;
+    wait_serving(theirs, &mut llama, &theirs_log_path)?;
+    let load = |port: u16, clients: u32, per_client: u32| -> Result<serde_json::Value> {
+        json(
+            Command::new(&python)
+                .arg(root.join("tests/benches/openai_load.py"))
+                .arg(format!("http://127.0.0.1:{port}/v1"))
+                .args([clients.to_string(), per_client.to_string(), "64".into()])
+                .output()?,
+        )
+    };
+    // Warm both (first-request allocations, page cache).
+    load(ours, 1, 1)?;
+    load(theirs, 1, 1)?;
+    let shapes = [(1u32, 4u32), (8, 2)];
+    let mut best: Vec<[Option<serde_json::Value>; 2]> = vec![[None, None]; shapes.len()];
+    let better = |old: &Option<serde_json::Value>, new: &serde_json::Value| {
+        old.as_ref()
+            .is_none_or(|o| new["tok_s"].as_f64() > o["tok_s"].as_f64())
+    };
+    for _ in 0..3 {
+        for (i, &(clients, per_client)) in shapes.iter().enumerate() {
+            for (side, port) in [ours, theirs].into_iter().enumerate() {
+                let v = load(port, clients, per_client)?;
+                eprintln!("{} {v}", ["ganglion", "llama-cpp-python"][side]);
+                if better(&best[i][side], &v) {
+                    best[i][side] = Some(v);
+                }
+            }
+        }
+    }
+    println!(
+        "\n| clients | requests | ganglion tok/s | llama-cpp-python tok/s | tok/s ratio | ganglion TTFT mean ms | llama-cpp-python TTFT mean ms | TTFT ratio (theirs ÷ ours) | ganglion TTFT max ms | llama-cpp-python TTFT max ms | tokens counted by |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (i, &(clients, per_client)) in shapes.iter().enumerate() {
+        let [Some(o), Some(t)] = &best[i] else {
+            bail!("no result for {clients} clients");
+        };
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {clients} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} / {} |",
+            clients * per_client,
+            f(o, "tok_s"),
+            f(t, "tok_s"),
+            f(o, "tok_s") / f(t, "tok_s"),
+            f(o, "ttft_mean_ms"),
+            f(t, "ttft_mean_ms"),
+            f(t, "ttft_mean_ms") / f(o, "ttft_mean_ms"),
+            f(o, "ttft_max_ms"),
+            f(t, "ttft_max_ms"),
+            o["counted_by"].as_str().unwrap_or("?"),
+            t["counted_by"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(())
+}
+
 /// The cargo-fuzz targets of tests/fuzz, one per parser and the allow-list.
 const FUZZ_TARGETS: &[&str] = &[
     "pipeline_csv",
@@ -651,8 +802,9 @@ fn main() -> Result<()> {
             xtask::ensure_browser()?;
             xtask::fetch_model()?;
             xtask::fetch_embedding_model()?;
-            // The remote engine's test runs llama-cpp-python's server.
-            xtask::ensure_llama_server()?;
+            // The remote engine's test runs llama-cpp-python's server; the
+            // serve-model test speaks with the openai client beside it.
+            xtask::ensure_openai_client()?;
             // The demo test runs the binary.
             cargo(&["build", "--quiet", "-p", "ganglion-cli"], &[] as &[&str])?;
             let none: &[String] = &[];
@@ -786,6 +938,7 @@ fn main() -> Result<()> {
                 rest,
             )
         }
+        "bench-serve-model" => bench_serve_model(),
         "bench-byo-model" => {
             xtask::build_plugins()?;
             xtask::fetch_embedding_model()?;
@@ -821,7 +974,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo run -p xtask -- plugins | model | test | lint | layers | demo | bench-mqtt | bench-llm | bench-reload | bench-polyglot | bench-byo-model | fuzz [seconds-per-target] [target...]"
+                "usage: cargo run -p xtask -- plugins | model | test | lint | layers | demo | bench-mqtt | bench-llm | bench-reload | bench-polyglot | bench-byo-model | bench-serve-model | fuzz [seconds-per-target] [target...]"
             );
             if task == "help" {
                 Ok(())
