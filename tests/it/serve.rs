@@ -8,10 +8,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn models() -> (std::path::PathBuf, std::path::PathBuf) {
-    let model = xtask::fetch_model()
-        .unwrap_or_else(|e| panic!("the default model is needed (`cargo run -p xtask -- model`): {e:#}"));
-    let embedding = xtask::fetch_embedding_model()
-        .unwrap_or_else(|e| panic!("all-MiniLM-L6-v2 is needed (`cargo run -p xtask -- model`): {e:#}"));
+    let model = xtask::fetch_model().unwrap_or_else(|e| {
+        panic!("the default model is needed (`cargo run -p xtask -- model`): {e:#}")
+    });
+    let embedding = xtask::fetch_embedding_model().unwrap_or_else(|e| {
+        panic!("all-MiniLM-L6-v2 is needed (`cargo run -p xtask -- model`): {e:#}")
+    });
     (model, embedding)
 }
 
@@ -30,6 +32,16 @@ fn wait_healthy(port: u16, stderr: &StderrLines) {
         std::thread::sleep(Duration::from_millis(200));
     }
     panic!("the endpoint did not come up: {}", stderr.text());
+}
+
+/// Kills the process when dropped, so a failed assertion leaves none behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -52,16 +64,18 @@ fn the_openai_client_speaks_to_serve_model() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(ganglion_binary())
-        .arg("--config")
-        .arg(dir.join("ganglion.toml"))
-        .arg("serve-model")
-        .env("GANGLION_SERVE_TOKEN", "test-key")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = StderrLines::collect(&mut child);
+    let mut child = Killed(
+        Command::new(ganglion_binary())
+            .arg("--config")
+            .arg(dir.join("ganglion.toml"))
+            .arg("serve-model")
+            .env("GANGLION_SERVE_TOKEN", "test-key")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = StderrLines::collect(&mut child.0);
     wait_healthy(port, &stderr);
     let out = Command::new(&python)
         .arg(xtask::root().join("tests/fixtures/serve/openai_client.py"))
@@ -77,7 +91,10 @@ fn the_openai_client_speaks_to_serve_model() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
-    assert_eq!(v["models"], serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"]));
+    assert_eq!(
+        v["models"],
+        serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"])
+    );
     let chat = &v["chat"];
     assert!(!chat["text"].as_str().unwrap().trim().is_empty(), "{chat}");
     assert!(chat["prompt_tokens"].as_u64().unwrap() > 20, "{chat}");
@@ -112,9 +129,9 @@ fn the_openai_client_speaks_to_serve_model() {
     assert_eq!(v["errors"]["auth"], 401);
 
     // SIGTERM stops it, cleanly.
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let status = wait_exit(&mut child.0, Duration::from_secs(20));
     assert!(status.success(), "{status}: {}", stderr.text());
 }
 
@@ -149,7 +166,10 @@ fn serve_model_refuses_what_it_cannot_serve() {
     assert!(run("").contains("no model to serve"));
     let broken = dir.join("broken.gguf");
     std::fs::write(&broken, b"GGUF but not really").unwrap();
-    let err = run(&format!("[model]\npath = {:?}\n", broken.display().to_string()));
+    let err = run(&format!(
+        "[model]\npath = {:?}\n",
+        broken.display().to_string()
+    ));
     assert!(err.contains("did not load"), "{err}");
     let (model, _) = models();
     let err = run(&format!(
@@ -167,7 +187,10 @@ async fn ganglion_run_serves_the_model_beside_its_rules() {
     let dir = gateway_dir_tables(
         "serve-beside-rules",
         &mosquitto.url(),
-        &[("clean-readings", example("clean-readings")), ("threshold-alert", example("threshold-alert"))],
+        &[
+            ("clean-readings", example("clean-readings")),
+            ("threshold-alert", example("threshold-alert")),
+        ],
         &[(
             "hot",
             r#"
@@ -188,18 +211,24 @@ publish = ["alerts/{device}"]
             model.display().to_string()
         ),
     );
-    let (mut child, stderr) = start_gateway(&dir);
+    let (child, stderr) = start_gateway(&dir);
+    let _child = Killed(child);
     assert!(
         stderr.wait_for("model served", Duration::from_secs(120)),
         "{}",
         stderr.text()
     );
-    let client = TestClient::connect(&mosquitto.url(), "serve-beside-rules-client", &["alerts/#"]).await;
+    let client =
+        TestClient::connect(&mosquitto.url(), "serve-beside-rules-client", &["alerts/#"]).await;
     client
-        .publish("sensors/kitchen/telemetry", r#"{"device":"kitchen","metric":"temperature","value":35.0,"unit":"C"}"#)
+        .publish(
+            "sensors/kitchen/telemetry",
+            r#"{"device":"kitchen","metric":"temperature","value":35.0,"unit":"C"}"#,
+        )
         .await;
     // A completion through the endpoint while the rule runs.
-    let body = serde_json::json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}).to_string();
+    let body =
+        serde_json::json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}).to_string();
     let answer = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -218,10 +247,10 @@ publish = ["alerts/{device}"]
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"text_completion\""), "{answer}");
     assert!(
-        client.wait_until(30, |c| !c.on("alerts/#").is_empty()).await,
+        client
+            .wait_until(30, |c| !c.on("alerts/#").is_empty())
+            .await,
         "the rule did not act: {}",
         stderr.text()
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -461,7 +461,9 @@ impl Drop for Server {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Waits until `GET /v1/models` on `port` answers 200.
@@ -535,7 +537,14 @@ fn bench_serve_model() -> Result<()> {
             .args(["-m", "llama_cpp.server", "--model"])
             .arg(&model)
             .args(["--host", "127.0.0.1", "--port", &theirs.to_string()])
-            .args(["--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2"])
+            .args([
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "2",
+                "--n_threads_batch",
+                "2",
+            ])
             .args(["--interrupt_requests", "False"])
             .stdout(theirs_log.try_clone()?)
             .stderr(theirs_log)

@@ -69,9 +69,9 @@ pub use config::EngineConfig;
 #[cfg(feature = "engine")]
 pub use engine::{Engine, ModelSummary};
 #[cfg(feature = "engine")]
-pub use scheduler::Deltas;
-#[cfg(feature = "engine")]
 pub use gguf::LoadError;
+#[cfg(feature = "engine")]
+pub use scheduler::Deltas;
 pub use stats::EngineStats;
 pub use types::*;
 #[cfg(all(test, feature = "engine"))]

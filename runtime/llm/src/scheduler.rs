@@ -570,7 +570,11 @@ fn stream_out(s: &mut Sequence, tokenizer: &Tokenizer) {
     if end <= stream.sent || !text.is_char_boundary(stream.sent) {
         return;
     }
-    if stream.tx.try_send(text[stream.sent..end].to_owned()).is_ok() {
+    if stream
+        .tx
+        .try_send(text[stream.sent..end].to_owned())
+        .is_ok()
+    {
         stream.sent = end;
     }
 }

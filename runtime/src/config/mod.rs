@@ -29,18 +29,18 @@
 //! ([`PluginLimits`]): `limits = { max_memory_mib = 160, load_timeout_ms = 20000 }`.
 
 mod admin;
-mod serve;
 mod limits;
 mod mqtt;
 mod paths;
 mod remote;
+mod serve;
 
 pub use admin::AdminConfig;
-pub use serve::ServeConfig;
 pub use limits::{Limits, PluginLimits};
 pub use mqtt::{Login, MqttSettings, PasswordError, Protocol, host_name};
 pub use remote::{EngineChoice, Fallback, RemoteConfig, SchemaFormat};
 use serde::Deserialize;
+pub use serve::ServeConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -127,7 +127,8 @@ fn router(shared: Arc<Shared>) -> Router {
 
 /// An answer in OpenAI's error shape.
 fn error(status: StatusCode, kind: &str, message: &str, param: Option<&str>) -> Response {
-    let body = json!({"error": {"message": message, "type": kind, "param": param, "code": Value::Null}});
+    let body =
+        json!({"error": {"message": message, "type": kind, "param": param, "code": Value::Null}});
     (status, axum::Json(body)).into_response()
 }
 
@@ -461,7 +462,12 @@ impl Writer {
 
     /// Sends events until the generation ends or the client goes; then the
     /// generation is dropped, which abandons it in the engine.
-    async fn run(mut self, first: First, mut generation: Generation, mut deltas: mpsc::Receiver<String>) {
+    async fn run(
+        mut self,
+        first: First,
+        mut generation: Generation,
+        mut deltas: mpsc::Receiver<String>,
+    ) {
         let _ = self.stream(first, &mut generation, &mut deltas).await;
     }
 
@@ -472,7 +478,14 @@ impl Writer {
         deltas: &mut mpsc::Receiver<String>,
     ) -> Result<(), Gone> {
         if self.kind == Kind::Chat {
-            let mut opening = chunk(self.kind, &self.stamp, &self.model, Some(""), None, self.include_usage);
+            let mut opening = chunk(
+                self.kind,
+                &self.stamp,
+                &self.model,
+                Some(""),
+                None,
+                self.include_usage,
+            );
             opening["choices"][0]["delta"]["role"] = json!("assistant");
             self.send(&opening).await?;
         }
@@ -524,7 +537,10 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let kind = if matches!(e, LlmError::InvalidInput(_) | LlmError::ConstraintUnsatisfiable(_)) {
+                let kind = if matches!(
+                    e,
+                    LlmError::InvalidInput(_) | LlmError::ConstraintUnsatisfiable(_)
+                ) {
                     "invalid_request_error"
                 } else {
                     "server_error"
@@ -571,8 +587,10 @@ async fn embeddings(
         })
         .collect();
     // The encoder's word pieces are not counted: usage says 0.
-    axum::Json(json!({"object": "list", "data": data, "model": shared.llm.model_id(),
-                      "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
+    axum::Json(
+        json!({"object": "list", "data": data, "model": shared.llm.model_id(),
+                      "usage": {"prompt_tokens": 0, "total_tokens": 0}}),
+    )
     .into_response()
 }
 

@@ -200,7 +200,9 @@ impl ChatRequest {
                             (kind, _) => {
                                 return Err(refuse(
                                     "messages",
-                                    format!("content parts of type {kind:?} are not supported: the model reads text"),
+                                    format!(
+                                        "content parts of type {kind:?} are not supported: the model reads text"
+                                    ),
                                 ));
                             }
                         }
@@ -270,8 +272,9 @@ impl Sampling {
             }
         }
         let on = |v: &Option<Value>| {
-            v.as_ref()
-                .is_some_and(|v| !(v.is_null() || *v == Value::Bool(false) || v.as_u64() == Some(0)))
+            v.as_ref().is_some_and(|v| {
+                !(v.is_null() || *v == Value::Bool(false) || v.as_u64() == Some(0))
+            })
         };
         if on(&self.logprobs) || on(&self.top_logprobs) {
             return Err(refuse("logprobs", "`logprobs` is not supported"));
@@ -323,7 +326,9 @@ impl Sampling {
                 "text" => Constraint::None,
                 "json_object" => Constraint::JsonSchema(r#"{"type":"object"}"#.into()),
                 "json_schema" => match f.json_schema.and_then(|j| j.schema) {
-                    Some(schema) if schema.is_object() => Constraint::JsonSchema(schema.to_string()),
+                    Some(schema) if schema.is_object() => {
+                        Constraint::JsonSchema(schema.to_string())
+                    }
                     _ => {
                         return Err(refuse(
                             "response_format",
@@ -334,7 +339,9 @@ impl Sampling {
                 other => {
                     return Err(refuse(
                         "response_format",
-                        format!("response_format type {other:?} is not supported (text, json_object, json_schema)"),
+                        format!(
+                            "response_format type {other:?} is not supported (text, json_object, json_schema)"
+                        ),
                     ));
                 }
             },
@@ -454,12 +461,21 @@ mod tests {
         let user = serde_json::json!([{"role": "user", "content": "hi"}]);
         for (extra, param) in [
             (serde_json::json!({"n": 2}), "n"),
-            (serde_json::json!({"tools": [{"type": "function"}]}), "tools"),
+            (
+                serde_json::json!({"tools": [{"type": "function"}]}),
+                "tools",
+            ),
             (serde_json::json!({"logprobs": true}), "logprobs"),
-            (serde_json::json!({"presence_penalty": 0.5}), "presence_penalty"),
+            (
+                serde_json::json!({"presence_penalty": 0.5}),
+                "presence_penalty",
+            ),
             (serde_json::json!({"logit_bias": {"42": 5}}), "logit_bias"),
             (serde_json::json!({"temperature": 3}), "temperature"),
-            (serde_json::json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+            (
+                serde_json::json!({"stop": ["a", "b", "c", "d", "e"]}),
+                "stop",
+            ),
             (
                 serde_json::json!({"response_format": {"type": "json_schema"}}),
                 "response_format",
@@ -471,7 +487,9 @@ mod tests {
         }
         let tool_role = chat(serde_json::json!({"messages": [{"role": "tool", "content": "x"}]}));
         assert!(tool_role.unwrap_err().message.contains("\"tool\""));
-        let image = chat(serde_json::json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}));
+        let image = chat(
+            serde_json::json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        );
         assert!(image.unwrap_err().message.contains("image_url"));
         let many: Vec<Value> = (0..65)
             .map(|_| serde_json::json!({"role": "user", "content": "x"}))
@@ -503,6 +521,11 @@ mod tests {
         assert_eq!(e.check(&limits).unwrap(), (vec!["a".to_owned()], true));
         let many: EmbeddingRequest =
             serde_json::from_value(serde_json::json!({ "input": vec!["x"; 65] })).unwrap();
-        assert!(many.check(&limits).unwrap_err().message.contains("max_inputs"));
+        assert!(
+            many.check(&limits)
+                .unwrap_err()
+                .message
+                .contains("max_inputs")
+        );
     }
 }

@@ -57,7 +57,14 @@ async fn chat_and_text_completions_answer_in_openais_shape() {
     let llm = FakeLlm::fixed("the kitchen is warm");
     let server = start(ServeConfig::default(), llm.clone()).await;
     let body = json!({"model": "whatever", "messages": user("how warm?"), "temperature": 0, "max_tokens": 20});
-    let (status, answer) = http(&server, "POST", "/v1/chat/completions", "", &body.to_string()).await;
+    let (status, answer) = http(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        "",
+        &body.to_string(),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     let v = parsed(&answer);
     assert_eq!(v["object"], "chat.completion");
@@ -92,7 +99,14 @@ async fn a_streamed_chat_sends_the_text_in_pieces_then_the_end_and_usage() {
     let llm = FakeLlm::fixed("the kitchen is warm");
     let server = start(ServeConfig::default(), llm).await;
     let body = json!({"messages": user("how warm?"), "stream": true, "stream_options": {"include_usage": true}});
-    let (status, answer) = http(&server, "POST", "/v1/chat/completions", "", &body.to_string()).await;
+    let (status, answer) = http(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        "",
+        &body.to_string(),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     let events = events(&answer);
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -120,7 +134,11 @@ async fn a_streamed_chat_sends_the_text_in_pieces_then_the_end_and_usage() {
     let last = &chunks[chunks.len() - 1];
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["completion_tokens"], 4);
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
 }
 
 #[tokio::test]
@@ -132,11 +150,21 @@ async fn engine_failures_get_their_status_codes_even_when_streaming() {
         (LlmError::DeadlineExceeded, 504),
     ] {
         let e = error.clone();
-        let server = start(ServeConfig::default(), FakeLlm::new(move |_| Err(e.clone()))).await;
+        let server = start(
+            ServeConfig::default(),
+            FakeLlm::new(move |_| Err(e.clone())),
+        )
+        .await;
         for stream in [false, true] {
             let body = json!({"messages": user("x"), "stream": stream});
-            let (got, answer) =
-                http(&server, "POST", "/v1/chat/completions", "", &body.to_string()).await;
+            let (got, answer) = http(
+                &server,
+                "POST",
+                "/v1/chat/completions",
+                "",
+                &body.to_string(),
+            )
+            .await;
             assert_eq!(got, status, "{error:?} stream={stream}: {answer}");
             assert_eq!(parsed(&answer)["error"]["message"], error.to_string());
         }
@@ -188,7 +216,11 @@ async fn a_request_without_the_token_is_refused_and_health_needs_none() {
     let llm = FakeLlm::fixed("x");
     let server = start(config, llm.clone()).await;
     let body = json!({"messages": user("x")}).to_string();
-    for auth in ["", "authorization: Bearer wrong\r\n", "authorization: s3cret\r\n"] {
+    for auth in [
+        "",
+        "authorization: Bearer wrong\r\n",
+        "authorization: s3cret\r\n",
+    ] {
         let (status, _) = http(&server, "POST", "/v1/chat/completions", auth, &body).await;
         assert_eq!(status, 401, "{auth:?}");
     }
@@ -307,7 +339,10 @@ async fn a_client_that_hangs_up_mid_stream_abandons_its_generation() {
         assert!(n > 0, "closed before any text");
         got.extend_from_slice(&buf[..n]);
     }
-    assert!(!dropped.load(Ordering::SeqCst), "still generating while read");
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "still generating while read"
+    );
     drop(s);
     let gone = tokio::time::timeout(Duration::from_secs(10), async {
         while !dropped.load(Ordering::SeqCst) {
@@ -315,5 +350,8 @@ async fn a_client_that_hangs_up_mid_stream_abandons_its_generation() {
         }
     })
     .await;
-    assert!(gone.is_ok(), "the generation kept running after the client left");
+    assert!(
+        gone.is_ok(),
+        "the generation kept running after the client left"
+    );
 }
