@@ -183,7 +183,7 @@ pub(super) fn render(sources: &Sources, reloads: (u64, u64)) -> String {
         }
     }
     plugins(&mut e, sources);
-    engine(&mut e, sources);
+    engine(&mut e, sources.llm.as_ref());
     #[cfg(feature = "remote")]
     remotes(&mut e, sources);
     if let Some(link) = &sources.link {
@@ -358,15 +358,17 @@ fn remotes(e: &mut Exposition, sources: &Sources) {
     }
 }
 
-fn engine(e: &mut Exposition, sources: &Sources) {
+/// The model's families: whether it is loaded, and the engine's batch,
+/// KV cache and speed counters when it keeps them.
+pub(super) fn engine(e: &mut Exposition, llm: &dyn crate::llm::LlmEngine) {
     e.family(
         "ganglion_model_loaded",
         "gauge",
         "1 when a model is loaded, 0 when rules that need it dead-letter.",
     );
-    let loaded = !sources.llm.model_id().is_empty();
+    let loaded = !llm.model_id().is_empty();
     e.sample("ganglion_model_loaded", &[], f64::from(u8::from(loaded)));
-    let Some(s) = sources.llm.stats() else {
+    let Some(s) = llm.stats() else {
         return;
     };
     let gauges = [

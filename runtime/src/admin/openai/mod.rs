@@ -5,6 +5,7 @@
 //! | endpoint | answer |
 //! |---|---|
 //! | `GET /health` | 200 while the process serves (no token needed) |
+//! | `GET /metrics` | Prometheus text: the engine's families (as on the admin endpoint) and requests by endpoint and outcome |
 //! | `GET /v1/models`, `/v1/models/{id}` | the model |
 //! | `POST /v1/chat/completions` | a chat completion; `stream` sends server-sent events |
 //! | `POST /v1/completions` | a text completion of one prompt; `stream` as above |
@@ -65,10 +66,16 @@ impl Drop for ModelServer {
     }
 }
 
+/// The endpoints counted on `/metrics`, and the outcomes by status class.
+const ENDPOINTS: [&str; 3] = ["chat", "completions", "embeddings"];
+const OUTCOMES: [&str; 3] = ["ok", "refused", "failed"];
+
 struct Shared {
     config: ServeConfig,
     llm: Arc<dyn LlmEngine>,
     requests: AtomicU64,
+    /// Answers per endpoint and outcome (2xx, 4xx, 5xx).
+    answered: [[AtomicU64; 3]; 3],
 }
 
 /// Binds `[serve] listen` and serves `llm` on the current tokio runtime.
@@ -89,6 +96,7 @@ pub async fn serve_model(
         config: config.clone(),
         llm,
         requests: AtomicU64::new(0),
+        answered: Default::default(),
     });
     let limits = (
         config.max_connections,
@@ -106,6 +114,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), count))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             authorize,
@@ -190,6 +200,58 @@ async fn authorize(
         }
     }
     next.run(request).await
+}
+
+/// Counts each answer of the completion and embedding endpoints by its
+/// status class (a stream's status is the one its headers carried).
+async fn count(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let endpoint = match request.uri().path() {
+        "/v1/chat/completions" => Some(0),
+        "/v1/completions" => Some(1),
+        "/v1/embeddings" => Some(2),
+        _ => None,
+    };
+    let response = next.run(request).await;
+    if let Some(i) = endpoint {
+        let status = response.status();
+        let outcome = if status.is_success() {
+            0
+        } else if status.is_client_error() {
+            1
+        } else {
+            2
+        };
+        shared.answered[i][outcome].fetch_add(1, Ordering::Relaxed);
+    }
+    response
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut e = super::Exposition::default();
+    super::metrics::engine(&mut e, shared.llm.as_ref());
+    e.family(
+        "ganglion_serve_requests_total",
+        "counter",
+        "Answers of the OpenAI-compatible endpoint, by endpoint and outcome (ok: 2xx, refused: 4xx, failed: 5xx).",
+    );
+    for (i, endpoint) in ENDPOINTS.iter().enumerate() {
+        for (j, outcome) in OUTCOMES.iter().enumerate() {
+            let n = shared.answered[i][j].load(Ordering::Relaxed);
+            e.sample(
+                "ganglion_serve_requests_total",
+                &[("endpoint", endpoint), ("outcome", outcome)],
+                n as f64,
+            );
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        e.finish(),
+    )
+        .into_response()
 }
 
 fn model_json(id: &str) -> Value {

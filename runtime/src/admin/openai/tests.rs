@@ -355,3 +355,32 @@ async fn a_client_that_hangs_up_mid_stream_abandons_its_generation() {
         "the generation kept running after the client left"
     );
 }
+
+#[tokio::test]
+async fn metrics_count_answers_by_endpoint_and_outcome() {
+    let server = start(ServeConfig::default(), FakeLlm::fixed("warm")).await;
+    let ok = json!({"messages": user("x")}).to_string();
+    let refused = json!({"messages": user("x"), "n": 2}).to_string();
+    for body in [&ok, &ok, &refused] {
+        http(&server, "POST", "/v1/chat/completions", "", body).await;
+    }
+    http(
+        &server,
+        "POST",
+        "/v1/embeddings",
+        "",
+        &json!({"input": "x"}).to_string(),
+    )
+    .await;
+    let (status, text) = http(&server, "GET", "/metrics", "", "").await;
+    assert_eq!(status, 200);
+    for line in [
+        "ganglion_serve_requests_total{endpoint=\"chat\",outcome=\"ok\"} 2",
+        "ganglion_serve_requests_total{endpoint=\"chat\",outcome=\"refused\"} 1",
+        "ganglion_serve_requests_total{endpoint=\"embeddings\",outcome=\"ok\"} 1",
+        "ganglion_serve_requests_total{endpoint=\"completions\",outcome=\"ok\"} 0",
+        "ganglion_model_loaded 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+}
