@@ -585,12 +585,12 @@ pub(crate) fn safe_end(text: &str, stops: &[String]) -> usize {
     let end = text.strip_suffix('\u{FFFD}').unwrap_or(text).len();
     let held = stops
         .iter()
-        .flat_map(|stop| {
-            stop.char_indices()
-                .skip(1)
-                .map(|(k, _)| &stop[..k])
-                .filter(|prefix| text[..end].ends_with(prefix))
-                .map(str::len)
+        .map(|stop| {
+            (1..stop.len().min(end + 1))
+                .rev()
+                .filter(|&k| stop.is_char_boundary(k))
+                .find(|&k| text[..end].ends_with(&stop[..k]))
+                .unwrap_or(0)
         })
         .max()
         .unwrap_or(0);

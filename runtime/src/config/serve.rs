@@ -17,6 +17,7 @@
 //! max_inputs = 64                # texts in one /v1/embeddings request
 //! max_messages = 64              # chat messages in one request
 //! max_stops = 4                  # stop strings in one request
+//! max_stop_bytes = 256           # bytes of one stop string
 //! ```
 //!
 //! Requests go into the engine's queue (`[model] queue`) under the name
@@ -57,6 +58,10 @@ pub struct ServeConfig {
     pub max_messages: usize,
     /// Stop strings in one request. Default 4 (OpenAI's own limit).
     pub max_stops: usize,
+    /// Bytes of one stop string. Default 256: the engine looks for each
+    /// stop string's beginnings at every token, so a long one costs every
+    /// step of the batch.
+    pub max_stop_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -72,6 +77,7 @@ impl Default for ServeConfig {
             max_inputs: 64,
             max_messages: 64,
             max_stops: 4,
+            max_stop_bytes: 256,
         }
     }
 }
@@ -104,6 +110,7 @@ impl ServeConfig {
             ("max_tokens", u64::from(self.max_tokens)),
             ("max_inputs", self.max_inputs as u64),
             ("max_messages", self.max_messages as u64),
+            ("max_stop_bytes", self.max_stop_bytes as u64),
         ] {
             if value == 0 {
                 return Err(format!("[serve] {key} must be at least 1"));

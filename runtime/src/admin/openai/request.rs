@@ -320,6 +320,16 @@ impl Sampling {
                 ),
             ));
         }
+        if let Some(long) = stop.iter().find(|s| s.len() > limits.max_stop_bytes) {
+            return Err(refuse(
+                "stop",
+                format!(
+                    "a stop string of {} bytes; at most {} ([serve] max_stop_bytes)",
+                    long.len(),
+                    limits.max_stop_bytes
+                ),
+            ));
+        }
         let constraint = match self.response_format {
             None => Constraint::None,
             Some(f) => match f.kind.as_str() {

@@ -384,3 +384,19 @@ async fn metrics_count_answers_by_endpoint_and_outcome() {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_hundred_kilobyte_stop_string_is_refused_before_it_reaches_the_engine() {
+    let llm = FakeLlm::fixed("x");
+    let server = start(ServeConfig::default(), llm.clone()).await;
+    let body = json!({"messages": user("x"), "stop": ["x".repeat(100_000)]}).to_string();
+    let (status, answer) = http(&server, "POST", "/v1/chat/completions", "", &body).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        parsed(&answer)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_stop_bytes")
+    );
+    assert!(llm.requests().is_empty());
+}
