@@ -17,6 +17,11 @@
 //! Latency: messages at a fixed rate; each output's arrival minus its
 //! message's publish, p50 and p99.
 //!
+//! Ganglion runs twice: with its default `[mqtt] write_batch` (requests
+//! queued together go out in one write) and with `write_batch = 1` (each
+//! PUBACK and PUBLISH written alone, as unpatched rumqttc does), so the
+//! coalescing is compared within one run.
+//!
 //! Two more figures tell what the machine allows, whatever the flow does:
 //! - a relay row: one rumqttc client that turns each message into the same
 //!   alert with no pipeline, plugin or confirmation, over the same four QoS 1
@@ -336,6 +341,34 @@ fn main() {
             sampler(broker_pid, None),
         ),
     )];
+    flow_rt.block_on(gw.stop());
+
+    // The same gateway writing each request alone (`[mqtt] write_batch =
+    // 1`, unpatched rumqttc's behaviour), under the same client id so that
+    // it takes the first one's session back: the coalescing's A/B in one run.
+    let settings = ganglion::mqtt::MqttSettings {
+        client_id: "bench-gw".into(),
+        write_batch: 1,
+        ..Default::default()
+    };
+    let gw = flow_rt.block_on(RunningGateway::start_with(
+        &broker.url(),
+        settings,
+        &dir,
+        Arc::new(NoModel),
+    ));
+    assert!(gw.problems.is_empty(), "{:?}", gw.problems);
+    runs.push((
+        "Ganglion, write_batch = 1",
+        measure(
+            broker.port,
+            "bench",
+            "ganglion/alert/bench/#",
+            n,
+            latency_rate,
+            sampler(broker_pid, None),
+        ),
+    ));
     flow_rt.block_on(gw.stop());
 
     let relay = flow_rt.block_on(start_relay(broker.port));

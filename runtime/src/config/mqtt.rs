@@ -34,6 +34,7 @@ pub enum Protocol {
 /// protocol = "3.1.1"                 # or "5"
 /// max_packet_bytes = 16777216        # larger outputs are dead-lettered, never queued
 /// intake_buffer = 10000              # deliveries waiting for the rules; QoS 0 beyond it is dropped and counted
+/// write_batch = 64                   # requests (PUBACKs, PUBLISHes) written with one flush; 1: each alone
 /// share_group = "ganglion"           # optional, MQTT 5: N gateways share the rules' messages (docs/scale-out.md)
 /// instance = 1                       # with share_group: this gateway's number on its host (GANGLION_INSTANCE)
 /// ```
@@ -93,6 +94,11 @@ pub struct MqttSettings {
     /// bounds them. QoS 0 ones past this many are dropped and counted
     /// (`MqttHandle::dropped_qos0`), as QoS 0 allows. Default 10 000.
     pub intake_buffer: usize,
+    /// Requests (PUBACKs of deliveries, our PUBLISHes) a connection writes
+    /// together with one flush when they are queued while the last write
+    /// went out, at most; 1 writes each alone, one system call apiece (as
+    /// rumqttc does unpatched). Also bounded by `inflight`. Default 64.
+    pub write_batch: usize,
     /// With a group name, every rule's filters (but those of rules with
     /// `shared = false`) are subscribed as `$share/<group>/<filter>`: the
     /// broker hands each message to one of the gateways of the group, so
@@ -124,6 +130,7 @@ impl Default for MqttSettings {
             protocol: Protocol::V311,
             max_packet_bytes: 16 << 20,
             intake_buffer: 10_000,
+            write_batch: 64,
             share_group: None,
             instance: 1,
         }
@@ -156,9 +163,15 @@ impl MqttSettings {
             .replace("{instance}", &self.instance.to_string())
     }
 
-    /// Checks what a connection cannot check for itself: the share group's
-    /// name, and that shared subscriptions are asked for over MQTT 5.
+    /// Checks what a connection cannot check for itself: a write batch of
+    /// at least 1, the share group's name, and that shared subscriptions
+    /// are asked for over MQTT 5.
     pub fn check(&self) -> Result<(), String> {
+        if self.write_batch == 0 {
+            return Err(
+                "[mqtt] write_batch must be at least 1 (1: each request written alone)".into(),
+            );
+        }
         let Some(group) = &self.share_group else {
             return Ok(());
         };
@@ -294,6 +307,14 @@ mod tests {
 
     fn settings(toml: &str) -> MqttSettings {
         toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn a_write_batch_of_zero_is_refused() {
+        let zero = settings("write_batch = 0");
+        assert!(zero.check().unwrap_err().contains("write_batch"));
+        assert!(settings("write_batch = 1").check().is_ok());
+        assert_eq!(MqttSettings::default().write_batch, 64);
     }
 
     #[test]

@@ -192,16 +192,11 @@ fn plain_v4(s: &MqttSettings, client_id: &str, e: Endpoint) -> rumqttc::MqttOpti
     o
 }
 
-/// Requests the gateway's connections write together, one flush for all
-/// (the vendored rumqttc's coalescing): PUBACKs and PUBLISHes queued while
-/// the last write went out. Bounded again by the in-flight window.
-const REQUEST_BATCH: usize = 64;
-
 /// The gateway's own 3.1.1 connection: a persistent session, manual
 /// acknowledgements and the status topic's last will.
 pub(super) fn options_v4(s: &MqttSettings, e: Endpoint) -> rumqttc::MqttOptions {
     let mut o = plain_v4(s, &s.effective_client_id(), e);
-    o.set_max_request_batch(REQUEST_BATCH)
+    o.set_max_request_batch(s.write_batch.max(1))
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_last_will(rumqttc::LastWill::new(
@@ -216,7 +211,7 @@ pub(super) fn options_v4(s: &MqttSettings, e: Endpoint) -> rumqttc::MqttOptions 
 pub(super) fn options_v5(s: &MqttSettings, e: Endpoint) -> rumqttc::v5::MqttOptions {
     use rumqttc::v5::mqttbytes::{QoS as Q5, v5::LastWill};
     let mut o = rumqttc::v5::MqttOptions::new(s.effective_client_id(), e.host, e.port);
-    o.set_max_request_batch(REQUEST_BATCH)
+    o.set_max_request_batch(s.write_batch.max(1))
         .set_clean_start(false)
         // MQTT 5 ends a session when the connection closes unless it has an expiry.
         .set_session_expiry_interval(Some(u32::MAX))
