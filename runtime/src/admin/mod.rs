@@ -220,25 +220,32 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>`; true when no
+/// token is set.
+fn bearer_accepted(headers: &HeaderMap, token: Option<&str>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|g| same(g.as_bytes(), token.as_bytes()))
+}
+
 async fn authorize(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = shared.config.token() {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                axum::Json(json!({"error": "a bearer token is required ([admin] token)"})),
-            )
-                .into_response();
-        }
+    if !bearer_accepted(&headers, shared.config.token()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(json!({"error": "a bearer token is required ([admin] token)"})),
+        )
+            .into_response();
     }
     next.run(request).await
 }

@@ -78,23 +78,36 @@ impl AdminConfig {
     /// The address to listen on; an error that says why it is refused: not
     /// an `ip:port`, or off loopback without a token.
     pub fn check(&self) -> Result<std::net::SocketAddr, String> {
-        let addr: std::net::SocketAddr = self.listen.parse().map_err(|e| {
-            format!(
-                "[admin] listen = {:?}: not an ip:port address ({e})",
-                self.listen
-            )
-        })?;
-        if !addr.ip().is_loopback() && self.token().is_none() {
-            return Err(format!(
-                "[admin] listen = {:?} is reachable from other machines, and the admin endpoint can disable rules: set [admin] token, or listen on 127.0.0.1",
-                self.listen
-            ));
-        }
+        let addr = listen_addr(
+            "admin",
+            &self.listen,
+            self.token(),
+            "the admin endpoint can disable rules",
+        )?;
         if self.sample_ms == 0 {
             return Err("[admin] sample_ms must be at least 1".into());
         }
         Ok(addr)
     }
+}
+
+/// `listen` of `[table]` as an address; refused when it is not `ip:port`,
+/// or is off loopback without a token (`danger` says why that matters).
+pub(super) fn listen_addr(
+    table: &str,
+    listen: &str,
+    token: Option<&str>,
+    danger: &str,
+) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|e| format!("[{table}] listen = {listen:?}: not an ip:port address ({e})"))?;
+    if !addr.ip().is_loopback() && token.is_none() {
+        return Err(format!(
+            "[{table}] listen = {listen:?} is reachable from other machines, and {danger}: set [{table}] token, or listen on 127.0.0.1"
+        ));
+    }
+    Ok(addr)
 }
 
 #[cfg(test)]

@@ -91,18 +91,12 @@ impl ServeConfig {
     /// The address to listen on; an error that says why it is refused: not
     /// an `ip:port`, off loopback without a token, or a zero limit.
     pub fn check(&self) -> Result<std::net::SocketAddr, String> {
-        let addr: std::net::SocketAddr = self.listen.parse().map_err(|e| {
-            format!(
-                "[serve] listen = {:?}: not an ip:port address ({e})",
-                self.listen
-            )
-        })?;
-        if !addr.ip().is_loopback() && self.token().is_none() {
-            return Err(format!(
-                "[serve] listen = {:?} is reachable from other machines, and the endpoint runs the model for whoever asks: set [serve] token, or listen on 127.0.0.1",
-                self.listen
-            ));
-        }
+        let addr = super::admin::listen_addr(
+            "serve",
+            &self.listen,
+            self.token(),
+            "the endpoint runs the model for whoever asks",
+        )?;
         for (key, value) in [
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_connections", self.max_connections as u64),

@@ -26,7 +26,7 @@ mod request;
 
 pub use request::SCHEDULED_AS;
 
-use super::{AdminError, same};
+use super::{AdminError, bearer_accepted};
 use crate::config::ServeConfig;
 use crate::llm::{GenerateRequest, LlmEngine};
 use crate::types::{Completion, FinishReason, LlmError};
@@ -38,7 +38,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use request::{ChatRequest, CompletionRequest, Delivery, EmbeddingRequest, Refusal};
+use request::{Checked, ChatRequest, CompletionRequest, Delivery, EmbeddingRequest, Refusal};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::pin::Pin;
@@ -182,22 +182,16 @@ async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = shared.config.token() {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "a bearer token is required ([serve] token; OpenAI clients send it as their API key)",
-                None,
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
-            return r;
-        }
+    if !bearer_accepted(&headers, shared.config.token()) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "a bearer token is required ([serve] token; OpenAI clients send it as their API key)",
+            None,
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
+        return r;
     }
     next.run(request).await
 }
@@ -315,41 +309,36 @@ async fn chat(
     State(shared): State<Arc<Shared>>,
     body: Result<axum::Json<ChatRequest>, JsonRejection>,
 ) -> Response {
-    let axum::Json(request) = match body {
-        Ok(b) => b,
-        Err(e) => return unreadable(e),
-    };
-    match request.check(&shared.config) {
-        Ok((input, params, delivery)) => {
-            let request = GenerateRequest {
-                input,
-                params,
-                rule: SCHEDULED_AS.into(),
-            };
-            complete(shared, request, Kind::Chat, delivery).await
-        }
-        Err(r) => refused(r),
-    }
+    let checked = body.map(|axum::Json(r)| r.check(&shared.config));
+    answer(shared, checked, Kind::Chat).await
 }
 
 async fn completions(
     State(shared): State<Arc<Shared>>,
     body: Result<axum::Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
-    let axum::Json(request) = match body {
-        Ok(b) => b,
-        Err(e) => return unreadable(e),
-    };
-    match request.check(&shared.config) {
-        Ok((input, params, delivery)) => {
+    let checked = body.map(|axum::Json(r)| r.check(&shared.config));
+    answer(shared, checked, Kind::Text).await
+}
+
+/// A chat or text completion request as read and checked: the body's
+/// problem, the field refused, or the request to run.
+async fn answer(
+    shared: Arc<Shared>,
+    checked: Result<Result<Checked, Refusal>, JsonRejection>,
+    kind: Kind,
+) -> Response {
+    match checked {
+        Err(e) => unreadable(e),
+        Ok(Err(r)) => refused(r),
+        Ok(Ok((input, params, delivery))) => {
             let request = GenerateRequest {
                 input,
                 params,
                 rule: SCHEDULED_AS.into(),
             };
-            complete(shared, request, Kind::Text, delivery).await
+            complete(shared, request, kind, delivery).await
         }
-        Err(r) => refused(r),
     }
 }
 

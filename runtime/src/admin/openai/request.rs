@@ -147,6 +147,10 @@ pub struct EmbeddingRequest {
     pub dimensions: Option<u32>,
 }
 
+/// A completion request ready to run: the prompt, how to sample it, and
+/// how to deliver the answer.
+pub type Checked = (LlmInput, GenerationParams, Delivery);
+
 /// How a request wants its answer delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
@@ -157,10 +161,7 @@ pub struct Delivery {
 impl ChatRequest {
     /// The engine's input, parameters and delivery; a refusal names the
     /// field at fault.
-    pub fn check(
-        self,
-        limits: &ServeConfig,
-    ) -> Result<(LlmInput, GenerationParams, Delivery), Refusal> {
+    pub fn check(self, limits: &ServeConfig) -> Result<Checked, Refusal> {
         if self.messages.is_empty() {
             return Err(refuse("messages", "`messages` is empty"));
         }
@@ -219,10 +220,7 @@ impl ChatRequest {
 
 impl CompletionRequest {
     /// As [`ChatRequest::check`]; one prompt only.
-    pub fn check(
-        self,
-        limits: &ServeConfig,
-    ) -> Result<(LlmInput, GenerationParams, Delivery), Refusal> {
+    pub fn check(self, limits: &ServeConfig) -> Result<Checked, Refusal> {
         let mut prompts = self.prompt.into_vec();
         if prompts.len() != 1 {
             return Err(refuse(
@@ -418,7 +416,7 @@ impl EmbeddingRequest {
 mod tests {
     use super::*;
 
-    fn chat(body: Value) -> Result<(LlmInput, GenerationParams, Delivery), Refusal> {
+    fn chat(body: Value) -> Result<Checked, Refusal> {
         serde_json::from_value::<ChatRequest>(body)
             .unwrap()
             .check(&ServeConfig::default())
