@@ -39,6 +39,12 @@ listen = "127.0.0.1:1883"
 # [model]
 # path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The model for other tools on the gateway, OpenAI-compatible
+# (`ganglion serve-model` serves it alone).
+# [serve]
+# enabled = true
+# listen = "127.0.0.1:8089"
+
 [audit]
 path = ".ganglion/audit.jsonl"
 
