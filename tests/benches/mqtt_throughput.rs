@@ -329,7 +329,10 @@ fn main() {
     // coalescing's A/B in one run.
     let mut runs = Vec::new();
     for (name, write_batch) in [
-        ("Ganglion", ganglion::mqtt::MqttSettings::default().write_batch),
+        (
+            "Ganglion",
+            ganglion::mqtt::MqttSettings::default().write_batch,
+        ),
         ("Ganglion, write_batch = 1", 1),
     ] {
         let settings = ganglion::mqtt::MqttSettings {

@@ -38,7 +38,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use request::{Checked, ChatRequest, CompletionRequest, Delivery, EmbeddingRequest, Refusal};
+use request::{ChatRequest, Checked, CompletionRequest, Delivery, EmbeddingRequest, Refusal};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::pin::Pin;
