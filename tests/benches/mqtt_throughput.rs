@@ -29,7 +29,10 @@
 //! - CPU per message in the throughput phase, from each thread's
 //!   `/proc/…/schedstat`: mosquitto, the flow under test, and the load
 //!   generator with the receiver; 2 cores ÷ their sum is the most this flow
-//!   could reach with both cores busy.
+//!   could reach with both cores busy. Beside it, how many times per
+//!   message the flow's threads were put on a CPU (schedstat's third
+//!   field): each is a wake-up after the thread slept, which costs a
+//!   context switch however little work it brings.
 //!
 //! And the host's steadiness: one thread running a fixed integer loop with
 //! nothing else running, its rate per 50 ms bin against its median. On a
@@ -71,6 +74,9 @@ struct Cpu {
     broker: f64,
     flow: f64,
     harness: f64,
+    /// Times the flow's threads were put on a CPU: a count while sampled,
+    /// per message in a [`Run`].
+    flow_runs: f64,
 }
 
 /// The bench's own threads: the main thread (the publisher) and the `load…`
@@ -89,6 +95,10 @@ fn sampler(broker: u32, external_flow: Option<u32>) -> impl Fn() -> Cpu {
             None => wire::cpu_ns("self", |t, c| !own_thread_is_harness(t, c)),
         },
         harness: wire::cpu_ns("self", own_thread_is_harness),
+        flow_runs: match external_flow {
+            Some(pid) => wire::runs(&pid.to_string(), |_, _| true),
+            None => wire::runs("self", |t, c| !own_thread_is_harness(t, c)),
+        },
     }
 }
 
@@ -217,6 +227,7 @@ fn measure(
         broker: per_message(after.broker, before.broker),
         flow: per_message(after.flow, before.flow),
         harness: per_message(after.harness, before.harness),
+        flow_runs: (after.flow_runs - before.flow_runs) / received.max(1) as f64,
     };
 
     let m = (latency_rate * 5) as usize;
@@ -405,17 +416,20 @@ fn main() {
         );
     }
     println!("\nCPU per message in the throughput phase (µs); ceiling = 2 cores ÷ all:\n");
-    println!("| flow | mosquitto | flow | load generator + receiver | all | ceiling (msg/s) |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| flow | mosquitto | flow | load generator + receiver | all | ceiling (msg/s) | flow threads put on a CPU per message |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, r) in &runs {
         let all = r.cpu.broker + r.cpu.flow + r.cpu.harness;
         println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} |",
             r.cpu.broker,
             r.cpu.flow,
             r.cpu.harness,
             all,
-            2e6 / all
+            2e6 / all,
+            r.cpu.flow_runs
         );
     }
     if let (Some((_, g)), Some((_, nr))) = (

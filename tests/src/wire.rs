@@ -171,6 +171,17 @@ config = { thresholds = [{ metric = "temperature", above = 0.0, level = "critica
 /// Nanoseconds on CPU of the threads of `pid` that `pick` (given the thread
 /// id and name) selects, from the first field of each thread's schedstat.
 pub fn cpu_ns(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {
+    schedstat_field(pid, 0, pick)
+}
+
+/// Times the threads of `pid` that `pick` selects were put on a CPU (the
+/// third field of schedstat): about one per wake-up for a thread that
+/// sleeps between bursts of work.
+pub fn runs(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {
+    schedstat_field(pid, 2, pick)
+}
+
+fn schedstat_field(pid: &str, field: usize, pick: impl Fn(&str, &str) -> bool) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };
@@ -181,7 +192,7 @@ pub fn cpu_ns(pid: &str, pick: impl Fn(&str, &str) -> bool) -> f64 {
             let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
             pick(&tid, comm.trim()).then_some(())?;
             let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse::<f64>().ok()
+            stat.split_whitespace().nth(field)?.parse::<f64>().ok()
         })
         .sum()
 }
