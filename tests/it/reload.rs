@@ -21,17 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 fn tag_rule(label: &str) -> String {
-    format!(
-        r#"
-topics = ["reload/in/+"]
-format = "raw"
-[handler]
-plugin = "tagger"
-config = {{ label = "{label}" }}
-[allow]
-publish = ["tagged/{{device}}"]
-"#
-    )
+    tagger_rule("reload/in/+", label)
 }
 
 fn bytes(path: &Path) -> Vec<u8> {

@@ -10,17 +10,7 @@ use std::time::Instant;
 
 /// The tagger names the gateway that handled a message through its label.
 fn shared_rule(label: &str) -> String {
-    format!(
-        r#"
-topics = ["scale/in/+"]
-format = "raw"
-[handler]
-plugin = "tagger"
-config = {{ label = "{label}" }}
-[allow]
-publish = ["tagged/{{device}}"]
-"#
-    )
+    tagger_rule("scale/in/+", label)
 }
 
 /// One gateway folder of the group: its own state and compiled plugins,

@@ -20,28 +20,12 @@ fn models() -> (std::path::PathBuf, std::path::PathBuf) {
 /// Waits until `GET /health` on `port` answers 200.
 fn wait_healthy(port: u16, stderr: &StderrLines) {
     for _ in 0..600 {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
-                return;
-            }
+        if xtask::answers_200(port, "/health") {
+            return;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     panic!("the endpoint did not come up: {}", stderr.text());
-}
-
-/// Kills the process when dropped, so a failed assertion leaves none behind.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -64,7 +48,7 @@ fn the_openai_client_speaks_to_serve_model() {
         ),
     )
     .unwrap();
-    let mut child = Killed(
+    let mut child = xtask::KillOnDrop(
         Command::new(ganglion_binary())
             .arg("--config")
             .arg(dir.join("ganglion.toml"))
@@ -212,7 +196,7 @@ publish = ["alerts/{device}"]
         ),
     );
     let (child, stderr) = start_gateway(&dir);
-    let _child = Killed(child);
+    let _child = xtask::KillOnDrop(child);
     assert!(
         stderr.wait_for("model served", Duration::from_secs(120)),
         "{}",

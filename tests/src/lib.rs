@@ -386,6 +386,24 @@ pub struct RunningGateway {
     pub reloader: Option<Arc<ganglion::reload::Reloader>>,
 }
 
+/// A raw-payload rule on `topic` whose handler, the `tagger` fixture
+/// (installed as `tagger`), labels each message `label` and publishes it on
+/// `tagged/{device}`: which gateway or plugin version handled a message
+/// shows in its output.
+pub fn tagger_rule(topic: &str, label: &str) -> String {
+    format!(
+        r#"
+topics = ["{topic}"]
+format = "raw"
+[handler]
+plugin = "tagger"
+config = {{ label = "{label}" }}
+[allow]
+publish = ["tagged/{{device}}"]
+"#
+    )
+}
+
 /// Every built example plugin and fixture, copied into a scratch folder.
 pub fn plugins_folder() -> PathBuf {
     let plugins = scratch("gateway-plugins");

@@ -748,3 +748,28 @@ pub fn ensure_openai_client() -> Result<PathBuf> {
     }
     Ok(python)
 }
+
+/// A child process, killed and reaped when dropped, so that a failed
+/// check leaves no server behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether `GET path` on 127.0.0.1:`port` answers 200 now (one HTTP/1.1
+/// request on its own connection).
+pub fn answers_200(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    let mut out = String::new();
+    s.write_all(request.as_bytes()).is_ok()
+        && s.read_to_string(&mut out).is_ok()
+        && out.starts_with("HTTP/1.1 200")
+}

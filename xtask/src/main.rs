@@ -450,16 +450,6 @@ fn batched(model: &std::path::Path, venv: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// A server process, killed when dropped.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -467,8 +457,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// Waits until `GET /v1/models` on `port` answers 200.
-fn wait_serving(port: u16, server: &mut Server, log: &std::path::Path) -> Result<()> {
-    use std::io::{Read, Write};
+fn wait_serving(port: u16, server: &mut xtask::KillOnDrop, log: &std::path::Path) -> Result<()> {
     for _ in 0..900 {
         if let Some(status) = server.0.try_wait()? {
             bail!(
@@ -476,13 +465,8 @@ fn wait_serving(port: u16, server: &mut Server, log: &std::path::Path) -> Result
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         }
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
-                return Ok(());
-            }
+        if xtask::answers_200(port, "/v1/models") {
+            return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -522,7 +506,7 @@ fn bench_serve_model() -> Result<()> {
         Ok((std::fs::File::create(&path)?, path))
     };
     let (ours_log, ours_log_path) = log("ganglion.log")?;
-    let mut ganglion = Server(
+    let mut ganglion = xtask::KillOnDrop(
         Command::new(&bin)
             .arg("--config")
             .arg(dir.join("ganglion.toml"))
@@ -532,7 +516,7 @@ fn bench_serve_model() -> Result<()> {
             .spawn()?,
     );
     let (theirs_log, theirs_log_path) = log("llama-cpp-python.log")?;
-    let mut llama = Server(
+    let mut llama = xtask::KillOnDrop(
         Command::new(&python)
             .args(["-m", "llama_cpp.server", "--model"])
             .arg(&model)

@@ -152,7 +152,9 @@ struct Sequence {
 }
 
 enum Outcome {
-    Continue(u32),
+    /// The next token, and the text so far when it was decoded to look
+    /// for stop strings (a streaming sequence then need not decode again).
+    Continue(u32, Option<String>),
     Done(Result<Completion, LlmError>),
 }
 
@@ -509,9 +511,9 @@ impl Scheduler {
                 self.stats.decode_tokens.fetch_add(1, Ordering::Relaxed);
             }
             match advance(s, tokenizer, &mut row, &self.model_id) {
-                Outcome::Continue(t) => {
+                Outcome::Continue(t, text) => {
                     s.next = Some(t);
-                    stream_out(s, tokenizer);
+                    stream_out(s, tokenizer, text);
                 }
                 Outcome::Done(r) => done.push((i, r)),
             }
@@ -561,11 +563,12 @@ fn completion(
 /// end of the text decoded so far, less a trailing U+FFFD (a character
 /// whose bytes are not all generated yet) and less any tail that could be
 /// the start of a stop string. A full channel is tried again next token.
-fn stream_out(s: &mut Sequence, tokenizer: &Tokenizer) {
+/// `text` is the text so far when the caller has it decoded already.
+fn stream_out(s: &mut Sequence, tokenizer: &Tokenizer, text: Option<String>) {
     let Some(stream) = &mut s.w.stream else {
         return;
     };
-    let text = tokenizer.decode(&s.generated);
+    let text = text.unwrap_or_else(|| tokenizer.decode(&s.generated));
     let end = safe_end(&text, &s.w.stops);
     if end <= stream.sent || !text.is_char_boundary(stream.sent) {
         return;
@@ -634,11 +637,13 @@ fn advance(s: &mut Sequence, tokenizer: &Tokenizer, logits: &mut [f32], model: &
     }
     s.generated.push(token);
     s.history.push(token);
+    let mut so_far = None;
     if !s.w.stops.is_empty() {
-        let so_far = tokenizer.decode(&s.generated);
-        if let Some(cut) = s.w.stops.iter().filter_map(|x| so_far.find(x)).min() {
-            return done(s, Some(so_far[..cut].to_owned()), FinishReason::Stop);
+        let text = tokenizer.decode(&s.generated);
+        if let Some(cut) = s.w.stops.iter().filter_map(|x| text.find(x)).min() {
+            return done(s, Some(text[..cut].to_owned()), FinishReason::Stop);
         }
+        so_far = Some(text);
     }
     if s.w.matcher.as_ref().is_some_and(|m| m.is_stopped()) {
         return done(s, None, FinishReason::ConstraintComplete);
@@ -646,7 +651,7 @@ fn advance(s: &mut Sequence, tokenizer: &Tokenizer, logits: &mut [f32], model: &
     if s.generated.len() == s.w.max_tokens {
         return done(s, None, FinishReason::Length);
     }
-    Outcome::Continue(token)
+    Outcome::Continue(token, so_far)
 }
 
 /// The prompt's token ids: a chat through the model's template, raw text as

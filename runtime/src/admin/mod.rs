@@ -125,14 +125,7 @@ struct Shared {
 /// Binds `[admin] listen` and serves on the current tokio runtime.
 pub async fn start(config: &AdminConfig, mut sources: Sources) -> Result<Admin, AdminError> {
     let addr = config.check().map_err(AdminError::Config)?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind {
-            table: "admin",
-            listen: config.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().unwrap_or(addr);
+    let (listener, addr) = bind(addr, "admin", &config.listen).await?;
     let reloads = sources.reloads.take();
     let shared = Arc::new(Shared {
         sources,
@@ -152,6 +145,24 @@ pub async fn start(config: &AdminConfig, mut sources: Sources) -> Result<Admin, 
     );
     tasks.push(tokio::spawn(serve(listener, app, limits)));
     Ok(Admin { addr, tasks })
+}
+
+/// Binds `addr` (the checked `listen` of `[table]`); the address bound,
+/// with the port chosen when `listen` says 0.
+async fn bind(
+    addr: std::net::SocketAddr,
+    table: &'static str,
+    listen: &str,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), AdminError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind {
+            table,
+            listen: listen.to_owned(),
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    Ok((listener, addr))
 }
 
 /// Accepts connections, at most `max` open at once (one more is closed at

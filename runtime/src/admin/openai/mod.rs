@@ -84,14 +84,7 @@ pub async fn serve_model(
     llm: Arc<dyn LlmEngine>,
 ) -> Result<ModelServer, AdminError> {
     let addr = config.check().map_err(AdminError::Config)?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind {
-            table: "serve",
-            listen: config.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().unwrap_or(addr);
+    let (listener, addr) = super::bind(addr, "serve", &config.listen).await?;
     let shared = Arc::new(Shared {
         config: config.clone(),
         llm,
