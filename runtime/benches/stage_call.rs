@@ -3,6 +3,11 @@
 //!
 //! `cargo bench -p ganglion --bench stage_call`
 //!
+//! Then the call path alone, on a component that imports nothing and
+//! returns its argument: a sync call against an async one (a fiber switch
+//! in and out) on the same engine, which is what a sync path for plugins
+//! would save per call.
+//!
 //! Each figure is the median over 31 samples of the mean time per call in a
 //! sample (each sample runs for about 20 ms). Native and wasm run alternately
 //! in the same process, so machine noise hits both alike.
@@ -188,4 +193,62 @@ fn main() {
             wasm.as_secs_f64() / native.as_secs_f64()
         );
     }
+    call_path(host.engine());
+}
+
+/// A sync call and an async call of the same identity export, each on a
+/// store of its own in `engine` (pooling, epoch interruption), as a stage
+/// call makes them but for lowering and checking real values.
+fn call_path(engine: &wasmtime::Engine) {
+    use wasmtime::component::{Component, Linker};
+    const IDENTITY: &str = r#"(component
+        (core module $m (func (export "f") (param i32) (result i32) local.get 0))
+        (core instance $i (instantiate $m))
+        (func (export "f") (param "x" u32) (result u32) (canon lift (core func $i "f"))))"#;
+    let component = Component::new(engine, IDENTITY).unwrap();
+    let linker = Linker::<()>::new(engine);
+
+    let mut sync_store = wasmtime::Store::new(engine, ());
+    sync_store.set_epoch_deadline(u64::MAX / 2);
+    let instance = linker.instantiate(&mut sync_store, &component).unwrap();
+    let f = instance
+        .get_typed_func::<(u32,), (u32,)>(&mut sync_store, "f")
+        .unwrap();
+    let sync = measure(|| {
+        black_box(f.call(&mut sync_store, (black_box(7),)).unwrap());
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut async_store = wasmtime::Store::new(engine, ());
+    async_store.set_epoch_deadline(u64::MAX / 2);
+    let instance = rt
+        .block_on(linker.instantiate_async(&mut async_store, &component))
+        .unwrap();
+    let g = instance
+        .get_typed_func::<(u32,), (u32,)>(&mut async_store, "f")
+        .unwrap();
+    // 100 calls per `block_on`, as a lane task makes them one after
+    // another, so that entering the executor is not counted.
+    let asynchronous = measure(|| {
+        rt.block_on(async {
+            for _ in 0..100 {
+                black_box(
+                    g.call_async(&mut async_store, (black_box(7),))
+                        .await
+                        .unwrap(),
+                );
+            }
+        })
+    }) / 100;
+    println!("\n| call path (identity export, no imports) | time per call |");
+    println!("|---|---:|");
+    println!("| sync `call` | {} |", fmt(sync));
+    println!("| async `call_async` (fiber) | {} |", fmt(asynchronous));
+    println!(
+        "\nasync − sync: {} per call",
+        fmt(asynchronous.saturating_sub(sync))
+    );
 }

@@ -17,10 +17,12 @@
 //! Latency: messages at a fixed rate; each output's arrival minus its
 //! message's publish, p50 and p99.
 //!
-//! Ganglion runs twice: with its default `[mqtt] write_batch` (requests
-//! queued together go out in one write) and with `write_batch = 1` (each
-//! PUBACK and PUBLISH written alone, as unpatched rumqttc does), so the
-//! coalescing is compared within one run.
+//! Ganglion runs three times: with its defaults (`[mqtt] write_batch`:
+//! requests queued together go out in one write; outputs on a connection of
+//! their own), with `write_batch = 1` (each PUBACK and PUBLISH written
+//! alone, as unpatched rumqttc does), and with `output_connection =
+//! "shared"` (outputs on the intake connection), so that both are compared
+//! within one run.
 //!
 //! Two more figures tell what the machine allows, whatever the flow does:
 //! - a relay row: one rumqttc client that turns each message into the same
@@ -334,21 +336,25 @@ fn main() {
     let broker_pid = broker.pid().unwrap();
     let dir = scratch("bench-rules");
     std::fs::write(dir.join("bench.toml"), wire::BENCH_RULE).unwrap();
-    // Ganglion twice: with its default `[mqtt] write_batch`, then writing
-    // each request alone (unpatched rumqttc's behaviour), under the same
-    // client id so that the second takes the first one's session back: the
-    // coalescing's A/B in one run.
+    // Ganglion three times: its defaults, writing each request alone
+    // (unpatched rumqttc's behaviour), and one connection for everything;
+    // under the same client id so that each takes the last one's session
+    // back. The A/Bs in one run.
     let mut runs = Vec::new();
-    for (name, write_batch) in [
+    let defaults = ganglion::mqtt::MqttSettings::default();
+    for (name, write_batch, output_connection) in [
+        ("Ganglion", defaults.write_batch, defaults.output_connection),
+        ("Ganglion, write_batch = 1", 1, defaults.output_connection),
         (
-            "Ganglion",
-            ganglion::mqtt::MqttSettings::default().write_batch,
+            "Ganglion, one connection",
+            defaults.write_batch,
+            ganglion::mqtt::OutputConnection::Shared,
         ),
-        ("Ganglion, write_batch = 1", 1),
     ] {
         let settings = ganglion::mqtt::MqttSettings {
             client_id: "bench-gw".into(),
             write_batch,
+            output_connection,
             ..Default::default()
         };
         let gw = flow_rt.block_on(RunningGateway::start_with(
@@ -439,6 +445,27 @@ fn main() {
         println!(
             "\nthroughput ratio Ganglion ÷ Node-RED: {:.2}×",
             g.throughput / nr.throughput
+        );
+    }
+    // Issue 21's targets are ratios of flow CPU per message in one run.
+    let flow_of = |name: &str| {
+        runs.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| r.cpu.flow)
+    };
+    let (relay_cpu, node_red_cpu) = (flow_of("relay (no pipeline)"), flow_of("Node-RED"));
+    println!("\nflow CPU per message, ratios:\n");
+    println!("| flow | ÷ relay | ÷ Node-RED |");
+    println!("|---|---:|---:|");
+    for (name, r) in runs.iter().filter(|(n, _)| n.starts_with("Ganglion")) {
+        let ratio = |base: Option<f64>| {
+            base.filter(|b| *b > 0.0)
+                .map_or_else(|| "–".to_owned(), |b| format!("{:.2}", r.cpu.flow / b))
+        };
+        println!(
+            "| {name} | {} | {} |",
+            ratio(relay_cpu),
+            ratio(node_red_cpu)
         );
     }
     println!("\nflow runtime: {workers} worker thread(s)");

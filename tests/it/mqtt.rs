@@ -3,6 +3,7 @@
 //! reasons, and no message lost across a broker restart.
 
 use ganglion::llm::FakeLlm;
+use ganglion::mqtt::OutputConnection;
 use ganglion_tests::*;
 use serde_json::Value as Json;
 use std::path::PathBuf;
@@ -43,6 +44,14 @@ async fn telemetry_to_actions_and_dead_letters(url: &str) {
 }
 
 async fn telemetry_to_actions_and_dead_letters_with(url: &str, protocol: ganglion::mqtt::Protocol) {
+    telemetry_to_actions_and_dead_letters_on(url, protocol, OutputConnection::Separate).await
+}
+
+async fn telemetry_to_actions_and_dead_letters_on(
+    url: &str,
+    protocol: ganglion::mqtt::Protocol,
+    output_connection: OutputConnection,
+) {
     let dir = rules(&[
         ("hot", TELEMETRY_RULE),
         ("voice", VOICE_RULE),
@@ -51,8 +60,10 @@ async fn telemetry_to_actions_and_dead_letters_with(url: &str, protocol: ganglio
     let settings = ganglion::mqtt::MqttSettings {
         client_id: format!("gw-{}", free_port()),
         protocol,
+        output_connection,
         ..Default::default()
     };
+    let status = settings.status_topic();
     let gw = RunningGateway::start_with(url, settings, &dir, voice_model()).await;
     assert!(gw.problems.is_empty(), "{:?}", gw.problems);
     let watcher =
@@ -147,6 +158,20 @@ async fn telemetry_to_actions_and_dead_letters_with(url: &str, protocol: ganglio
         ),
         (Some("kitchen"), Some("fan"), Some("on"))
     );
+    // Each connection announces itself (retained) under its client id: the
+    // output connection's id ends in `-out`, and a shared link has none.
+    let online = |topic: &str| {
+        watcher
+            .received()
+            .iter()
+            .any(|(t, p)| t == topic && p.as_slice() == b"online")
+    };
+    assert!(online(&status), "intake connection online on {status}");
+    assert_eq!(
+        online(&format!("{status}-out")),
+        output_connection == OutputConnection::Separate,
+        "an output connection of its own only when separate"
+    );
 
     let find = |kind: &str| {
         dead.iter()
@@ -199,6 +224,30 @@ async fn over_mosquitto_with_mqtt5() {
     telemetry_to_actions_and_dead_letters_with(&broker.url(), ganglion::mqtt::Protocol::V5).await;
 }
 
+/// Outputs on the intake connection: the same traffic, the same outcomes,
+/// one client at the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mosquitto_on_one_connection() {
+    let broker = Mosquitto::start("mosquitto-e2e-one");
+    telemetry_to_actions_and_dead_letters_on(
+        &broker.url(),
+        ganglion::mqtt::Protocol::V311,
+        OutputConnection::Shared,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mosquitto_with_mqtt5_on_one_connection() {
+    let broker = Mosquitto::start("mosquitto-e2e-v5-one");
+    telemetry_to_actions_and_dead_letters_on(
+        &broker.url(),
+        ganglion::mqtt::Protocol::V5,
+        OutputConnection::Shared,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_embedded_broker() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -216,7 +265,19 @@ async fn broker_restart_loses_nothing_with_mqtt5() {
     restart_in_the_middle(ganglion::mqtt::Protocol::V5).await
 }
 
+/// With outputs and acknowledgements on one connection, a restart cuts
+/// both at once: unacknowledged outputs are sent again and unacknowledged
+/// deliveries come again; every message still gets its alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_loses_nothing_on_one_connection() {
+    restart_on(ganglion::mqtt::Protocol::V311, OutputConnection::Shared).await
+}
+
 async fn restart_in_the_middle(protocol: ganglion::mqtt::Protocol) {
+    restart_on(protocol, OutputConnection::Separate).await
+}
+
+async fn restart_on(protocol: ganglion::mqtt::Protocol, output_connection: OutputConnection) {
     const N: u64 = 5_000;
     let mut broker = Mosquitto::start("mosquitto-restart");
     let url = broker.url();
@@ -224,6 +285,7 @@ async fn restart_in_the_middle(protocol: ganglion::mqtt::Protocol) {
     let settings = ganglion::mqtt::MqttSettings {
         client_id: "gw-restart".into(),
         protocol,
+        output_connection,
         ..Default::default()
     };
     let gw = RunningGateway::start_with(&url, settings, &dir, voice_model()).await;
@@ -737,6 +799,36 @@ drain_timeout_ms = 2000
     assert!(
         text.contains("stopping: draining in-flight messages") && text.contains("SIGTERM"),
         "the drain is logged: {text}"
+    );
+}
+
+/// The embedded broker withholds PUBACKs from a client whose window is
+/// full, which on one connection would stall the flow: `ganglion run`
+/// refuses the combination before it loads anything, and says why.
+#[test]
+fn ganglion_run_refuses_one_connection_with_the_embedded_broker() {
+    let dir = scratch("one-connection-embedded");
+    let config = dir.join("ganglion.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\noutput_connection = \"shared\"\n\n[broker]\nlisten = \"127.0.0.1:{}\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(ganglion_binary())
+        .current_dir(&dir)
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--duration", "5", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("output_connection") && stderr.contains("embedded broker"),
+        "{stderr}"
     );
 }
 

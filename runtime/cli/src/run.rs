@@ -75,6 +75,13 @@ pub(crate) async fn run(
         config.serve.check().map_err(anyhow::Error::msg)?;
     }
     config.mqtt.check().map_err(anyhow::Error::msg)?;
+    if config.mqtt.output_connection == mqtt::OutputConnection::Shared
+        && config.mqtt.broker.is_none()
+    {
+        bail!(
+            "[mqtt] output_connection = \"shared\" cannot be used with the embedded broker: it withholds PUBACKs from a client whose window of deliveries is full, and the gateway acknowledges a delivery only after its outputs' PUBACKs, so the flow would stop; use \"separate\" (the default) or set [mqtt] broker"
+        );
+    }
     if config.mqtt.share_group.is_some() && config.mqtt.broker.is_none() {
         bail!(
             "[mqtt] share_group shares messages among gateways on one broker: set [mqtt] broker (or --broker); each gateway's embedded broker is its own"
@@ -203,7 +210,7 @@ pub(crate) async fn run(
     // A DISCONNECT needs a connection: with the broker down the event loops
     // would only go on retrying. Bounded by what is left of the limit.
     let left = limit.saturating_sub(stopped_at.get().map_or(Duration::ZERO, |t| t.elapsed()));
-    if (mqtt.intake.is_connected() || mqtt.output.is_connected())
+    if mqtt.handles().any(mqtt::MqttHandle::is_connected)
         && tokio::time::timeout(left, mqtt.disconnect()).await.is_err()
     {
         tracing::warn!("the broker did not take the disconnect within the drain limit");
@@ -230,10 +237,10 @@ async fn start_admin(
         llm: runtime.llm().clone(),
         engines: runtime.engines().clone(),
         link: Some(Arc::new(move || ganglion::admin::LinkGauges {
-            connected: link.intake.is_connected() && link.output.is_connected(),
-            connections: link.intake.connections() + link.output.connections(),
-            in_flight: link.output.in_flight() + link.intake.in_flight(),
-            outbox: link.output.outbox() + link.intake.outbox(),
+            connected: link.handles().all(mqtt::MqttHandle::is_connected),
+            connections: link.handles().map(mqtt::MqttHandle::connections).sum(),
+            in_flight: link.handles().map(mqtt::MqttHandle::in_flight).sum(),
+            outbox: link.handles().map(mqtt::MqttHandle::outbox).sum(),
             intake_backlog: link.intake.intake_backlog(),
             dropped_qos0: link.intake.dropped_qos0(),
         })),

@@ -37,7 +37,7 @@ mod serve;
 
 pub use admin::AdminConfig;
 pub use limits::{Limits, PluginLimits};
-pub use mqtt::{Login, MqttSettings, PasswordError, Protocol, host_name};
+pub use mqtt::{Login, MqttSettings, OutputConnection, PasswordError, Protocol, host_name};
 pub use remote::{EngineChoice, Fallback, RemoteConfig, SchemaFormat};
 use serde::Deserialize;
 pub use serve::ServeConfig;

@@ -17,6 +17,17 @@ pub enum Protocol {
     V5,
 }
 
+/// Which connection carries the gateway's outputs (`[mqtt] output_connection`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputConnection {
+    /// A connection of its own, whatever the intake window holds.
+    #[default]
+    Separate,
+    /// The intake connection: one socket for everything.
+    Shared,
+}
+
 /// Broker connection settings. In `ganglion.toml`:
 ///
 /// ```toml
@@ -35,6 +46,7 @@ pub enum Protocol {
 /// max_packet_bytes = 16777216        # larger outputs are dead-lettered, never queued
 /// intake_buffer = 10000              # deliveries waiting for the rules; QoS 0 beyond it is dropped and counted
 /// write_batch = 64                   # requests (PUBACKs, PUBLISHes) written with one flush; 1: each alone
+/// output_connection = "separate"     # or "shared": outputs on the intake connection (not with the embedded broker)
 /// share_group = "ganglion"           # optional, MQTT 5: N gateways share the rules' messages (docs/scale-out.md)
 /// instance = 1                       # with share_group: this gateway's number on its host (GANGLION_INSTANCE)
 /// ```
@@ -99,6 +111,17 @@ pub struct MqttSettings {
     /// went out, at most; 1 writes each alone, one system call apiece (as
     /// rumqttc does unpatched). Also bounded by `inflight`. Default 64.
     pub write_batch: usize,
+    /// Which connection the gateway publishes its outputs on. `"separate"`
+    /// (default): a second connection (client id with `-out` appended).
+    /// `"shared"`: the intake connection, which saves the second socket's
+    /// system calls and wake-ups (docs/BENCHMARKS.md has the figures). Only for a broker that acknowledges a
+    /// client's publishes while that client's window of unacknowledged
+    /// deliveries is full (mosquitto, EMQX, HiveMQ do): the gateway
+    /// acknowledges a delivery only after its outputs are acknowledged, so
+    /// with a broker that withholds them (rumqttd, the embedded broker) a
+    /// full window waits forever. `ganglion run` refuses it with the
+    /// embedded broker; docs/operations.md tells how to recognise the stall.
+    pub output_connection: OutputConnection,
     /// With a group name, every rule's filters (but those of rules with
     /// `shared = false`) are subscribed as `$share/<group>/<filter>`: the
     /// broker hands each message to one of the gateways of the group, so
@@ -131,6 +154,7 @@ impl Default for MqttSettings {
             max_packet_bytes: 16 << 20,
             intake_buffer: 10_000,
             write_batch: 64,
+            output_connection: OutputConnection::Separate,
             share_group: None,
             instance: 1,
         }
@@ -315,6 +339,20 @@ mod tests {
         assert!(zero.check().unwrap_err().contains("write_batch"));
         assert!(settings("write_batch = 1").check().is_ok());
         assert_eq!(MqttSettings::default().write_batch, 64);
+    }
+
+    #[test]
+    fn outputs_take_a_connection_of_their_own_unless_told_to_share() {
+        assert_eq!(
+            MqttSettings::default().output_connection,
+            OutputConnection::Separate
+        );
+        assert_eq!(
+            settings("output_connection = \"shared\"").output_connection,
+            OutputConnection::Shared
+        );
+        let err = toml::from_str::<MqttSettings>("output_connection = \"both\"").unwrap_err();
+        assert!(err.to_string().contains("separate"), "{err}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod event_loop;
 mod options;
 mod state;
 
-pub use crate::config::{MqttSettings, Protocol};
+pub use crate::config::{MqttSettings, OutputConnection, Protocol};
 use crate::transport::{
     AckToken, Confirm, Delivery, Publisher, QueueFuture, TransportAck, TransportError,
     TransportFuture,
@@ -416,29 +416,33 @@ pub fn connect(
     Ok((handle, task))
 }
 
-/// The gateway's two broker connections: `intake` subscribes and receives
-/// (and acknowledges what it received, in order), `output` publishes.
+/// The gateway's broker connections: `intake` subscribes and receives (and
+/// acknowledges what it received, in order), `output` publishes; with
+/// `[mqtt] output_connection = "shared"` both are the intake connection.
 ///
-/// Why two: a broker may hold back its PUBACKs and PINGRESPs to a client
-/// while that client's window of unacknowledged deliveries is full —
-/// rumqttd 0.20 does (a client paused as inflight-full is only woken by its
-/// own acknowledgements). The gateway acknowledges a message only after its
-/// outputs are acknowledged, so on one connection a slow stage (the model)
-/// holding the window full would wait forever for the PUBACKs of its
-/// outputs. On a connection of their own, outputs are acknowledged whatever
-/// the intake window holds.
+/// Why two by default: a broker may hold back its PUBACKs and PINGRESPs to
+/// a client while that client's window of unacknowledged deliveries is
+/// full — rumqttd 0.20 does (a client paused as inflight-full is only woken
+/// by its own acknowledgements). The gateway acknowledges a message only
+/// after its outputs are acknowledged, so on one connection a slow stage
+/// (the model) holding the window full would wait forever for the PUBACKs
+/// of its outputs. On a connection of their own, outputs are acknowledged
+/// whatever the intake window holds.
 pub struct GatewayLink {
     /// Subscribes, receives the deliveries and acknowledges them.
     pub intake: MqttHandle,
     /// Publishes what the gateway publishes: outputs, dead letters and
-    /// reload events (client id with `-out` appended).
+    /// reload events (client id with `-out` appended), or the intake
+    /// connection when shared.
     pub output: MqttHandle,
+    shared: bool,
     tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    _output_deliveries: mpsc::Receiver<Delivery>,
+    _output_deliveries: Option<mpsc::Receiver<Delivery>>,
 }
 
 impl GatewayLink {
-    /// Connects both (the output client's id is the configured one with
+    /// Connects the intake and, unless `output_connection` is `"shared"`,
+    /// the output connection (its client id is the configured one with
     /// `-out` appended).
     pub fn connect(
         settings: &MqttSettings,
@@ -448,6 +452,15 @@ impl GatewayLink {
     ) -> Result<GatewayLink, TransportError> {
         let (intake, intake_task) = connect(settings, broker, filters, deliveries)?;
         settings.check().map_err(TransportError::Config)?;
+        if settings.output_connection == OutputConnection::Shared {
+            return Ok(GatewayLink {
+                output: intake.clone(),
+                intake,
+                shared: true,
+                tasks: tokio::sync::Mutex::new(vec![intake_task]),
+                _output_deliveries: None,
+            });
+        }
         // The output connection subscribes to nothing: no share group, and
         // the intake's effective id with `-out`.
         let out_settings = MqttSettings {
@@ -460,12 +473,24 @@ impl GatewayLink {
         Ok(GatewayLink {
             intake,
             output,
+            shared: false,
             tasks: tokio::sync::Mutex::new(vec![intake_task, output_task]),
-            _output_deliveries: rx,
+            _output_deliveries: Some(rx),
         })
     }
 
-    /// Whether both connections are up within `timeout`.
+    /// The distinct connections: the intake, then the output one unless
+    /// shared. Gauges summed over these count each connection once.
+    pub fn handles(&self) -> impl Iterator<Item = &MqttHandle> {
+        std::iter::once(&self.intake).chain((!self.shared).then_some(&self.output))
+    }
+
+    /// Whether outputs go out on the intake connection.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Whether every connection is up within `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let (a, b) = tokio::join!(
             self.intake.wait_connected(timeout),
@@ -474,10 +499,12 @@ impl GatewayLink {
         a && b
     }
 
-    /// Disconnects both and waits (bounded) for their event loops to end.
+    /// Disconnects every connection and waits (bounded) for their event
+    /// loops to end.
     pub async fn disconnect(&self) {
-        self.intake.disconnect().await;
-        self.output.disconnect().await;
+        for handle in self.handles() {
+            handle.disconnect().await;
+        }
         for t in self.tasks.lock().await.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
