@@ -3,7 +3,9 @@
 //!
 //! `cargo bench -p ganglion --bench stage_call`
 //!
-//! Then the call path alone, on a component that imports nothing and
+//! Then what the instance pool adds to a call (taking an instance and
+//! giving it back) against calls on one instance held by the caller, as a
+//! lane holding its own instance would make them; and the call path alone, on a component that imports nothing and
 //! returns its argument: a sync call against an async one (a fiber switch
 //! in and out) on the same engine, which is what a sync path for plugins
 //! would save per call.
@@ -105,7 +107,8 @@ fn main() {
         alert_json.as_object().cloned().unwrap(),
     );
     let alert_native =
-        threshold_alert::Config::validate(serde_json::from_value(alert_json).unwrap()).unwrap();
+        threshold_alert::Config::validate(serde_json::from_value(alert_json.clone()).unwrap())
+            .unwrap();
 
     println!("| stage call | readings | native | wasm (reused instance) | ratio wasm ÷ native |");
     println!("|---|---:|---:|---:|---:|");
@@ -193,7 +196,82 @@ fn main() {
             wasm.as_secs_f64() / native.as_secs_f64()
         );
     }
+    pool_overhead(
+        &rt,
+        &host,
+        &alert_pool,
+        alert_json.as_object().cloned().unwrap(),
+    );
     call_path(host.engine());
+}
+
+/// threshold-alert at one reading through its pool (take, call, give
+/// back) and on one instance the caller holds, alternately.
+fn pool_overhead(
+    rt: &tokio::runtime::Runtime,
+    host: &PluginHost,
+    pool: &ganglion::plugin::InstancePool,
+    config: serde_json::Map<String, serde_json::Value>,
+) {
+    use ganglion::host::{BindingCtx, Exports, Instance};
+    let engine = host.engine();
+    let path = xtask::plugins_dir().join("threshold-alert.wasm");
+    let component = wasmtime::component::Component::from_file(engine, path).unwrap();
+    let mut linker = wasmtime::component::Linker::new(engine);
+    ganglion::host::add_to_linker(&mut linker).unwrap();
+    let exports = Exports::new(linker.instantiate_pre(&component).unwrap());
+    let binding = Arc::new(BindingCtx {
+        plugin: "threshold-alert".into(),
+        version: "bench".into(),
+        rule: "bench".into(),
+        config_json: serde_json::Value::Object(config.clone()).to_string(),
+        config,
+        state: StateStore::in_memory().scope("threshold-alert", "bench"),
+        limits: Limits::default(),
+        grants: Default::default(),
+        llm: Arc::new(NoModel),
+        suppressed_logs: Default::default(),
+    });
+    let mut held = rt
+        .block_on(Instance::new(engine, &exports, binding))
+        .unwrap();
+    let mut window = ReadingBatch::default();
+    window.push("machine-1", "temperature", Value::Number(95.0), "C", 0);
+    let ctx = Context {
+        rule: "bench".into(),
+        device: "machine-1".into(),
+        window_start: 0,
+        window_end: 1,
+    };
+    let (mut pooled, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        pooled.push(measure(|| {
+            black_box(
+                rt.block_on(pool.postprocess(black_box(&ctx), window.clone(), None))
+                    .unwrap(),
+            );
+        }));
+        direct.push(measure(|| {
+            black_box(
+                rt.block_on(held.postprocess(black_box(&ctx), window.clone(), None))
+                    .unwrap(),
+            );
+        }));
+    }
+    pooled.sort();
+    direct.sort();
+    let (pooled, direct) = (pooled[2], direct[2]);
+    println!("\n| threshold-alert, 1 reading | time per call |");
+    println!("|---|---:|");
+    println!(
+        "| through the pool (take, call, give back) | {} |",
+        fmt(pooled)
+    );
+    println!("| on an instance the caller holds | {} |", fmt(direct));
+    println!(
+        "\npool − held: {} per call",
+        fmt(pooled.saturating_sub(direct))
+    );
 }
 
 /// A sync call and an async call of the same identity export, each on a
