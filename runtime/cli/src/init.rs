@@ -32,6 +32,7 @@ dir = "rules"
 client_id = "ganglion"
 # username = "gw"
 # password_file = "mqtt-password"    # or password_env = "MQTT_PASSWORD"
+# output_connection = "shared"       # with mosquitto and `broker` set: outputs on one socket
 
 [broker]
 listen = "127.0.0.1:1883"
