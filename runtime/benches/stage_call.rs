@@ -5,10 +5,10 @@
 //!
 //! Then what the instance pool adds to a call (taking an instance and
 //! giving it back) against calls on one instance held by the caller, as a
-//! lane holding its own instance would make them; and the call path alone, on a component that imports nothing and
-//! returns its argument: a sync call against an async one (a fiber switch
-//! in and out) on the same engine, which is what a sync path for plugins
-//! would save per call.
+//! lane holding its own instance would make them; and the call path alone,
+//! on a component that imports nothing and returns its argument: a sync
+//! call against an async one (a fiber switch in and out) on the same
+//! engine, which is what a sync path for plugins would save per call.
 //!
 //! Each figure is the median over 31 samples of the mean time per call in a
 //! sample (each sample runs for about 20 ms). Native and wasm run alternately

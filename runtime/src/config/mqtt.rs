@@ -114,9 +114,10 @@ pub struct MqttSettings {
     /// Which connection the gateway publishes its outputs on. `"separate"`
     /// (default): a second connection (client id with `-out` appended).
     /// `"shared"`: the intake connection, which saves the second socket's
-    /// system calls and wake-ups (docs/BENCHMARKS.md has the figures). Only for a broker that acknowledges a
-    /// client's publishes while that client's window of unacknowledged
-    /// deliveries is full (mosquitto, EMQX, HiveMQ do): the gateway
+    /// system calls and wake-ups (docs/BENCHMARKS.md has the figures). Only
+    /// for a broker that acknowledges a client's publishes while that
+    /// client's window of unacknowledged deliveries is full (mosquitto
+    /// does): the gateway
     /// acknowledges a delivery only after its outputs are acknowledged, so
     /// with a broker that withholds them (rumqttd, the embedded broker) a
     /// full window waits forever. `ganglion run` refuses it with the

@@ -435,9 +435,10 @@ pub struct GatewayLink {
     /// reload events (client id with `-out` appended), or the intake
     /// connection when shared.
     pub output: MqttHandle,
-    shared: bool,
     tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    _output_deliveries: Option<mpsc::Receiver<Delivery>>,
+    /// The output connection's delivery channel, kept open and never read
+    /// (it subscribes to nothing); none when the output is the intake.
+    output_deliveries: Option<mpsc::Receiver<Delivery>>,
 }
 
 impl GatewayLink {
@@ -456,9 +457,8 @@ impl GatewayLink {
             return Ok(GatewayLink {
                 output: intake.clone(),
                 intake,
-                shared: true,
                 tasks: tokio::sync::Mutex::new(vec![intake_task]),
-                _output_deliveries: None,
+                output_deliveries: None,
             });
         }
         // The output connection subscribes to nothing: no share group, and
@@ -473,21 +473,16 @@ impl GatewayLink {
         Ok(GatewayLink {
             intake,
             output,
-            shared: false,
             tasks: tokio::sync::Mutex::new(vec![intake_task, output_task]),
-            _output_deliveries: Some(rx),
+            output_deliveries: Some(rx),
         })
     }
 
     /// The distinct connections: the intake, then the output one unless
     /// shared. Gauges summed over these count each connection once.
     pub fn handles(&self) -> impl Iterator<Item = &MqttHandle> {
-        std::iter::once(&self.intake).chain((!self.shared).then_some(&self.output))
-    }
-
-    /// Whether outputs go out on the intake connection.
-    pub fn is_shared(&self) -> bool {
-        self.shared
+        let separate = self.output_deliveries.is_some();
+        std::iter::once(&self.intake).chain(separate.then_some(&self.output))
     }
 
     /// Whether every connection is up within `timeout`.
