@@ -59,41 +59,158 @@ impl Threshold {
         Ok(())
     }
 
-    /// A description of the violation when `reading` breaks this threshold.
-    pub fn violated_by(&self, reading: &ReadingRef<'_>) -> Option<String> {
+    /// True when `reading` breaks this threshold; what [`Self::violated_by`]
+    /// decides, without making the text.
+    pub fn is_broken_by(&self, reading: &ReadingRef<'_>) -> bool {
+        self.breach(reading).is_some()
+    }
+
+    fn breach(&self, reading: &ReadingRef<'_>) -> Option<Breach> {
         if reading.metric != self.metric {
             return None;
         }
         if let (Some(expected), crate::Value::Boolean(b)) = (self.equals, reading.value) {
-            return (*b == expected).then(|| format!("{} is {b}", self.metric));
+            return (*b == expected).then_some(Breach::Equals(*b));
         }
         let v = reading.value.as_f64().filter(|v| v.is_finite())?;
-        let v_text = num(v);
+        match (self.above, self.below) {
+            (Some(max), _) if v > max => Some(Breach::Above(v, max)),
+            (_, Some(min)) if v < min => Some(Breach::Below(v, min)),
+            _ => None,
+        }
+    }
+
+    /// A description of the violation when `reading` breaks this threshold.
+    pub fn violated_by(&self, reading: &ReadingRef<'_>) -> Option<String> {
+        let (v, word, bound) = match self.breach(reading)? {
+            Breach::Equals(b) => return Some(format!("{} is {b}", self.metric)),
+            Breach::Above(v, max) => (v, "above", max),
+            Breach::Below(v, min) => (v, "below", min),
+        };
         let unit = if reading.unit.is_empty() {
             String::new()
         } else {
             format!(" {}", reading.unit)
         };
-        if let Some(max) = self.above.filter(|max| v > *max) {
-            return Some(format!(
-                "{} {v_text}{unit} above {}{unit}",
-                self.metric,
-                num(max)
-            ));
-        }
-        if let Some(min) = self.below.filter(|min| v < *min) {
-            return Some(format!(
-                "{} {v_text}{unit} below {}{unit}",
-                self.metric,
-                num(min)
-            ));
-        }
-        None
+        Some(format!(
+            "{} {}{unit} {word} {}{unit}",
+            self.metric,
+            num(v),
+            num(bound)
+        ))
     }
 }
 
+/// How a reading breaks a threshold: the boolean it equals, or the value
+/// and the bound it crossed.
+enum Breach {
+    Equals(bool),
+    Above(f64, f64),
+    Below(f64, f64),
+}
+
 /// A number for people: at most two decimals, no trailing zeros.
+///
+/// The shortest form that reads back as `v` is tried first: when it has at
+/// most two decimals it is what rounding to two gives, and it is made
+/// without the exact-digits formatter, whose arbitrary-precision fallback
+/// took a fifth of an alert's guest time for whole numbers such as `95.00`.
+/// Below 1e12 a double's spacing is under 1e-4, so a shortest form with at
+/// most two decimals lies within that of `v` and is its nearest hundredth;
+/// larger numbers take the exact path.
 fn num(v: f64) -> String {
+    if v.abs() < 1e12 {
+        let shortest = v.to_string();
+        match shortest.find('.') {
+            Some(dot) if shortest.len() - dot > 3 => {}
+            _ => return shortest,
+        }
+    }
     let s = format!("{v:.2}");
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Value;
+    use proptest::prelude::*;
+
+    /// What `num` returned before the shortest-form path.
+    fn rounded(v: f64) -> String {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+
+    #[test]
+    fn numbers_keep_at_most_two_decimals_without_trailing_zeros() {
+        for (v, text) in [
+            (95.0, "95"),
+            (0.0, "0"),
+            (-0.0, "-0"),
+            (-0.001, "-0"),
+            (70.1, "70.1"),
+            (70.12, "70.12"),
+            (21.111_111, "21.11"),
+            (99.999, "100"),
+            (-40.25, "-40.25"),
+            (1e20, "100000000000000000000"),
+            (1e-7, "0"),
+        ] {
+            assert_eq!(num(v), text, "{v}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn shortest_form_agrees_with_rounding_to_two_decimals(v in any::<f64>().prop_filter("finite", |v| v.is_finite())) {
+            prop_assert_eq!(num(v), rounded(v));
+        }
+
+        #[test]
+        fn sensor_range_numbers_agree_too(v in -1e6f64..1e6) {
+            prop_assert_eq!(num(v), rounded(v));
+        }
+
+        #[test]
+        fn numbers_near_the_exact_path_agree_too(v in -2e12f64..2e12) {
+            prop_assert_eq!(num(v), rounded(v));
+        }
+
+        #[test]
+        fn readings_with_two_decimals_agree_too(cents in -10_000_000i64..10_000_000) {
+            let v = cents as f64 / 100.0;
+            prop_assert_eq!(num(v), rounded(v));
+        }
+    }
+
+    #[test]
+    fn a_violation_names_the_value_the_bound_and_the_unit() {
+        let t = Threshold {
+            metric: "temperature".into(),
+            above: Some(90.0),
+            below: Some(-10.0),
+            equals: None,
+            level: Level::Critical,
+        };
+        let check = |v: f64| {
+            let value = Value::Number(v);
+            t.violated_by(&ReadingRef {
+                device: "m1",
+                metric: "temperature",
+                unit: "C",
+                value: &value,
+                timestamp: 0,
+            })
+        };
+        assert_eq!(
+            check(95.5).as_deref(),
+            Some("temperature 95.5 C above 90 C")
+        );
+        assert_eq!(
+            check(-12.345).as_deref(),
+            Some("temperature -12.35 C below -10 C")
+        );
+        assert_eq!(check(20.0), None);
+    }
 }

@@ -75,7 +75,9 @@ pub fn clean(
     };
     let numeric_text = cfg.numeric_text.unwrap_or(true);
     let mut out = BatchBuilder::with_capacity(parsed.len());
-    let mut seen: HashSet<(u32, u32, i64)> = HashSet::with_capacity(parsed.len());
+    // A single reading cannot repeat; most messages carry one.
+    let mut seen: HashSet<(u32, u32, i64)> = HashSet::new();
+    let check_repeats = parsed.len() > 1;
     let mut dropped = Dropped::default();
     for r in parsed.iter() {
         let mut value = r.value.clone();
@@ -111,7 +113,7 @@ pub fn clean(
             }
         }
         let key = (out.intern(r.device), out.intern(r.metric), r.timestamp);
-        if !seen.insert(key) {
+        if check_repeats && !seen.insert(key) {
             dropped.duplicate += 1;
             continue;
         }

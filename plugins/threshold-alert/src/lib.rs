@@ -9,6 +9,7 @@
 //! config = { thresholds = [{ metric = "temperature", above = 90.0, level = "critical" }], topic = "alerts/{device}" }
 //! ```
 
+use ganglion_sdk::batch::ReadingRef;
 use ganglion_sdk::threshold::Threshold;
 use ganglion_sdk::{
     Action, Alert, Completion, Context, PluginError, Postprocessor, Publish, Qos, ReadingBatch,
@@ -39,20 +40,22 @@ impl Config {
 pub fn check(cfg: &Config, window: &ReadingBatch) -> Vec<Action> {
     let mut actions = Vec::new();
     for t in &cfg.thresholds {
-        // (device, first violation text, count), in order of first appearance.
-        let mut hits: Vec<(&str, String, usize)> = Vec::new();
+        // (device, its latest breaking reading, count), in order of first
+        // appearance; the text is made once per device, not per reading.
+        let mut hits: Vec<(&str, ReadingRef<'_>, usize)> = Vec::new();
         for r in window.iter() {
-            if let Some(why) = t.violated_by(&r) {
+            if t.is_broken_by(&r) {
                 match hits.iter_mut().find(|h| h.0 == r.device) {
                     Some(h) => {
-                        h.1 = why;
+                        h.1 = r;
                         h.2 += 1;
                     }
-                    None => hits.push((r.device, why, 1)),
+                    None => hits.push((r.device, r, 1)),
                 }
             }
         }
-        for (device, why, count) in hits {
+        for (device, latest, count) in hits {
+            let why = t.violated_by(&latest).unwrap_or_default();
             let text = if count == 1 {
                 format!("{device}: {why}")
             } else {
