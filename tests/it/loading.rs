@@ -168,6 +168,48 @@ fn cached_host(cache: &std::path::Path) -> PluginHost {
     PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap()
 }
 
+/// `[plugins] perf_map_max_bytes`: a plugin compiled, and the same plugin
+/// from the artefact cache, each get their functions named in this
+/// process's perf map, demangled and prefixed with the plugin's name.
+#[tokio::test]
+async fn perf_map_names_plugin_functions_compiled_or_cached() {
+    let cache = scratch("perf-map-cache");
+    let map = ganglion::plugin::perf_map::default_path();
+    let make = || {
+        let config = PluginConfig {
+            cache_dir: Some(cache.clone()),
+            total_instances: 16,
+            perf_map_max_bytes: u64::MAX,
+            ..Default::default()
+        };
+        PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap()
+    };
+    let before = std::fs::read(&map).map(|b| b.len()).unwrap_or(0);
+    for expected in [CompileSource::Compiled, CompileSource::Cached] {
+        let p = make().load_file(&example("threshold-alert")).await.unwrap();
+        assert_eq!(p.compiled, expected);
+    }
+    let text = String::from_utf8(std::fs::read(&map).unwrap()).unwrap();
+    let added = &text[before..];
+    let checks: Vec<&str> = added
+        .lines()
+        .filter(|l| l.ends_with(" threshold-alert!threshold_alert::check"))
+        .collect();
+    assert_eq!(checks.len(), 2, "{added}");
+    for line in added.lines() {
+        let fields: Vec<&str> = line.splitn(3, ' ').collect();
+        assert!(
+            u64::from_str_radix(fields[0], 16).is_ok()
+                && u64::from_str_radix(fields[1], 16).is_ok()
+                && fields[2].starts_with("threshold-alert!"),
+            "{line}"
+        );
+    }
+    if before == 0 {
+        let _ = std::fs::remove_file(&map);
+    }
+}
+
 #[tokio::test]
 async fn compiled_artefacts_are_reused_across_hosts() {
     let cache = scratch("cache");

@@ -6,6 +6,7 @@
 //! cache_dir = ".ganglion/compiled" # compiled artefacts, keyed by content and engine
 //! cache_max_bytes = 1073741824     # past this, least recently used artefacts go; 0: no bound
 //! cache_max_age_days = 30          # artefacts unused this long go; 0: no bound
+//! perf_map_max_bytes = 0           # > 0: plugin function names for `perf`, up to this size
 //!
 //! [plugins.limits]
 //! call_timeout_ms = 100        # guest time per stage call (host waits excluded)
@@ -65,6 +66,12 @@ pub struct PluginConfig {
     pub limits: Limits,
     /// Instance slots the engine reserves across all plugins.
     pub total_instances: u32,
+    /// When above 0, each plugin's compiled functions are named in
+    /// `/tmp/perf-<pid>.map`, so that `perf report` shows plugin code by
+    /// function; nothing more is written once the file would pass this many
+    /// bytes. A profiling aid, off (0) by default: see
+    /// [`crate::plugin::perf_map`].
+    pub perf_map_max_bytes: u64,
 }
 
 impl Default for PluginConfig {
@@ -76,6 +83,7 @@ impl Default for PluginConfig {
             cache_max_age_days: 30,
             limits: Limits::default(),
             total_instances: 256,
+            perf_map_max_bytes: 0,
         }
     }
 }

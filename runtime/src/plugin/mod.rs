@@ -8,8 +8,11 @@
 //!   and identified by its content hash.
 //! - [`InstancePool`] serves one plugin in one rule: it reuses instances
 //!   across calls, discards any that trapped, and bounds concurrency.
+//! - [`perf_map`] names plugin functions for Linux `perf` when
+//!   `[plugins] perf_map_max_bytes` is set.
 
 mod cache;
+pub mod perf_map;
 mod pool;
 
 pub use cache::{ArtifactCache, CompileSource, Evicted};
@@ -380,9 +383,33 @@ impl PluginHost {
         let inner = self.inner.clone();
         let hash2 = hash.clone();
         let started = Instant::now();
-        let compiled = tokio::task::spawn_blocking(move || match &inner.cache {
-            Some(cache) => cache.load_or_compile(&inner.engine, &hash2, &bytes),
-            None => Component::new(&inner.engine, &bytes).map(|c| (c, CompileSource::Compiled)),
+        let plugin_name = name.to_owned();
+        let compiled = tokio::task::spawn_blocking(move || {
+            let compiled = match &inner.cache {
+                Some(cache) => cache.load_or_compile(&inner.engine, &hash2, &bytes),
+                None => {
+                    Component::new(&inner.engine, &bytes).map(|c| (c, CompileSource::Compiled))
+                }
+            };
+            if let (Ok((component, _)), max) = (&compiled, inner.config.perf_map_max_bytes)
+                && max > 0
+            {
+                let path = perf_map::default_path();
+                match perf_map::append(&path, &plugin_name, component, max) {
+                    Ok(perf_map::Appended::Lines(_)) => {}
+                    Ok(perf_map::Appended::Full) => tracing::warn!(
+                        plugin = %plugin_name,
+                        "{} is at [plugins] perf_map_max_bytes ({max}): this plugin's functions are not named there",
+                        path.display()
+                    ),
+                    Err(e) => tracing::warn!(
+                        plugin = %plugin_name,
+                        "cannot write {}: {e}",
+                        path.display()
+                    ),
+                }
+            }
+            compiled
         })
         .await
         .map_err(|e| LoadError::Invalid {
