@@ -13,6 +13,18 @@
 //! Each figure is the median over 31 samples of the mean time per call in a
 //! sample (each sample runs for about 20 ms). Native and wasm run alternately
 //! in the same process, so machine noise hits both alike.
+//!
+//! With `STAGE_CALL_PROFILE` set to `preprocess` (clean-readings),
+//! `postprocess` (threshold-alert, no breach) or `postprocess-alert` (one
+//! breach), it instead makes that one call, on one reading, through the
+//! pool, for `STAGE_CALL_SECONDS` (default 8), with the plugins named for
+//! perf (`[plugins] perf_map_max_bytes`), and prints the time per call:
+//!
+//! ```sh
+//! cargo bench -p ganglion --bench stage_call --no-run
+//! STAGE_CALL_PROFILE=postprocess perf record -F 5000 -o stage.data -- target/release/deps/stage_call-<hash>
+//! perf report -i stage.data --no-children --sort dso,symbol | python3 runtime/benches/perf_breakdown.py
+//! ```
 
 use ganglion::config::{Limits, PluginConfig};
 use ganglion::llm::NoModel;
@@ -79,10 +91,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let profile = std::env::var("STAGE_CALL_PROFILE").ok();
     let config = PluginConfig {
         cache_dir: None,
         limits: Limits::default(),
         total_instances: 16,
+        perf_map_max_bytes: if profile.is_some() { 64 << 20 } else { 0 },
         ..Default::default()
     };
     let host = PluginHost::new(config, StateStore::in_memory(), Arc::new(NoModel)).unwrap();
@@ -109,6 +123,10 @@ fn main() {
     let alert_native =
         threshold_alert::Config::validate(serde_json::from_value(alert_json.clone()).unwrap())
             .unwrap();
+    if let Some(call) = profile {
+        profile_one(&rt, &call, &clean_pool, &alert_pool);
+        return;
+    }
 
     println!("| stage call | readings | native | wasm (reused instance) | ratio wasm ÷ native |");
     println!("|---|---:|---:|---:|---:|");
@@ -203,6 +221,64 @@ fn main() {
         alert_json.as_object().cloned().unwrap(),
     );
     call_path(host.engine());
+}
+
+/// One stage call on one reading, repeated for `STAGE_CALL_SECONDS`, for a
+/// profiler to sample.
+fn profile_one(
+    rt: &tokio::runtime::Runtime,
+    call: &str,
+    clean: &ganglion::plugin::InstancePool,
+    alert: &ganglion::plugin::InstancePool,
+) {
+    let seconds: u64 = std::env::var("STAGE_CALL_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let msg = Message {
+        topic: "factory/machine-1/telemetry".into(),
+        payload: payload(1).into_bytes(),
+        timestamp: 0,
+    };
+    // threshold-alert's bound is 90: 95 breaks it, 70 does not.
+    let value = if call == "postprocess-alert" {
+        95.0
+    } else {
+        70.0
+    };
+    let mut window = ReadingBatch::default();
+    window.push("machine-1", "temperature", Value::Number(value), "C", 0);
+    let ctx = Context {
+        rule: "bench".into(),
+        device: "machine-1".into(),
+        window_start: 0,
+        window_end: 1,
+    };
+    let start = Instant::now();
+    let mut calls = 0u64;
+    rt.block_on(async {
+        while start.elapsed() < Duration::from_secs(seconds) {
+            for _ in 0..1000 {
+                match call {
+                    "preprocess" => {
+                        black_box(clean.preprocess(&msg, ReadingBatch::default()).await.unwrap());
+                    }
+                    "postprocess" | "postprocess-alert" => {
+                        let actions = alert.postprocess(&ctx, window.clone(), None).await.unwrap();
+                        assert_eq!(actions.len(), usize::from(value > 90.0));
+                    }
+                    other => panic!(
+                        "STAGE_CALL_PROFILE={other}: expected preprocess, postprocess or postprocess-alert"
+                    ),
+                }
+            }
+            calls += 1000;
+        }
+    });
+    println!(
+        "{call}: {} per call over {calls} calls",
+        fmt(start.elapsed() / calls as u32)
+    );
 }
 
 /// threshold-alert at one reading through its pool (take, call, give
