@@ -5,7 +5,6 @@ use super::{cargo, json, run};
 use anyhow::{Result, bail};
 use std::process::Command;
 
-
 /// The engine beside llama.cpp on the same GGUF, in one run: each thread
 /// count alternates the two, three rounds, and the table shows the best of
 /// each and their ratio (engine ÷ llama.cpp).
