@@ -6,10 +6,9 @@ use ganglion::llm::FakeLlm;
 use ganglion::mqtt::OutputConnection;
 use ganglion_tests::*;
 use serde_json::Value as Json;
-use std::path::PathBuf;
 use std::time::Duration;
 
-const TELEMETRY_RULE: &str = r#"
+pub(crate) const TELEMETRY_RULE: &str = r#"
 topics = ["t/+/telemetry"]
 max_payload_bytes = 2048
 [[preprocess]]
@@ -31,14 +30,6 @@ plugin = "threshold-alert"
 config = { thresholds = [{ metric = "bytes", above = 0.0 }] }
 "#;
 
-fn rules(rules: &[(&str, &str)]) -> PathBuf {
-    let dir = scratch("rules");
-    for (name, text) in rules {
-        std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
-    }
-    dir
-}
-
 async fn telemetry_to_actions_and_dead_letters(url: &str) {
     telemetry_to_actions_and_dead_letters_with(url, ganglion::mqtt::Protocol::V311).await
 }
@@ -52,7 +43,7 @@ async fn telemetry_to_actions_and_dead_letters_on(
     protocol: ganglion::mqtt::Protocol,
     output_connection: OutputConnection,
 ) {
-    let dir = rules(&[
+    let dir = rules_dir(&[
         ("hot", TELEMETRY_RULE),
         ("voice", VOICE_RULE),
         ("trap", TRAP_RULE),
@@ -281,7 +272,7 @@ async fn restart_on(protocol: ganglion::mqtt::Protocol, output_connection: Outpu
     const N: u64 = 5_000;
     let mut broker = Mosquitto::start("mosquitto-restart");
     let url = broker.url();
-    let dir = rules(&[("hot", TELEMETRY_RULE)]);
+    let dir = rules_dir(&[("hot", TELEMETRY_RULE)]);
     let settings = ganglion::mqtt::MqttSettings {
         client_id: "gw-restart".into(),
         protocol,
@@ -407,7 +398,7 @@ async fn burst_over_many_topics_completes() {
     const N: u64 = 10_000;
     let broker = Mosquitto::start("mosquitto-stress");
     let url = broker.url();
-    let dir = rules(&[("hot", TELEMETRY_RULE)]);
+    let dir = rules_dir(&[("hot", TELEMETRY_RULE)]);
     let gw = RunningGateway::start(&url, "gw-stress", &dir, voice_model()).await;
     let watcher = TestClient::connect(&url, "watch-stress", &["ganglion/alert/#"]).await;
     let sensor = TestClient::connect(&url, "sensor-stress", &[]).await;
@@ -440,7 +431,7 @@ async fn burst_over_many_topics_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_password_to_an_external_broker() {
     let (broker, tls_port, ca) = Mosquitto::start_tls_auth("mosquitto-tls");
-    let dir = rules(&[("hot", TELEMETRY_RULE)]);
+    let dir = rules_dir(&[("hot", TELEMETRY_RULE)]);
     let url = format!("mqtts://localhost:{tls_port}");
     let settings = |password: &str| ganglion::mqtt::MqttSettings {
         client_id: format!("gw-tls-{}", free_port()),
@@ -505,7 +496,7 @@ async fn a_slow_model_does_not_stall_the_embedded_broker() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     ganglion::broker::start_embedded(addr).unwrap();
     let url = format!("mqtt://{addr}");
-    let dir = rules(&[("voice", VOICE_RULE)]);
+    let dir = rules_dir(&[("voice", VOICE_RULE)]);
     let slow = FakeLlm::with_delay(Duration::from_millis(30), |_| {
         Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into())
     });
@@ -526,327 +517,6 @@ async fn a_slow_model_does_not_stall_the_embedded_broker() {
         watcher.received().len()
     );
     gw.stop().await;
-}
-
-/// A panic while a lane processes a message (here the model backend's) used
-/// to end that lane: its message and every later one routed to it were never
-/// acknowledged, and over MQTT, where acknowledgements go out in arrival
-/// order, that held back the whole connection's. Now the panic is a dead
-/// letter (stage `lane`, kind `panic`), the message is acknowledged and the
-/// lane goes on. `Runtime::push` returns once the gateway acknowledged the
-/// message, through the same path as a broker delivery's PUBACK.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_lane_keeps_acknowledging_later_messages() {
-    use ganglion::runtime::Runtime;
-    let model = FakeLlm::new(|req| {
-        let ganglion::llm::LlmInput::Chat(m) = &req.input else {
-            return Ok(String::new());
-        };
-        if m.last().is_some_and(|m| m.content.contains("explode")) {
-            panic!("model backend bug");
-        }
-        Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into())
-    });
-    let mut config = ganglion::config::GanglionConfig::default();
-    config.plugins.dir = plugins_folder();
-    config.plugins.cache_dir = None;
-    config.rules.dir = rules(&[("voice", VOICE_RULE)]);
-    // One lane: every message goes through the lane that panicked.
-    config.rules.lanes = 1;
-    config.reload.enabled = false;
-    config.audit.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(model)
-        .state(ganglion::state::StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-    let (rt, mut out) = loaded.serve_channel(64);
-    let say = |text: &str| format!(r#"{{"metric":"speech","value":"{text}"}}"#).into_bytes();
-    let pushed = tokio::time::timeout(
-        Duration::from_secs(10),
-        rt.push("home/kitchen/say", say("explode now")),
-    )
-    .await;
-    assert!(
-        matches!(pushed, Ok(Ok(()))),
-        "the message whose processing panicked is acknowledged: {pushed:?}"
-    );
-    for _ in 0..5 {
-        let pushed = tokio::time::timeout(
-            Duration::from_secs(10),
-            rt.push("home/kitchen/say", say("turn the fan on")),
-        )
-        .await;
-        assert!(
-            matches!(pushed, Ok(Ok(()))),
-            "later messages are acknowledged: {pushed:?}"
-        );
-    }
-    let mut got = Vec::new();
-    while let Ok(o) = out.try_recv() {
-        got.push(o);
-    }
-    let (dead, outputs): (Vec<_>, Vec<_>) = got
-        .iter()
-        .partition(|o| o.topic.starts_with("ganglion/dead-letter/"));
-    assert_eq!(dead.len(), 1, "{got:?}");
-    let dl: Json = serde_json::from_slice(&dead[0].payload).unwrap();
-    assert_eq!(dl["kind"], "panic", "{dl}");
-    assert_eq!(dl["stage"], "lane", "{dl}");
-    assert!(
-        dl["reason"].as_str().unwrap().contains("model backend bug"),
-        "{dl}"
-    );
-    assert_eq!(
-        outputs.len(),
-        5,
-        "every later message was processed: {got:?}"
-    );
-    rt.shutdown().await;
-}
-
-/// A transport with bugs: the first publish panics, and so does the
-/// confirmation of the second; the rest are recorded.
-#[derive(Default)]
-struct PanickingTransport {
-    publishes: std::sync::atomic::AtomicUsize,
-    recorded: ganglion::transport::RecordingPublisher,
-}
-
-impl ganglion::transport::Publisher for PanickingTransport {
-    fn publish(&self, out: ganglion::types::Outgoing) -> ganglion::transport::QueueFuture<'_> {
-        let n = self
-            .publishes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Box::pin(async move {
-            match n {
-                0 => panic!("transport bug while queueing"),
-                1 => {
-                    let _ = self.recorded.publish(out).await;
-                    let confirm: ganglion::transport::Confirm =
-                        Box::pin(async { panic!("transport bug while confirming") });
-                    Ok(confirm)
-                }
-                _ => self.recorded.publish(out).await,
-            }
-        })
-    }
-
-    fn ack(
-        &self,
-        token: ganglion::transport::AckToken,
-    ) -> ganglion::transport::TransportFuture<'_> {
-        self.recorded.ack(token)
-    }
-}
-
-/// A panic in the transport while a lane queues or confirms a message's
-/// outputs used to end the lane (only processing was guarded): its queue
-/// stopped and, over MQTT, the acknowledgements of the whole connection
-/// with it. Now the message is released (left for the broker to deliver
-/// again, since which outputs went out is unknown) and the lane goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_while_delivering_releases_the_message_and_the_lane_goes_on() {
-    use ganglion::runtime::Runtime;
-    let model = FakeLlm::new(|_| Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into()));
-    let mut config = ganglion::config::GanglionConfig::default();
-    config.plugins.dir = plugins_folder();
-    config.plugins.cache_dir = None;
-    config.rules.dir = rules(&[("voice", VOICE_RULE)]);
-    config.rules.lanes = 1;
-    config.reload.enabled = false;
-    config.audit.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(model)
-        .state(ganglion::state::StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-    let transport = std::sync::Arc::new(PanickingTransport::default());
-    let rt = loaded.serve(transport.clone());
-    let say = br#"{"metric":"speech","value":"turn the fan on"}"#.to_vec();
-    let mut results = Vec::new();
-    for _ in 0..6 {
-        let pushed = tokio::time::timeout(
-            Duration::from_secs(10),
-            rt.push("home/kitchen/say", say.clone()),
-        )
-        .await;
-        results.push(pushed.map(|r| r.is_ok()));
-    }
-    assert_eq!(
-        results,
-        vec![Ok(false), Ok(false), Ok(true), Ok(true), Ok(true), Ok(true)],
-        "the two messages whose delivery panicked are released, every later one is handled"
-    );
-    let published = transport.recorded.published();
-    assert_eq!(published.len(), 5, "{published:?}");
-    assert!(
-        published
-            .iter()
-            .all(|o| !o.topic.starts_with("ganglion/dead-letter/")),
-        "{published:?}"
-    );
-    rt.shutdown().await;
-}
-
-/// Outputs the broker never confirms, as with a broker that is down.
-struct BrokerDown;
-
-impl ganglion::transport::Publisher for BrokerDown {
-    fn publish(&self, _out: ganglion::types::Outgoing) -> ganglion::transport::QueueFuture<'_> {
-        Box::pin(async {
-            let never: ganglion::transport::Confirm = Box::pin(std::future::pending());
-            Ok(never)
-        })
-    }
-
-    fn ack(
-        &self,
-        _token: ganglion::transport::AckToken,
-    ) -> ganglion::transport::TransportFuture<'_> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
-/// With the broker down, a stop waited forever for the confirmation of the
-/// outputs in flight. The drain now has a limit (`[runtime]
-/// drain_timeout_ms`): the stop returns when it passes, reporting that the
-/// drain did not finish.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_with_the_broker_down_is_bounded_by_the_drain_limit() {
-    use ganglion::runtime::Runtime;
-    let mut config = ganglion::config::GanglionConfig::default();
-    config.plugins.dir = plugins_folder();
-    config.plugins.cache_dir = None;
-    config.rules.dir = rules(&[("hot", TELEMETRY_RULE)]);
-    config.reload.enabled = false;
-    config.audit.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(std::sync::Arc::new(ganglion::llm::NoModel))
-        .state(ganglion::state::StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-    let rt = loaded.serve(std::sync::Arc::new(BrokerDown));
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(ganglion::transport::Delivery {
-        message: ganglion::types::Message {
-            topic: "t/m1/telemetry".into(),
-            payload: br#"{"metric":"temperature","value":90}"#.to_vec(),
-            timestamp: 0,
-        },
-        token: ganglion::transport::AckToken::None,
-    })
-    .await
-    .unwrap();
-    let limit = Duration::from_millis(500);
-    let started = std::time::Instant::now();
-    let drained = tokio::time::timeout(
-        Duration::from_secs(10),
-        rt.serve_until_within(rx, tokio::time::sleep(Duration::from_millis(300)), limit),
-    )
-    .await
-    .expect("the stop returns within the drain limit, not waiting for the broker");
-    assert!(
-        !drained,
-        "the drain could not finish: the output was never confirmed"
-    );
-    let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
-        "stopped {took:?} after the start: 300 ms of serving, then the 500 ms limit"
-    );
-    drop(tx);
-}
-
-/// SIGTERM (what systemd and docker send to stop a service) used to end the
-/// process at once, without the drain Ctrl-C runs. Now it drains like
-/// Ctrl-C, also with the broker down, and exits 0 within the drain limit.
-#[cfg(unix)]
-#[test]
-fn sigterm_drains_and_exits_with_the_broker_down() {
-    let dir = scratch("sigterm");
-    for d in ["plugins", "rules"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    let config = dir.join("ganglion.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[plugins]
-dir = "{dir}/plugins"
-cache_dir = "{dir}/compiled"
-
-[state]
-path = "{dir}/state.redb"
-
-[rules]
-dir = "{dir}/rules"
-
-[mqtt]
-client_id = "ganglion-sigterm-test"
-
-[audit]
-enabled = false
-
-[runtime]
-drain_timeout_ms = 2000
-"#,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    // Nothing listens on this port: the broker is down.
-    let broker = format!("mqtt://127.0.0.1:{}", free_port());
-    let mut child = std::process::Command::new(ganglion_binary())
-        .current_dir(&dir)
-        .arg("--config")
-        .arg(&config)
-        .args(["run", "--broker", &broker])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = StderrLines::collect(&mut child);
-    // Logged after the signal handlers are installed.
-    assert!(
-        stderr.wait_for("no rule is ready to run yet", Duration::from_secs(60)),
-        "the gateway did not start: {}",
-        stderr.text()
-    );
-    let sent = std::time::Instant::now();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if sent.elapsed() > Duration::from_secs(7) {
-            let _ = child.kill();
-            panic!(
-                "still running 7 s after SIGTERM (drain limit 2 s): {}",
-                stderr.text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // The reader thread may still hold the last lines.
-    stderr.wait_for("stopped", Duration::from_secs(2));
-    let text = stderr.text();
-    assert!(status.success(), "exit status {status:?}: {text}");
-    assert!(
-        text.contains("stopping: draining in-flight messages") && text.contains("SIGTERM"),
-        "the drain is logged: {text}"
-    );
 }
 
 /// The embedded broker withholds PUBACKs from a client whose window is
