@@ -1,9 +1,13 @@
 //! Stopping: the drain waits for the messages in flight up to `[runtime]
-//! drain_timeout_ms`, with the broker down too, on Ctrl-C and on SIGTERM.
+//! drain_timeout_ms`, with the broker down too, on Ctrl-C and on SIGTERM;
+//! a second signal ends it at once.
 
+use crate::faults::SLOW_RULE;
 use crate::mqtt::TELEMETRY_RULE;
+use ganglion_tests::gateways::*;
 use ganglion_tests::*;
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Outputs the broker never confirms, as with a broker that is down.
 struct BrokerDown;
@@ -159,4 +163,66 @@ drain_timeout_ms = 2000
         text.contains("stopping: draining in-flight messages") && text.contains("SIGTERM"),
         "the drain is logged: {text}"
     );
+}
+
+/// A drain waits for the messages in flight, up to `[runtime]
+/// drain_timeout_ms`; an operator who cannot wait sends the stop signal
+/// again. Here a plugin runs for 30 s on the only message and the drain
+/// limit is a minute: the first SIGTERM starts the drain, which is still
+/// waiting a second later; the second one ends the process at once with
+/// SIGTERM's status (143), leaving the message unacknowledged.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_exits_at_once_during_a_long_drain() {
+    let broker = Mosquitto::start("fault-second-signal");
+    let dir = gateway_dir_tables(
+        "fault-second-signal-gw",
+        &broker.url(),
+        &[
+            ("misbehave", fixture("misbehave")),
+            ("threshold-alert", example("threshold-alert")),
+        ],
+        &[("slow", SLOW_RULE)],
+        "",
+        "[plugins.limits]\ncall_timeout_ms = 30000\n\n[runtime]\ndrain_timeout_ms = 60000\n",
+    );
+    let (mut gateway, log) = start_gateway(&dir);
+    let sensor = TestClient::connect(&broker.url(), "fault-second-signal-sensor", &[]).await;
+    sensor.publish("flood/d1", "{}").await;
+    // The message reaches the plugin, which then spins until its deadline.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let term = |pid: u32| {
+        let kill = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    };
+    term(gateway.id());
+    assert!(
+        log.wait_for("stopping: draining", Duration::from_secs(10)),
+        "the first signal starts the drain: {}",
+        log.text()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        gateway.try_wait().unwrap().is_none(),
+        "the drain waits for the message in flight: {}",
+        log.text()
+    );
+    let sent = Instant::now();
+    term(gateway.id());
+    let status = loop {
+        if let Some(s) = gateway.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(5) {
+            let _ = gateway.kill();
+            panic!("still running 5 s after the second signal: {}", log.text());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    log.wait_for("second stop signal", Duration::from_secs(2));
+    assert_eq!(status.code(), Some(143), "{}", log.text());
+    assert!(log.text().contains("second stop signal"), "{}", log.text());
 }
