@@ -34,20 +34,11 @@ impl ganglion::transport::Publisher for BrokerDown {
 /// drain did not finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_the_broker_down_is_bounded_by_the_drain_limit() {
-    use ganglion::runtime::Runtime;
-    let mut config = ganglion::config::GanglionConfig::default();
-    config.plugins.dir = plugins_folder();
-    config.plugins.cache_dir = None;
-    config.rules.dir = rules_dir(&[("hot", TELEMETRY_RULE)]);
-    config.reload.enabled = false;
-    config.audit.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(std::sync::Arc::new(ganglion::llm::NoModel))
-        .state(ganglion::state::StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let loaded = load_runtime(
+        runtime_config(&[("hot", TELEMETRY_RULE)]),
+        std::sync::Arc::new(ganglion::llm::NoModel),
+    )
+    .await;
     let rt = loaded.serve(std::sync::Arc::new(BrokerDown));
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(ganglion::transport::Delivery {

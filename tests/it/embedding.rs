@@ -4,7 +4,6 @@
 use ganglion::config::GanglionConfig;
 use ganglion::llm::NoModel;
 use ganglion::runtime::{Runtime, RuntimeError};
-use ganglion::state::StateStore;
 use ganglion::types::Outgoing;
 use ganglion_tests::*;
 use std::sync::Arc;
@@ -41,13 +40,7 @@ async fn start(rules: &[(&str, String)], capacity: usize) -> (Runtime, mpsc::Rec
     config.plugins.cache_dir = None;
     config.rules.dir = dir;
     config.reload.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(Arc::new(NoModel))
-        .state(StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let loaded = load_runtime(config, Arc::new(NoModel)).await;
     loaded.serve_channel(capacity)
 }
 

@@ -16,7 +16,6 @@ use std::time::Duration;
 /// message, through the same path as a broker delivery's PUBACK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_lane_keeps_acknowledging_later_messages() {
-    use ganglion::runtime::Runtime;
     let model = FakeLlm::new(|req| {
         let ganglion::llm::LlmInput::Chat(m) = &req.input else {
             return Ok(String::new());
@@ -26,21 +25,10 @@ async fn a_panicking_lane_keeps_acknowledging_later_messages() {
         }
         Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into())
     });
-    let mut config = ganglion::config::GanglionConfig::default();
-    config.plugins.dir = plugins_folder();
-    config.plugins.cache_dir = None;
-    config.rules.dir = rules_dir(&[("voice", VOICE_RULE)]);
+    let mut config = runtime_config(&[("voice", VOICE_RULE)]);
     // One lane: every message goes through the lane that panicked.
     config.rules.lanes = 1;
-    config.reload.enabled = false;
-    config.audit.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(model)
-        .state(ganglion::state::StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let loaded = load_runtime(config, model).await;
     let (rt, mut out) = loaded.serve_channel(64);
     let say = |text: &str| format!(r#"{{"metric":"speech","value":"{text}"}}"#).into_bytes();
     let pushed = tokio::time::timeout(
@@ -128,22 +116,10 @@ impl ganglion::transport::Publisher for PanickingTransport {
 /// again, since which outputs went out is unknown) and the lane goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_while_delivering_releases_the_message_and_the_lane_goes_on() {
-    use ganglion::runtime::Runtime;
     let model = FakeLlm::new(|_| Ok(r#"{"type":"command","command":"fan","value":"on"}"#.into()));
-    let mut config = ganglion::config::GanglionConfig::default();
-    config.plugins.dir = plugins_folder();
-    config.plugins.cache_dir = None;
-    config.rules.dir = rules_dir(&[("voice", VOICE_RULE)]);
+    let mut config = runtime_config(&[("voice", VOICE_RULE)]);
     config.rules.lanes = 1;
-    config.reload.enabled = false;
-    config.audit.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(model)
-        .state(ganglion::state::StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let loaded = load_runtime(config, model).await;
     let transport = std::sync::Arc::new(PanickingTransport::default());
     let rt = loaded.serve(transport.clone());
     let say = br#"{"metric":"speech","value":"turn the fan on"}"#.to_vec();

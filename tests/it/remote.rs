@@ -7,7 +7,6 @@
 use ganglion::config::{EngineChoice, Fallback, GanglionConfig, RemoteConfig, SchemaFormat};
 use ganglion::llm::{BreakerState, FakeLlm, RemoteStats};
 use ganglion::runtime::Runtime;
-use ganglion::state::StateStore;
 use ganglion::types::{Constraint, GenerationParams, Outgoing};
 use ganglion_llm::types::GenerateRequest;
 use ganglion_tests::*;
@@ -216,13 +215,7 @@ async fn a_real_server_streams_and_killed_mid_stream_opens_the_breaker_and_falls
         .remote
         .insert("strict".into(), remote(proxy.port, Fallback::None, 1));
     let local = FakeLlm::fixed("local answer");
-    let loaded = Runtime::builder(config)
-        .llm(local.clone())
-        .state(StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    let loaded = load_runtime(config, local.clone()).await;
     let (rt, mut out) = loaded.serve_channel(64);
     let llama = rt
         .engines()

@@ -105,6 +105,34 @@ pub fn rules_dir(rules: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+/// A runtime's configuration serving the example plugins (no compile
+/// cache) and the rule files `rules` (name, text), with reload and the audit
+/// log off.
+pub fn runtime_config(rules: &[(&str, &str)]) -> ganglion::config::GanglionConfig {
+    let mut config = ganglion::config::GanglionConfig::default();
+    config.plugins.dir = plugins_folder();
+    config.plugins.cache_dir = None;
+    config.rules.dir = rules_dir(rules);
+    config.reload.enabled = false;
+    config.audit.enabled = false;
+    config
+}
+
+/// `config` loaded with `llm` and in-memory state; panics on any problem.
+pub async fn load_runtime(
+    config: ganglion::config::GanglionConfig,
+    llm: Arc<dyn LlmEngine>,
+) -> ganglion::runtime::Loaded {
+    let loaded = ganglion::runtime::Runtime::builder(config)
+        .llm(llm)
+        .state(StateStore::in_memory())
+        .load()
+        .await
+        .unwrap();
+    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+    loaded
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
