@@ -88,14 +88,7 @@ pub async fn start_with(
     config.plugins.limits.llm_timeout_ms = 120_000;
     config.rules.dir = rules.to_owned();
     config.reload.enabled = false;
-    let loaded = Runtime::builder(config)
-        .llm(llm)
-        .state(StateStore::in_memory())
-        .load()
-        .await
-        .unwrap();
-    assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-    loaded.serve_channel(4096)
+    load_runtime(config, llm).await.serve_channel(4096)
 }
 
 /// The industrial pack's replay: NAB machine temperature, one message

@@ -494,11 +494,7 @@ async fn plugin_state_survives_a_reload_unless_the_rule_resets_it() {
         assert_eq!(h.send("d").await.unwrap()["seen"], n);
     }
     std::fs::copy(fixture("tag-b"), h.plugin()).unwrap();
-    assert!(is(
-        &h.next().await,
-        FileKind::Plugin,
-        ReloadAction::Replaced
-    ));
+    h.expect(FileKind::Plugin, ReloadAction::Replaced).await;
     let v = h.send("d").await.unwrap();
     assert_eq!(
         (v["tag"].as_str(), v["seen"].as_i64()),
@@ -513,11 +509,7 @@ async fn plugin_state_survives_a_reload_unless_the_rule_resets_it() {
     // A rule edit is not a new plugin version: state stays.
     assert_eq!(h.send("d").await.unwrap()["seen"], 5);
     std::fs::copy(fixture("tag-a"), h.plugin()).unwrap();
-    assert!(is(
-        &h.next().await,
-        FileKind::Plugin,
-        ReloadAction::Replaced
-    ));
+    h.expect(FileKind::Plugin, ReloadAction::Replaced).await;
     let v = h.send("d").await.unwrap();
     assert_eq!(
         (v["tag"].as_str(), v["seen"].as_i64()),
@@ -543,11 +535,7 @@ async fn a_python_plugin_swaps_in_for_a_rust_one_and_back() {
     let keys = |v: &Json| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&python), keys(&rust));
     std::fs::copy(fixture("tag-a"), h.plugin()).unwrap();
-    assert!(is(
-        &h.next().await,
-        FileKind::Plugin,
-        ReloadAction::Replaced
-    ));
+    h.expect(FileKind::Plugin, ReloadAction::Replaced).await;
     let back = h.send("d").await.unwrap();
     assert_eq!(
         (back["tag"].as_str(), back["seen"].as_i64()),
