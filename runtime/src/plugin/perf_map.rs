@@ -6,6 +6,9 @@
 //! `profiling` feature (a second build of wasmtime); the compiled
 //! component's own function table gives the same lines without it.
 //!
+//! /tmp is shared with other users: the map is opened without following a
+//! link, and only a regular file of this process's user is written.
+//!
 //! Limits: perf reads only that path, so the file outlives the process and
 //! grows by a line per plugin function at each load (a Rust plugin has a few
 //! hundred functions, a Python one tens of thousands); nothing is written
@@ -63,16 +66,52 @@ pub fn append(
         count += 1;
     }
     let _guard = APPEND.lock().unwrap_or_else(|e| e.into_inner());
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
+    let mut file = open_own(path)?;
     let size = file.metadata()?.len();
     if size.saturating_add(lines.len() as u64) > max_bytes {
         return Ok(Appended::Full);
     }
     file.write_all(lines.as_bytes())?;
     Ok(Appended::Lines(count))
+}
+
+/// Opens the map for appending, creating it if need be. /tmp is shared: a
+/// link planted at the name perf expects would have the host append to
+/// whatever file it points at, so a link is not followed, and a file that is
+/// there already must be a regular file of this process's user.
+fn open_own(path: &Path) -> io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        options.custom_flags(libc::O_NOFOLLOW).mode(0o644);
+        let file = options.open(path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{} is a symbolic link; not followed", path.display()),
+                )
+            } else {
+                e
+            }
+        })?;
+        let meta = file.metadata()?;
+        // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+        let user = unsafe { libc::geteuid() };
+        if !meta.is_file() || meta.uid() != user {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not a regular file of this process's user",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    options.open(path)
 }
 
 /// A name as one field of one line: a plugin's name section is its own to
@@ -171,6 +210,40 @@ mod tests {
         let lines = read(&path);
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1].2, "tag-a!x?0 ffffffff host!fake");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_planted_at_the_map_path_is_not_followed() {
+        let engine = engine();
+        let c = component(&engine, b"cold");
+        let target = map_path("symlink-target");
+        std::fs::write(&target, b"precious\n").unwrap();
+        let link = map_path("symlink-planted");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = append(&link, "tag-a", &c, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+    }
+
+    /// Needs root to give the file away; as another user there is no file of
+    /// someone else's to try, and the test says so.
+    #[cfg(unix)]
+    #[test]
+    fn a_map_file_of_another_user_is_not_written() {
+        // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: cannot make a file of another user; skipped");
+            return;
+        }
+        let engine = engine();
+        let c = component(&engine, b"cold");
+        let path = map_path("foreign-owner");
+        std::fs::write(&path, b"").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let e = append(&path, "tag-a", &c, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("not a regular file of this"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
     }
 
     #[test]
