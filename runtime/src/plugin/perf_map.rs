@@ -77,15 +77,18 @@ pub fn append(
 
 /// Opens the map for appending, creating it if need be. /tmp is shared: a
 /// link planted at the name perf expects would have the host append to
-/// whatever file it points at, so a link is not followed, and a file that is
-/// there already must be a regular file of this process's user.
+/// whatever file it points at, so a link is not followed; a FIFO would hold
+/// the opening thread until someone reads it, so the open does not wait; and
+/// what is there already must be a regular file of this process's user.
 fn open_own(path: &Path) -> io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.create(true).append(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        options.custom_flags(libc::O_NOFOLLOW).mode(0o644);
+        options
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .mode(0o644);
         let file = options.open(path).map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
                 io::Error::new(
@@ -224,6 +227,27 @@ mod tests {
         let e = append(&link, "tag-a", &c, 1 << 20).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
         assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_planted_at_the_map_path_does_not_hold_the_loader() {
+        let path = map_path("fifo-planted");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let engine = engine();
+            let c = component(&engine, b"cold");
+            let _ = tx.send(append(&path, "tag-a", &c, 1 << 20).map_err(|e| e.to_string()));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("append returned instead of waiting for a reader");
+        assert!(result.is_err(), "{result:?}");
     }
 
     /// Needs root to give the file away; as another user there is no file of
