@@ -31,14 +31,11 @@ fn reading(v: f64) -> Vec<u8> {
 }
 
 async fn start(rules: &[(&str, String)], capacity: usize) -> (Runtime, mpsc::Receiver<Outgoing>) {
-    let dir = scratch("embedding-rules");
-    for (name, text) in rules {
-        std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
-    }
+    let rules: Vec<(&str, &str)> = rules.iter().map(|(n, t)| (*n, t.as_str())).collect();
     let mut config = GanglionConfig::default();
     config.plugins.dir = plugins_folder();
     config.plugins.cache_dir = None;
-    config.rules.dir = dir;
+    config.rules.dir = rules_dir(&rules);
     config.reload.enabled = false;
     let loaded = load_runtime(config, Arc::new(NoModel)).await;
     loaded.serve_channel(capacity)

@@ -49,9 +49,9 @@ impl Rule for DebounceAlarm {
         let mut actions = Vec::new();
         for (i, t) in cfg.thresholds.iter().enumerate() {
             for r in readings.iter() {
-                let Some(why) = t.violated_by(&r) else {
+                if !t.is_broken_by(&r) {
                     continue;
-                };
+                }
                 let key = format!("alarm/{i}/{}", r.device);
                 let last = state::get_i64(&key)?;
                 if last.is_some_and(|last| {
@@ -60,6 +60,8 @@ impl Rule for DebounceAlarm {
                     continue;
                 }
                 state::set_i64(&key, now)?;
+                // Made only for an alert that goes out, not per debounced reading.
+                let why = t.violated_by(&r).unwrap_or_default();
                 actions.push(Action::Alert(Alert {
                     level: t.level.into(),
                     device: r.device.to_owned(),

@@ -487,11 +487,10 @@ impl GatewayLink {
 
     /// Whether every connection is up within `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let (a, b) = tokio::join!(
-            self.intake.wait_connected(timeout),
-            self.output.wait_connected(timeout)
-        );
-        a && b
+        futures_util::future::join_all(self.handles().map(|h| h.wait_connected(timeout)))
+            .await
+            .into_iter()
+            .all(|up| up)
     }
 
     /// Disconnects every connection and waits (bounded) for their event

@@ -387,27 +387,13 @@ impl PluginHost {
         let compiled = tokio::task::spawn_blocking(move || {
             let compiled = match &inner.cache {
                 Some(cache) => cache.load_or_compile(&inner.engine, &hash2, &bytes),
-                None => {
-                    Component::new(&inner.engine, &bytes).map(|c| (c, CompileSource::Compiled))
-                }
+                None => Component::new(&inner.engine, &bytes).map(|c| (c, CompileSource::Compiled)),
             };
-            if let (Ok((component, _)), max) = (&compiled, inner.config.perf_map_max_bytes)
-                && max > 0
+            let max = inner.config.perf_map_max_bytes;
+            if max > 0
+                && let Ok((component, _)) = &compiled
             {
-                let path = perf_map::default_path();
-                match perf_map::append(&path, &plugin_name, component, max) {
-                    Ok(perf_map::Appended::Lines(_)) => {}
-                    Ok(perf_map::Appended::Full) => tracing::warn!(
-                        plugin = %plugin_name,
-                        "{} is at [plugins] perf_map_max_bytes ({max}): this plugin's functions are not named there",
-                        path.display()
-                    ),
-                    Err(e) => tracing::warn!(
-                        plugin = %plugin_name,
-                        "cannot write {}: {e}",
-                        path.display()
-                    ),
-                }
+                perf_map::record(&plugin_name, component, max);
             }
             compiled
         })

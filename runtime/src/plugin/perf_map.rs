@@ -30,6 +30,21 @@ pub fn default_path() -> PathBuf {
     PathBuf::from(format!("/tmp/perf-{}.map", std::process::id()))
 }
 
+/// Names `component`'s functions in this process's map ([`default_path`]);
+/// a full or unwritable map is a warning, never a load failure.
+pub fn record(plugin: &str, component: &Component, max_bytes: u64) {
+    let path = default_path();
+    match append(&path, plugin, component, max_bytes) {
+        Ok(Appended::Lines(_)) => {}
+        Ok(Appended::Full) => tracing::warn!(
+            plugin,
+            "{} is at [plugins] perf_map_max_bytes ({max_bytes}): this plugin's functions are not named there",
+            path.display()
+        ),
+        Err(e) => tracing::warn!(plugin, "cannot write {}: {e}", path.display()),
+    }
+}
+
 /// What [`append`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
